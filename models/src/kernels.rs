@@ -1,0 +1,178 @@
+//! CPU kernels whose every reduction runs in an order that does not depend on how many
+//! tokens are in a forward: a position's result is bitwise the same whether it is computed
+//! alone (a decode step) or inside a block (prefill, verification). This is what makes a
+//! verifier's output identical to target-only decoding.
+
+/// Dot product with eight fixed lanes: the lane layout depends only on the vector length.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s
+}
+
+/// RMSNorm of each row of `x` (rows of `weight.len()`), written to `out`.
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = dot(row, row) / d as f32;
+        let scale = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+/// Rotary position embedding applied in place to `x`: `n` positions starting at `pos`,
+/// each holding `heads` heads of `head_dim`, of which the first `rope_dim` rotate.
+/// `neox` rotates split halves (Qwen2); otherwise adjacent pairs (Llama in GGUF layout).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope(
+    x: &mut [f32],
+    pos: usize,
+    heads: usize,
+    head_dim: usize,
+    rope_dim: usize,
+    base: f32,
+    neox: bool,
+) {
+    let half = rope_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / rope_dim as f32))
+        .collect();
+    let mut cos = vec![0f32; half];
+    let mut sin = vec![0f32; half];
+    for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let p = (pos + t) as f32;
+        for i in 0..half {
+            let f = p * inv_freq[i];
+            cos[i] = f.cos();
+            sin[i] = f.sin();
+        }
+        for h in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (h[a], h[b]);
+                h[a] = x0 * cos[i] - x1 * sin[i];
+                h[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Shapes of one attention call.
+pub(crate) struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+/// Causal grouped-query attention for `n` queries at positions `pos..pos+n` over a cache
+/// holding keys and values of positions `0..pos+n` (rows of `n_head_kv * head_dim`).
+/// Writes `n` rows of `n_head * head_dim` to `out`.
+pub(crate) fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pos: usize,
+    s: &AttnShape,
+    out: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let kv_dim = s.n_head_kv * hd;
+    let group = s.n_head / s.n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // One task per (query position, head); every task's arithmetic is independent of how
+    // the tasks are split between threads.
+    let work = |(task, o): (usize, &mut [f32])| {
+        let t = task / s.n_head;
+        let h = task % s.n_head;
+        let kvh = h / group;
+        let qv = &q[task * hd..(task + 1) * hd];
+        let len = pos + t + 1;
+        let mut scores: Vec<f32> = (0..len)
+            .map(|j| dot(qv, &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        o.fill(0.0);
+        for (j, &w) in scores.iter().enumerate() {
+            let v = &values[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+            for (o, &v) in o.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(hd).enumerate().for_each(work);
+    }
+    #[cfg(target_arch = "wasm32")]
+    out.chunks_mut(hd).enumerate().for_each(work);
+}
+
+/// SiLU(gate) * up, element-wise, into `gate`.
+pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`, element-wise.
+pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive_sum_closely() {
+        let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
+        let naive: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn attention_of_one_key_returns_its_value() {
+        let s = AttnShape { n_head: 2, n_head_kv: 1, head_dim: 4 };
+        let q = vec![0.3; 8];
+        let k = vec![1.0; 4];
+        let v = vec![1.0, 2.0, 3.0, 4.0];
+        let mut out = vec![0.0; 8];
+        attention(&q, &k, &v, 0, &s, &mut out);
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity() {
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let orig = x.clone();
+        rope(&mut x, 0, 2, 8, 8, 10_000.0, true);
+        assert_eq!(x, orig);
+    }
+}

@@ -1,0 +1,414 @@
+//! The transformer: one definition for the `llama` and `qwen2` GGUF architectures.
+//!
+//! Pre-norm decoder blocks (Touvron et al. 2023, "LLaMA"; Qwen2 adds q/k/v biases and
+//! rotates split halves): `h += Wo·Attn(RoPE(Wq·n(h)), RoPE(Wk·n(h)), Wv·n(h))`,
+//! `h += Wdown·(silu(Wgate·n(h)) ⊙ Wup·n(h))`, logits `= Wout·n(h)`. Reference
+//! implementation: llama.cpp's `llm_build_llama` / `llm_build_qwen2`.
+//!
+//! The model is immutable and shared (`&self`); the state of a sequence lives in a
+//! [`KvCache`] passed to every forward.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::Content;
+
+use crate::adapter::{ExitAdapter, load_adapters};
+use crate::config::{Architecture, Config};
+use crate::gguf::{read_content, read_tensors};
+use crate::kernels::{AttnShape, add_assign, attention, rms_norm, rope, swiglu};
+use crate::weights::{Embedding, Linear, vector};
+use crate::{Error, Result};
+
+struct Block {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded model. `Send + Sync`: share it between sessions behind an `Arc`.
+pub struct Model {
+    config: Config,
+    path: PathBuf,
+    embedding: Embedding,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    output: Linear,
+    adapters: BTreeMap<usize, Box<dyn ExitAdapter>>,
+}
+
+/// Logits of consecutive positions: `rows` rows of `vocab` values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    /// Vocabulary size (row length).
+    pub vocab: usize,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of positions.
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.vocab.max(1)
+    }
+    /// The logits of position `i` (relative to the first position of the forward).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+    /// The last row.
+    pub fn last(&self) -> &[f32] {
+        self.row(self.rows() - 1)
+    }
+}
+
+/// The logits read at an intermediate layer during a forward.
+#[derive(Debug, Clone)]
+pub struct ExitLogits {
+    /// Number of blocks computed before the exit (1..=n_layer); `n_layer` is the final output.
+    pub layer: usize,
+    /// Logits for the positions of the forward (as selected by [`Rows`]).
+    pub logits: Logits,
+}
+
+/// Which positions of a forward produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Every input position (verification blocks, tests).
+    All,
+    /// Only the last input position (prefill, plain decoding).
+    Last,
+}
+
+/// Keys and values of every position seen so far, one buffer per layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layer` layers of `kv_dim` values per position.
+    pub fn new(n_layer: usize, kv_dim: usize) -> Self {
+        KvCache {
+            keys: vec![Vec::new(); n_layer],
+            values: vec![Vec::new(); n_layer],
+            kv_dim,
+            len: 0,
+        }
+    }
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Drops every position at or after `len` (rolls back speculative tokens). A `len`
+    /// beyond the current length changes nothing.
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            buf.truncate(len * self.kv_dim);
+        }
+        self.len = len;
+    }
+    /// Bytes of key/value data held.
+    pub fn size_bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|b| b.len() * 4).sum()
+    }
+}
+
+impl Model {
+    /// Loads a `llama` or `qwen2` GGUF, keeping quantized tensors quantized.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = read_content(&mut reader, path)?;
+        let config = Config::from_gguf(&content, path)?;
+        let tensors = read_tensors(&content, &mut reader, path)?;
+        Self::from_parts(config, &content, tensors, path)
+    }
+
+    fn from_parts(
+        config: Config,
+        _content: &Content,
+        tensors: BTreeMap<String, Arc<QTensor>>,
+        path: &Path,
+    ) -> Result<Self> {
+        let get = |name: &str| -> Result<Arc<QTensor>> {
+            tensors.get(name).cloned().ok_or_else(|| Error::MissingOrMalformed {
+                path: path.to_owned(),
+                what: format!("tensor `{name}` is missing"),
+            })
+        };
+        let check_len = |name: &str, v: &Vec<f32>, want: usize| -> Result<()> {
+            if v.len() == want {
+                Ok(())
+            } else {
+                Err(Error::MissingOrMalformed {
+                    path: path.to_owned(),
+                    what: format!("tensor `{name}` has {} values, expected {want}", v.len()),
+                })
+            }
+        };
+        let linear = |name: &str, out_dim: usize, in_dim: usize| -> Result<Linear> {
+            let l = Linear::new(get(name)?)?;
+            if l.out_dim != out_dim || l.in_dim != in_dim {
+                return Err(Error::MissingOrMalformed {
+                    path: path.to_owned(),
+                    what: format!(
+                        "tensor `{name}` is {}x{}, expected {out_dim}x{in_dim}",
+                        l.out_dim, l.in_dim
+                    ),
+                });
+            }
+            Ok(l)
+        };
+        let c = &config;
+        let embd = get("token_embd.weight")?;
+        let embedding = Embedding::new(embd.clone())?;
+        let output = match tensors.get("output.weight") {
+            Some(t) => Linear::new(t.clone())?,
+            None => Linear::new(embd)?, // tied embeddings
+        };
+        if output.in_dim != c.n_embd || output.out_dim != c.vocab_size {
+            return Err(Error::MissingOrMalformed {
+                path: path.to_owned(),
+                what: "output head does not match the hidden size and vocabulary".into(),
+            });
+        }
+        let output_norm = vector(&*get("output_norm.weight")?)?;
+        check_len("output_norm.weight", &output_norm, c.n_embd)?;
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        let kv = c.kv_dim();
+        for i in 0..c.n_layer {
+            let p = format!("blk.{i}");
+            let bias = |name: &str, want: usize| -> Result<Option<Vec<f32>>> {
+                match tensors.get(&format!("{p}.{name}")) {
+                    Some(t) => {
+                        let v = vector(t)?;
+                        check_len(name, &v, want)?;
+                        Ok(Some(v))
+                    }
+                    None => Ok(None),
+                }
+            };
+            let attn_norm = vector(&*get(&format!("{p}.attn_norm.weight"))?)?;
+            check_len("attn_norm.weight", &attn_norm, c.n_embd)?;
+            let ffn_norm = vector(&*get(&format!("{p}.ffn_norm.weight"))?)?;
+            check_len("ffn_norm.weight", &ffn_norm, c.n_embd)?;
+            blocks.push(Block {
+                attn_norm,
+                wq: linear(&format!("{p}.attn_q.weight"), c.n_embd, c.n_embd)?,
+                wk: linear(&format!("{p}.attn_k.weight"), kv, c.n_embd)?,
+                wv: linear(&format!("{p}.attn_v.weight"), kv, c.n_embd)?,
+                bq: bias("attn_q.bias", c.n_embd)?,
+                bk: bias("attn_k.bias", kv)?,
+                bv: bias("attn_v.bias", kv)?,
+                wo: linear(&format!("{p}.attn_output.weight"), c.n_embd, c.n_embd)?,
+                ffn_norm,
+                gate: linear(&format!("{p}.ffn_gate.weight"), c.n_ff, c.n_embd)?,
+                up: linear(&format!("{p}.ffn_up.weight"), c.n_ff, c.n_embd)?,
+                down: linear(&format!("{p}.ffn_down.weight"), c.n_embd, c.n_ff)?,
+            });
+        }
+        let adapters = load_adapters(&tensors, c.n_embd, c.n_layer, c.rms_eps)?;
+        Ok(Model {
+            config,
+            path: path.to_owned(),
+            embedding,
+            blocks,
+            output_norm,
+            output,
+            adapters,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The file the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Layers that carry a trained exit adapter, with a description of each.
+    pub fn exit_adapters(&self) -> impl Iterator<Item = (usize, String)> + '_ {
+        self.adapters.iter().map(|(k, a)| (*k, a.describe()))
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layer, self.config.kv_dim())
+    }
+
+    /// Runs `tokens` at positions `pos..` and returns the logits of every input position.
+    ///
+    /// `pos` must not exceed `cache.len()`; a lower `pos` first rolls the cache back.
+    pub fn forward(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Logits> {
+        self.forward_with_exits(tokens, pos, cache, Rows::All, &[], &mut |_| {})
+    }
+
+    /// Like [`Model::forward`] but returns only the last position's logits (prefill).
+    pub fn forward_last(&self, tokens: &[u32], pos: usize, cache: &mut KvCache) -> Result<Logits> {
+        self.forward_with_exits(tokens, pos, cache, Rows::Last, &[], &mut |_| {})
+    }
+
+    /// The general forward: `exits` lists layers (1..=n_layer, counted in blocks computed)
+    /// whose logits are handed to `on_exit` as soon as that layer is done, before the
+    /// remaining blocks run. An exit uses the layer's adapter when the file has one and is
+    /// the plain logit lens otherwise.
+    pub fn forward_with_exits(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        rows: Rows,
+        exits: &[usize],
+        on_exit: &mut dyn FnMut(ExitLogits),
+    ) -> Result<Logits> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::InvalidArgument("forward needs at least one token".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::TokenOutOfRange {
+                token: bad,
+                vocab: c.vocab_size,
+            });
+        }
+        if pos > cache.len() {
+            return Err(Error::PositionGap {
+                pos,
+                cached: cache.len(),
+            });
+        }
+        if pos + n > c.context_length {
+            return Err(Error::ContextExceeded {
+                pos,
+                n,
+                end: pos + n,
+                context: c.context_length,
+            });
+        }
+        if let Some(&bad) = exits.iter().find(|&&k| k == 0 || k > c.n_layer) {
+            return Err(Error::InvalidArgument(format!(
+                "exit layer {bad} is out of range: this model has layers 1..={}",
+                c.n_layer
+            )));
+        }
+        if cache.keys.len() != c.n_layer || cache.kv_dim != c.kv_dim() {
+            return Err(Error::InvalidArgument(
+                "this KV cache was made for a different model".into(),
+            ));
+        }
+        cache.truncate(pos);
+
+        let d = c.n_embd;
+        let mut h = Vec::with_capacity(n * d);
+        for &t in tokens {
+            self.embedding.lookup(t, &mut h)?;
+        }
+        let shape = AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+        };
+        let neox = c.arch == Architecture::Qwen2;
+        let mut x = vec![0f32; n * d];
+        for (i, b) in self.blocks.iter().enumerate() {
+            rms_norm(&h, &b.attn_norm, c.rms_eps, &mut x);
+            let mut q = b.wq.forward(&x, n)?;
+            let mut k = b.wk.forward(&x, n)?;
+            let mut v = b.wv.forward(&x, n)?;
+            add_bias(&mut q, b.bq.as_deref());
+            add_bias(&mut k, b.bk.as_deref());
+            add_bias(&mut v, b.bv.as_deref());
+            rope(&mut q, pos, c.n_head, c.head_dim, c.rope_dim, c.rope_base, neox);
+            rope(&mut k, pos, c.n_head_kv, c.head_dim, c.rope_dim, c.rope_base, neox);
+            cache.keys[i].extend_from_slice(&k);
+            cache.values[i].extend_from_slice(&v);
+            let mut att = vec![0f32; n * d];
+            attention(&q, &cache.keys[i], &cache.values[i], pos, &shape, &mut att);
+            add_assign(&mut h, &b.wo.forward(&att, n)?);
+
+            rms_norm(&h, &b.ffn_norm, c.rms_eps, &mut x);
+            let mut g = b.gate.forward(&x, n)?;
+            let u = b.up.forward(&x, n)?;
+            swiglu(&mut g, &u);
+            add_assign(&mut h, &b.down.forward(&g, n)?);
+
+            let layer = i + 1;
+            if exits.contains(&layer) {
+                let hidden = select_rows(&h, d, rows);
+                let hidden = match self.adapters.get(&layer) {
+                    Some(a) => a.apply(hidden, hidden.len() / d)?,
+                    None => hidden.to_vec(),
+                };
+                on_exit(ExitLogits {
+                    layer,
+                    logits: self.head(&hidden)?,
+                });
+            }
+        }
+        cache.len = pos + n;
+        self.head(select_rows(&h, d, rows))
+    }
+
+    /// Final norm and output head over rows of hidden states.
+    fn head(&self, hidden: &[f32]) -> Result<Logits> {
+        let n = hidden.len() / self.config.n_embd;
+        let mut x = vec![0f32; hidden.len()];
+        rms_norm(hidden, &self.output_norm, self.config.rms_eps, &mut x);
+        Ok(Logits {
+            vocab: self.config.vocab_size,
+            data: self.output.forward(&x, n)?,
+        })
+    }
+}
+
+fn select_rows(h: &[f32], d: usize, rows: Rows) -> &[f32] {
+    match rows {
+        Rows::All => h,
+        Rows::Last => &h[h.len() - d..],
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            add_assign(row, b);
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Model>();
+    let _ = Device::Cpu;
+}
