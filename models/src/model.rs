@@ -327,7 +327,31 @@ impl Model {
             ));
         }
         cache.truncate(pos);
+        let result = self.run_blocks(tokens, pos, cache, rows, exits, on_exit);
+        match result {
+            Ok(logits) => {
+                cache.len = pos + n;
+                Ok(logits)
+            }
+            Err(e) => {
+                // Leave the cache as it was before the failed forward.
+                cache.truncate(pos);
+                Err(e)
+            }
+        }
+    }
 
+    fn run_blocks(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        cache: &mut KvCache,
+        rows: Rows,
+        exits: &[usize],
+        on_exit: &mut dyn FnMut(ExitLogits),
+    ) -> Result<Logits> {
+        let c = &self.config;
+        let n = tokens.len();
         let d = c.n_embd;
         let mut h = Vec::with_capacity(n * d);
         for &t in tokens {
@@ -375,7 +399,6 @@ impl Model {
                 });
             }
         }
-        cache.len = pos + n;
         self.head(select_rows(&h, d, rows))
     }
 
