@@ -154,7 +154,10 @@ pub fn sample_from(dist: &[(u32, f32)], rng: &mut Rng) -> u32 {
             return id;
         }
     }
-    dist.iter().rev().find(|p| p.1 > 0.0).map_or(dist[0].0, |p| p.0)
+    dist.iter()
+        .rev()
+        .find(|p| p.1 > 0.0)
+        .map_or(dist[0].0, |p| p.0)
 }
 
 /// Picks the next token: argmax when greedy, else a draw from [`distribution`].
@@ -180,10 +183,16 @@ mod tests {
     #[test]
     fn same_seed_same_draws_and_frequencies_follow_softmax() {
         let logits = [0.0f32, (2.0f32).ln(), (3.0f32).ln()];
-        let p = SamplingParams { temperature: 1.0, top_p: 1.0, seed: 7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 7,
+        };
         let draw = |seed| {
             let mut rng = Rng::new(seed);
-            (0..60_000).map(|_| sample(&logits, &p, &mut rng)).collect::<Vec<_>>()
+            (0..60_000)
+                .map(|_| sample(&logits, &p, &mut rng))
+                .collect::<Vec<_>>()
         };
         let a = draw(7);
         assert_eq!(a, draw(7));
@@ -200,7 +209,11 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         let logits = [(0.5f32).ln(), (0.3f32).ln(), (0.2f32).ln()];
-        let p = SamplingParams { temperature: 1.0, top_p: 0.75, seed: 0 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.75,
+            seed: 0,
+        };
         let d = distribution(&logits, &p);
         assert_eq!(d.len(), 2);
         assert!((d[0].1 - 0.625).abs() < 1e-5 && (d[1].1 - 0.375).abs() < 1e-5);
@@ -208,9 +221,15 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_rejected() {
-        let bad_t = SamplingParams { temperature: -1.0, ..Default::default() };
+        let bad_t = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
         assert!(bad_t.validate().is_err());
-        let bad_p = SamplingParams { top_p: 0.0, ..Default::default() };
+        let bad_p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(bad_p.validate().is_err());
     }
 }

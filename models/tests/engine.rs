@@ -16,7 +16,10 @@ use tandem_models::{Error, Model, Rows, Tokenizer};
 const SMOL: &str = "smollm2-135m";
 
 fn prompt_ids() -> Vec<u32> {
-    Tokenizer::from_gguf(model(SMOL)).unwrap().encode(PROMPTS[2]).unwrap()
+    Tokenizer::from_gguf(model(SMOL))
+        .unwrap()
+        .encode(PROMPTS[2])
+        .unwrap()
 }
 
 fn read(path: &Path) -> (Content, BufReader<File>) {
@@ -32,7 +35,11 @@ fn rewrite(
     edit_t: impl Fn(&mut Vec<(String, QTensor)>),
 ) {
     let (ct, mut r) = read(src);
-    let mut md: Vec<(String, Value)> = ct.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut md: Vec<(String, Value)> = ct
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     md.sort_by(|a, b| a.0.cmp(&b.0));
     edit_md(&mut md);
     let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
@@ -66,13 +73,19 @@ fn exit_at_the_last_layer_is_the_final_output_and_exits_arrive_in_order() {
         })
         .unwrap();
     assert_eq!(seen, vec![10, 22, n]);
-    assert_eq!(last_exit.unwrap(), fin, "exit at the last layer must equal the final logits");
+    assert_eq!(
+        last_exit.unwrap(),
+        fin,
+        "exit at the last layer must equal the final logits"
+    );
     // Asking for exits does not change the final output.
     let mut c2 = m.new_cache();
     assert_eq!(m.forward(&ids, 0, &mut c2).unwrap(), fin);
     // Out-of-range exit layers are refused.
     let mut c3 = m.new_cache();
-    let err = m.forward_with_exits(&ids, 0, &mut c3, Rows::Last, &[n + 1], &mut |_| {}).unwrap_err();
+    let err = m
+        .forward_with_exits(&ids, 0, &mut c3, Rows::Last, &[n + 1], &mut |_| {})
+        .unwrap_err();
     assert!(err.to_string().contains("exit layer"), "{err}");
 }
 
@@ -90,8 +103,10 @@ fn split_drafter_equals_the_early_exit_and_shares_the_backbone_fingerprint() {
     let ids = prompt_ids();
     let mut exit = None;
     let mut c = full.new_cache();
-    full.forward_with_exits(&ids, 0, &mut c, Rows::All, &[k], &mut |e| exit = Some(e.logits))
-        .unwrap();
+    full.forward_with_exits(&ids, 0, &mut c, Rows::All, &[k], &mut |e| {
+        exit = Some(e.logits)
+    })
+    .unwrap();
     let mut c2 = drafter.new_cache();
     assert_eq!(drafter.forward(&ids, 0, &mut c2).unwrap(), exit.unwrap());
 
@@ -106,32 +121,54 @@ fn split_drafter_equals_the_early_exit_and_shares_the_backbone_fingerprint() {
 
     // One changed byte in a backbone tensor changes the backbone fingerprint only.
     let edited = dir.path().join("edited.gguf");
-    rewrite(&drafter_path, &edited, |_| {}, |ts| {
-        let (_, t) = ts.iter_mut().find(|(n, _)| n == "blk.3.attn_v.weight").unwrap();
-        let mut bytes = t.data().unwrap().into_owned();
-        bytes[100] ^= 1;
-        let storage = candle_core::quantized::QStorage::from_data(bytes.into(), &Device::Cpu, t.dtype()).unwrap();
-        *t = QTensor::new(storage, t.shape().clone()).unwrap();
-    });
+    rewrite(
+        &drafter_path,
+        &edited,
+        |_| {},
+        |ts| {
+            let (_, t) = ts
+                .iter_mut()
+                .find(|(n, _)| n == "blk.3.attn_v.weight")
+                .unwrap();
+            let mut bytes = t.data().unwrap().into_owned();
+            bytes[100] ^= 1;
+            let storage =
+                candle_core::quantized::QStorage::from_data(bytes.into(), &Device::Cpu, t.dtype())
+                    .unwrap();
+            *t = QTensor::new(storage, t.shape().clone()).unwrap();
+        },
+    );
     let fp_edited = fingerprints(&edited, None).unwrap();
     assert_ne!(fp_edited.backbone, fp_drafter.backbone);
     assert_eq!(fp_edited.tokenizer, fp_drafter.tokenizer);
 
     // A changed merge list changes both fingerprints.
     let retok = dir.path().join("retok.gguf");
-    rewrite(&drafter_path, &retok, |md| {
-        let (_, v) = md.iter_mut().find(|(k, _)| k == "tokenizer.ggml.merges").unwrap();
-        if let Value::Array(items) = v {
-            items.swap(0, 1);
-        }
-    }, |_| {});
+    rewrite(
+        &drafter_path,
+        &retok,
+        |md| {
+            let (_, v) = md
+                .iter_mut()
+                .find(|(k, _)| k == "tokenizer.ggml.merges")
+                .unwrap();
+            if let Value::Array(items) = v {
+                items.swap(0, 1);
+            }
+        },
+        |_| {},
+    );
     let fp_retok = fingerprints(&retok, None).unwrap();
     assert_ne!(fp_retok.tokenizer, fp_drafter.tokenizer);
     assert_ne!(fp_retok.backbone, fp_drafter.backbone);
 
     // Bad split depth.
     let err = split_backbone(&src, 0, dir.path().join("x.gguf")).unwrap_err();
-    assert!(err.to_string().contains("--layers must be between 1 and 30"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("--layers must be between 1 and 30"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -149,7 +186,10 @@ fn exit_adapter_from_the_gguf_plugs_into_the_exit() {
             let down = (Tensor::randn(0f32, 1.0, (rank, d), &dev).unwrap() * 0.05).unwrap();
             let up = (Tensor::randn(0f32, 1.0, (d, rank), &dev).unwrap() * scale as f64).unwrap();
             for (name, t) in [("norm", norm), ("down", down), ("up", up)] {
-                ts.push((format!("exit.{layer}.{name}.weight"), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+                ts.push((
+                    format!("exit.{layer}.{name}.weight"),
+                    QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+                ));
             }
         }
     };
@@ -163,7 +203,9 @@ fn exit_adapter_from_the_gguf_plugs_into_the_exit() {
         let mut out = None;
         let mut c = m.new_cache();
         let fin = m
-            .forward_with_exits(&ids, 0, &mut c, Rows::All, &[layer], &mut |e| out = Some(e.logits))
+            .forward_with_exits(&ids, 0, &mut c, Rows::All, &[layer], &mut |e| {
+                out = Some(e.logits)
+            })
             .unwrap();
         (out.unwrap(), fin)
     };
@@ -171,7 +213,10 @@ fn exit_adapter_from_the_gguf_plugs_into_the_exit() {
     let adapted = Model::load(&with).unwrap();
     assert_eq!(adapted.exit_adapters().count(), 1);
     let (with_adapter, fin2) = exit_of(&adapted);
-    assert_ne!(with_adapter, lens, "the adapter must change the exit's logits");
+    assert_ne!(
+        with_adapter, lens,
+        "the adapter must change the exit's logits"
+    );
     assert_eq!(fin2, fin, "an adapter must not change the final output");
     // A zero up-projection makes the adapter the identity: back to the plain logit lens.
     let (zero_adapter, _) = exit_of(&Model::load(&zero).unwrap());
@@ -188,47 +233,83 @@ fn bad_input_gives_clear_errors() {
 
     // Truncated in the header and in the tensor data.
     let mut bytes = Vec::new();
-    File::open(&src).unwrap().take(4_000_000).read_to_end(&mut bytes).unwrap();
+    File::open(&src)
+        .unwrap()
+        .take(4_000_000)
+        .read_to_end(&mut bytes)
+        .unwrap();
     for (len, name) in [(1000usize, "head.gguf"), (4_000_000, "body.gguf")] {
         let p = dir.path().join(name);
         File::create(&p).unwrap().write_all(&bytes[..len]).unwrap();
         let e = Model::load(&p).err().unwrap();
         assert!(matches!(e, Error::InvalidGguf { .. }), "{name}: {e}");
     }
-    let e = Model::load(dir.path().join("body.gguf")).err().unwrap().to_string();
+    let e = Model::load(dir.path().join("body.gguf"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("truncated"), "{e}");
 
     // Not a GGUF at all.
     let p = dir.path().join("text.gguf");
     std::fs::write(&p, "hello world, certainly not a model").unwrap();
-    assert!(matches!(Model::load(&p).err().unwrap(), Error::InvalidGguf { .. }));
+    assert!(matches!(
+        Model::load(&p).err().unwrap(),
+        Error::InvalidGguf { .. }
+    ));
 
     // Wrong architecture.
     let p = dir.path().join("gpt2.gguf");
-    rewrite(&src, &p, |md| {
-        for (k, v) in md.iter_mut() {
-            if k == "general.architecture" {
-                *v = Value::String("gpt2".into());
+    rewrite(
+        &src,
+        &p,
+        |md| {
+            for (k, v) in md.iter_mut() {
+                if k == "general.architecture" {
+                    *v = Value::String("gpt2".into());
+                }
             }
-        }
-    }, |ts| ts.truncate(3));
+        },
+        |ts| ts.truncate(3),
+    );
     let e = Model::load(&p).err().unwrap();
-    assert!(e.to_string().contains("architecture `gpt2` is not supported"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("architecture `gpt2` is not supported"),
+        "{e}"
+    );
 
     // A tensor type candle cannot compute with is named with its tensor.
     let p = dir.path().join("iq.gguf");
     write_gguf_with_type(&p, "blk.0.ffn_up.weight", 20);
     let e = Model::load(&p).err().unwrap().to_string();
-    assert!(e.contains("blk.0.ffn_up.weight") && e.contains("IQ4_NL"), "{e}");
+    assert!(
+        e.contains("blk.0.ffn_up.weight") && e.contains("IQ4_NL"),
+        "{e}"
+    );
 
     // Unknown catalog name.
-    let e = tandem_models::fetch::resolve("no-such-model").unwrap_err().to_string();
-    assert!(e.contains("unknown model `no-such-model`") && e.contains("smollm2-135m"), "{e}");
+    let e = tandem_models::fetch::resolve("no-such-model")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown model `no-such-model`") && e.contains("smollm2-135m"),
+        "{e}"
+    );
 
     let m = Model::load(&src).unwrap();
     let mut c = m.new_cache();
     let e = m.forward(&[49_152], 0, &mut c).unwrap_err();
-    assert!(matches!(e, Error::TokenOutOfRange { token: 49_152, vocab: 49_152 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::TokenOutOfRange {
+                token: 49_152,
+                vocab: 49_152
+            }
+        ),
+        "{e}"
+    );
     let e = m.forward(&[1], 5, &mut c).unwrap_err();
     assert!(matches!(e, Error::PositionGap { pos: 5, cached: 0 }), "{e}");
     assert!(m.forward(&[], 0, &mut c).is_err());
@@ -236,18 +317,33 @@ fn bad_input_gives_clear_errors() {
 
     // Position beyond the context window (a copy of the model with a 16-token context).
     let p = dir.path().join("short.gguf");
-    rewrite(&src, &p, |md| {
-        for (k, v) in md.iter_mut() {
-            if k == "llama.context_length" {
-                *v = Value::U32(16);
+    rewrite(
+        &src,
+        &p,
+        |md| {
+            for (k, v) in md.iter_mut() {
+                if k == "llama.context_length" {
+                    *v = Value::U32(16);
+                }
             }
-        }
-    }, |_| {});
+        },
+        |_| {},
+    );
     let short = Model::load(&p).unwrap();
     let mut c = short.new_cache();
     short.forward(&[1; 10], 0, &mut c).unwrap();
     let e = short.forward(&[1; 7], 10, &mut c).unwrap_err();
-    assert!(matches!(e, Error::ContextExceeded { end: 17, context: 16, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::ContextExceeded {
+                end: 17,
+                context: 16,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(c.len(), 10);
 }
 
@@ -284,12 +380,19 @@ fn tokenizer_round_trips_and_streams_whole_characters() {
             "  leading spaces\n\n\ttabs and 12345 digits",
         ]) {
             let ids = tok.encode(text).unwrap();
-            assert_eq!(tok.decode(&ids).unwrap(), text, "{name}: round trip of {text:?}");
+            assert_eq!(
+                tok.decode(&ids).unwrap(),
+                text,
+                "{name}: round trip of {text:?}"
+            );
             let mut dec = tandem_models::IncrementalDecoder::new();
             let mut streamed = String::new();
             for &id in &ids {
                 let piece = dec.push(&tok, id).unwrap();
-                assert!(!piece.contains('\u{FFFD}'), "{name}: half a character emitted for {text:?}");
+                assert!(
+                    !piece.contains('\u{FFFD}'),
+                    "{name}: half a character emitted for {text:?}"
+                );
                 streamed.push_str(&piece);
             }
             streamed.push_str(&dec.finish(&tok).unwrap());

@@ -20,7 +20,11 @@ fn check(name: &str) {
         let mut c1 = m.new_cache();
         for (i, &t) in ids.iter().enumerate() {
             let single = m.forward(&[t], i, &mut c1).unwrap();
-            assert_eq!(single.row(0), block.row(i), "{name}: position {i} one at a time differs from the block");
+            assert_eq!(
+                single.row(0),
+                block.row(i),
+                "{name}: position {i} one at a time differs from the block"
+            );
         }
 
         // Prefill a prefix, then a 5-token verify block: same bits again.
@@ -29,7 +33,11 @@ fn check(name: &str) {
         m.forward(&ids[..split], 0, &mut c2).unwrap();
         let verify = m.forward(&ids[split..], split, &mut c2).unwrap();
         for i in 0..5 {
-            assert_eq!(verify.row(i), block.row(split + i), "{name}: verify block row {i}");
+            assert_eq!(
+                verify.row(i),
+                block.row(split + i),
+                "{name}: verify block row {i}"
+            );
         }
 
         // Speculate wrong tokens, roll back, re-forward the right ones.
@@ -39,11 +47,17 @@ fn check(name: &str) {
         c3.truncate(split);
         assert_eq!(c3.len(), split);
         let again = m.forward(&ids[split..], split, &mut c3).unwrap();
-        assert_eq!(again, verify, "{name}: truncate + re-forward differs from a fresh cache");
+        assert_eq!(
+            again, verify,
+            "{name}: truncate + re-forward differs from a fresh cache"
+        );
 
         // A lower start position rolls back by itself.
         let again2 = m.forward(&ids[split..], split, &mut c3).unwrap();
-        assert_eq!(again2, verify, "{name}: forward at an earlier position did not roll back");
+        assert_eq!(
+            again2, verify,
+            "{name}: forward at an earlier position did not roll back"
+        );
     }
 }
 

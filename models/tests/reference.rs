@@ -55,16 +55,35 @@ fn compare(name: &str, tol: f32, load_ref: &dyn Fn() -> Box<dyn Reference>) {
         let mut input = ids.clone();
         let mut pos = 0;
         for step in 0..NEW_TOKENS {
-            let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let r: Vec<f32> = reference.forward(&x, pos).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let x = Tensor::new(input.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let r: Vec<f32> = reference
+                .forward(&x, pos)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let o = ours.forward_last(&input, pos, &mut cache).unwrap();
             let o = o.last();
-            let diff = r.iter().zip(o).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = r
+                .iter()
+                .zip(o)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             worst = worst.max(diff);
             let mean = r.iter().zip(o).map(|(a, b)| (a - b).abs()).sum::<f32>() / r.len() as f32;
             worst_mean = worst_mean.max(mean);
-            assert!(diff <= tol, "{name}: logits differ by {diff} at step {step} of {prompt:?}");
-            assert!(mean <= MEAN_TOL, "{name}: mean logit difference {mean} at step {step} of {prompt:?}");
+            assert!(
+                diff <= tol,
+                "{name}: logits differ by {diff} at step {step} of {prompt:?}"
+            );
+            assert!(
+                mean <= MEAN_TOL,
+                "{name}: mean logit difference {mean} at step {step} of {prompt:?}"
+            );
             let (r_best, _, r_gap) = top2(&r);
             let (o_best, _, _) = top2(o);
             if r_best != o_best {
@@ -80,7 +99,10 @@ fn compare(name: &str, tol: f32, load_ref: &dyn Fn() -> Box<dyn Reference>) {
             input = vec![r_best as u32];
         }
     }
-    eprintln!("{name}: max |logit diff| {worst:.4} (mean at worst position {worst_mean:.4}) over {} positions; near-tie divergences {near_ties}", PROMPTS.len() * NEW_TOKENS);
+    eprintln!(
+        "{name}: max |logit diff| {worst:.4} (mean at worst position {worst_mean:.4}) over {} positions; near-tie divergences {near_ties}",
+        PROMPTS.len() * NEW_TOKENS
+    );
 }
 
 fn content(name: &str) -> (gguf_file::Content, BufReader<File>) {
@@ -93,8 +115,12 @@ fn smollm2_matches_candle_transformers_quantized_llama() {
     compare("smollm2-135m", 2.5, &|| {
         let (ct, mut r) = content("smollm2-135m");
         Box::new(
-            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu)
-                .unwrap(),
+            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+                ct,
+                &mut r,
+                &Device::Cpu,
+            )
+            .unwrap(),
         )
     });
 }
@@ -104,8 +130,12 @@ fn qwen_coder_05b_matches_candle_transformers_quantized_qwen2() {
     compare("qwen2.5-coder-0.5b", 1.5, &|| {
         let (ct, mut r) = content("qwen2.5-coder-0.5b");
         Box::new(
-            candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut r, &Device::Cpu)
-                .unwrap(),
+            candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+                ct,
+                &mut r,
+                &Device::Cpu,
+            )
+            .unwrap(),
         )
     });
 }
