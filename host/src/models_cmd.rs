@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tandem_core::sampling::{Rng, SamplingParams, sample};
 use tandem_models::backbone::{fingerprints, split_backbone};
 use tandem_models::catalog::catalog;
-use tandem_models::fetch::{CacheState, FetchEvent, cache_state, cached_path, fetch, resolve};
+use tandem_models::fetch::{CacheState, FetchEvent, cache_state, fetch, resolve};
 use tandem_models::{IncrementalDecoder, Model, Tokenizer};
 
 /// `tandem models` subcommands.
@@ -61,6 +61,9 @@ pub enum ModelsCommand {
         /// Sampler seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Use this tokenizer.json instead of the tokenizer in the GGUF metadata.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
 }
 
@@ -97,6 +100,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             temperature,
             top_p,
             seed,
+            tokenizer,
         } => {
             let params = SamplingParams {
                 temperature,
@@ -104,7 +108,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                 seed,
             };
             params.validate()?;
-            generate(&model, &prompt, max_tokens, &params)
+            generate(&model, tokenizer.as_deref(), &prompt, max_tokens, &params)
         }
     }
 }
@@ -149,7 +153,6 @@ fn bytes_bar(total: u64, msg: String) -> ProgressBar {
 /// Fetches a catalog model with a progress bar on stderr.
 pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
     let mut bar: Option<ProgressBar> = None;
-    let mut total = 0;
     let path = fetch(name, &mut |ev| match ev {
         FetchEvent::VerifyStart { total } => {
             bar = Some(bytes_bar(total, format!("verifying {name}")))
@@ -165,9 +168,12 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
             }
             eprintln!("{name}: {reason}; downloading");
         }
-        FetchEvent::DownloadStart { total: t } => {
-            total = t;
-            bar = Some(bytes_bar(t, format!("fetching {name}")));
+        FetchEvent::DownloadStart { total } => {
+            let b = bytes_bar(total, format!("fetching {name}"));
+            if b.is_hidden() {
+                eprintln!("{name}: downloading {total} bytes");
+            }
+            bar = Some(b);
         }
         FetchEvent::Part {
             index,
@@ -177,7 +183,7 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
             let msg = format!("part {}/{count} {package}", index + 1);
             match &bar {
                 Some(b) if !b.is_hidden() => b.set_message(msg),
-                _ => eprintln!("{name}: {msg} ({total} bytes in all)"),
+                _ => eprintln!("{name}: {msg}"),
             }
         }
     });
@@ -185,18 +191,32 @@ pub fn fetch_with_progress(name: &str) -> Result<PathBuf> {
         b.finish_and_clear();
     }
     let path = path?;
-    eprintln!(
-        "{name}: verified sha256 ({})",
-        cached_path(&tandem_models::catalog::lookup(name)?).display()
-    );
+    eprintln!("{name}: sha256 verified");
     Ok(path)
 }
 
-fn generate(model: &str, prompt: &str, max_tokens: usize, params: &SamplingParams) -> Result<()> {
+fn generate(
+    model: &str,
+    tokenizer: Option<&std::path::Path>,
+    prompt: &str,
+    max_tokens: usize,
+    params: &SamplingParams,
+) -> Result<()> {
     let path = resolve(model)?;
     let t0 = Instant::now();
     let model = Model::load(&path)?;
-    let tok = Tokenizer::from_gguf(&path)?;
+    let tok = match tokenizer {
+        Some(json) => Tokenizer::from_json_file(json, &["<|im_end|>", "<|endoftext|>", "</s>"])
+            .with_context(|| format!("loading tokenizer {}", json.display()))?,
+        None => Tokenizer::from_gguf(&path)?,
+    };
+    if tok.vocab_size() > model.config().vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model only {}; use the model's own tokenizer",
+            tok.vocab_size(),
+            model.config().vocab_size
+        );
+    }
     eprintln!(
         "loaded {} in {:.1}s",
         path.display(),
