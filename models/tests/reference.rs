@@ -83,7 +83,7 @@ fn compare(name: &str, tol: f32, mean_tol: f32, load_ref: &dyn Fn() -> Box<dyn R
                 "{name}: logits differ by {diff} at step {step} of {prompt:?}"
             );
             assert!(
-                mean <= MEAN_TOL,
+                mean <= mean_tol,
                 "{name}: mean logit difference {mean} at step {step} of {prompt:?}"
             );
             let (r_best, _, r_gap) = top2(&r);
