@@ -18,6 +18,12 @@ pub mod fetch;
 mod gguf;
 mod kernels;
 mod model;
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod simd;
 #[cfg(not(target_arch = "wasm32"))]
 mod tokenizer;
 mod weights;

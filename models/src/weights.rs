@@ -43,6 +43,21 @@ impl Linear {
     /// of 2.0x, the same as llama.cpp's 4.0x).
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         match self.dtype {
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            ))]
+            GgmlDType::Q4_1 => {
+                let data = self.tensor.data()?;
+                return Ok(crate::simd::matmul_q4_1(
+                    x,
+                    n,
+                    self.in_dim,
+                    &data,
+                    self.out_dim,
+                ));
+            }
             GgmlDType::Q6K => return self.generic::<BlockQ6K>(x, n),
             GgmlDType::Q4K => return self.generic::<BlockQ4K>(x, n),
             _ => {}
