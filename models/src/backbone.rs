@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use candle_core::Device;
@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{self, Content, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::gguf::read_content;
+use crate::gguf::open;
 use crate::{Error, Result};
 
 /// Metadata key recording how many blocks of a drafter GGUF form the shared backbone.
@@ -119,16 +119,6 @@ fn is_backbone_tensor(name: &str, layers: usize) -> bool {
         .and_then(|rest| rest.split('.').next())
         .and_then(|i| i.parse::<usize>().ok())
         .is_some_and(|i| i < layers)
-}
-
-fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = BufReader::new(file);
-    let content = read_content(&mut reader, path)?;
-    Ok((content, reader))
 }
 
 /// The number of backbone blocks a file declares: `tandem.backbone.layers` for a split

@@ -1,7 +1,8 @@
 //! Reading GGUF files through candle, with errors that name the file, tensor and type.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,6 +11,17 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
 
 use crate::{Error, Result};
+
+/// Opens a GGUF file and parses its header; the reader is left ready for tensor reads.
+pub(crate) fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut reader = BufReader::new(file);
+    let content = read_content(&mut reader, path)?;
+    Ok((content, reader))
+}
 
 /// Parses the GGUF header (metadata and tensor table).
 pub(crate) fn read_content<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Content> {

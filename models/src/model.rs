@@ -9,18 +9,14 @@
 //! [`KvCache`] passed to every forward.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Device;
 use candle_core::quantized::QTensor;
-use candle_core::quantized::gguf_file::Content;
 
 use crate::adapter::{ExitAdapter, load_adapters};
 use crate::config::{Architecture, Config};
-use crate::gguf::{read_content, read_tensors};
+use crate::gguf::{open, read_tensors};
 use crate::kernels::{AttnShape, add_assign, attention, rms_norm, rope, swiglu};
 use crate::weights::{Embedding, Linear, vector};
 use crate::{Error, Result};
@@ -143,20 +139,14 @@ impl Model {
     /// Loads a `llama` or `qwen2` GGUF, keeping quantized tensors quantized.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut reader = BufReader::new(file);
-        let content = read_content(&mut reader, path)?;
+        let (content, mut reader) = open(path)?;
         let config = Config::from_gguf(&content, path)?;
         let tensors = read_tensors(&content, &mut reader, path)?;
-        Self::from_parts(config, &content, tensors, path)
+        Self::from_parts(config, tensors, path)
     }
 
     fn from_parts(
         config: Config,
-        _content: &Content,
         tensors: BTreeMap<String, Arc<QTensor>>,
         path: &Path,
     ) -> Result<Self> {
@@ -454,9 +444,8 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Model>();
-    let _ = Device::Cpu;
-}
+// A model is shared between sessions: keep it `Send + Sync`.
+const _: () = {
+    const fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Model>();
+};

@@ -41,11 +41,7 @@ fn quantize_row(x: &[f32], out: &mut Vec<Q8Block>) {
 
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    half_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-
-fn half_to_f32(h: u16) -> f32 {
-    half::f16::from_bits(h).to_f32()
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Dot product of one Q4_1 weight row with one quantized activation row.

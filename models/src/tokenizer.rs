@@ -1,14 +1,12 @@
 //! Tokenizers built from GGUF metadata (or a `tokenizer.json`), and incremental
 //! detokenization for streaming.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 
-use crate::gguf::read_content;
+use crate::gguf::open;
 use crate::{Error, Result};
 
 /// A text tokenizer with the model's end-of-sequence tokens.
@@ -24,12 +22,7 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let file = File::open(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let content = read_content(&mut BufReader::new(file), path)?;
+        let (content, _) = open(path.as_ref())?;
         Self::from_content(&content)
     }
 
