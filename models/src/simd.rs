@@ -108,12 +108,26 @@ pub(crate) fn matmul_q4_1(x: &[f32], n: usize, k: usize, w: &[u8], out_dim: usiz
 mod tests {
     use super::*;
 
+    /// The kernel against the exact product of the dequantized weights with the
+    /// Q8-quantized activations it is given (using the same f16-rounded block sums): the two
+    /// differ only by float summation order, so the tolerance is tight and a wrong nibble,
+    /// scale or min shows up at once.
     #[test]
     fn q4_1_kernel_matches_dequantized_product() {
         use candle_core::quantized::{GgmlDType, QTensor};
         use candle_core::{Device, Tensor};
-        let (out_dim, k, n) = (8, 64, 3);
-        let w = Tensor::randn(0f32, 1.0, (out_dim, k), &Device::Cpu).unwrap();
+        let (out_dim, k, n) = (8, 128, 3);
+        // Deterministic weights and activations (an LCG), so the test is the same every run.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        };
+        let w: Vec<f32> = (0..out_dim * k).map(|_| next()).collect();
+        let x: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let w = Tensor::from_vec(w, (out_dim, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let wd: Vec<f32> = q
             .dequantize(&Device::Cpu)
@@ -122,17 +136,30 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let x: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
-            .collect();
-        let got = matmul_q4_1(&x, n, k, &q.data().unwrap(), out_dim);
+        let mut xq = Vec::new();
+        for row in x.chunks_exact(k) {
+            quantize_row(row, &mut xq);
+        }
+        let raw = q.data().unwrap();
+        let blocks = k / QK;
+        let got = matmul_q4_1(&x, n, k, &raw, out_dim);
         for r in 0..n {
             for j in 0..out_dim {
-                let want: f32 = (0..k).map(|i| x[r * k + i] * wd[j * k + i]).sum();
+                // Per block: Σ (w - m)·x + m·s, with the same f16-rounded `s` the kernel uses.
+                let want: f32 = (0..blocks)
+                    .map(|b| {
+                        let xb = &xq[r * blocks + b];
+                        let m = f16_at(&raw, (j * blocks + b) * Q4_1_BYTES + 2);
+                        let scaled: f32 = (0..QK)
+                            .map(|i| (wd[j * k + b * QK + i] - m) * xb.d * xb.q[i] as f32)
+                            .sum();
+                        scaled + m * xb.s
+                    })
+                    .sum();
+                let got = got[r * out_dim + j];
                 assert!(
-                    (got[r * out_dim + j] - want).abs() < 0.05 * (1.0 + want.abs()),
-                    "{r},{j}: {} vs {want}",
-                    got[r * out_dim + j]
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "row {r}, column {j}: kernel {got} vs reference {want}"
                 );
             }
         }
