@@ -85,9 +85,7 @@ pub fn judge<'a>(
             continue;
         }
         let p = distribution(row, params);
-        let p_x = p
-            .binary_search_by_key(&x, |e| e.0)
-            .map_or(0.0, |j| p[j].1);
+        let p_x = p.binary_search_by_key(&x, |e| e.0).map_or(0.0, |j| p[j].1);
         let u = rng.uniform();
         if u >= acceptance_probability(p_x, q.get(i).copied().unwrap_or(1.0)) {
             return Verdict {
@@ -128,10 +126,24 @@ mod tests {
             vec![0.0, 0.0, 9.0], // argmax 2
         ];
         let mut rng = Rng::new(0);
-        let v = judge(&[1, 2], &[1.0, 1.0], |i| &rows[i], &params(0.0, 1.0), &mut rng, 8);
+        let v = judge(
+            &[1, 2],
+            &[1.0, 1.0],
+            |i| &rows[i],
+            &params(0.0, 1.0),
+            &mut rng,
+            8,
+        );
         assert_eq!(v.accepted, 1);
         assert_eq!(v.outcome, Outcome::Token(0));
-        let v = judge(&[1, 0], &[1.0, 1.0], |i| &rows[i], &params(0.0, 1.0), &mut rng, 8);
+        let v = judge(
+            &[1, 0],
+            &[1.0, 1.0],
+            |i| &rows[i],
+            &params(0.0, 1.0),
+            &mut rng,
+            8,
+        );
         assert_eq!(v.accepted, 2);
         assert_eq!(v.outcome, Outcome::Token(2), "bonus token");
         let v = judge(&[], &[], |i| &rows[i], &params(0.0, 1.0), &mut rng, 8);
@@ -141,7 +153,12 @@ mod tests {
     /// The whole protocol for one position, many times: the drafter draws x ~ q, the
     /// verifier judges with p, the drafter draws the correction from the top-K it gets.
     /// The committed token must be distributed as p.
-    fn committed_frequencies(p_logits: &[f32], q: &[f32], sp: SamplingParams, k: usize) -> Vec<f64> {
+    fn committed_frequencies(
+        p_logits: &[f32],
+        q: &[f32],
+        sp: SamplingParams,
+        k: usize,
+    ) -> Vec<f64> {
         let v = p_logits.len();
         let n = 200_000;
         let mut draft_rng = Rng::new(11);
@@ -151,7 +168,14 @@ mod tests {
         let rows = [p_logits.to_vec(), p_logits.to_vec()];
         for _ in 0..n {
             let x = sample_from(&q_dist, &mut draft_rng);
-            let verdict = judge(&[x], &[q[x as usize]], |i| &rows[i], &sp, &mut verify_rng, k);
+            let verdict = judge(
+                &[x],
+                &[q[x as usize]],
+                |i| &rows[i],
+                &sp,
+                &mut verify_rng,
+                k,
+            );
             let token = match (verdict.accepted, verdict.outcome) {
                 (1, _) => x,
                 (0, Outcome::Residual(top)) => {
@@ -173,7 +197,7 @@ mod tests {
             let p = distribution(&p_logits, &sp);
             // K covers p's support here, so the split is exact.
             let got = committed_frequencies(&p_logits, &q, sp, 5);
-            let mut want = vec![0f64; 5];
+            let mut want = [0f64; 5];
             for (id, pr) in p {
                 want[id as usize] = pr as f64;
             }
@@ -208,6 +232,9 @@ mod tests {
         assert_eq!(r[0], (0, 1.0));
         let same = residual(&p, |id| [0.6f32, 0.4][id as usize]);
         assert_eq!(same, p.to_vec());
-        assert_eq!(top_k(&[(3, 0.1), (1, 0.5), (2, 0.4)], 2), vec![(1, 0.5), (2, 0.4)]);
+        assert_eq!(
+            top_k(&[(3, 0.1), (1, 0.5), (2, 0.4)], 2),
+            vec![(1, 0.5), (2, 0.4)]
+        );
     }
 }

@@ -666,7 +666,7 @@ impl FrameDecoder {
     }
 
     /// The next complete message, if one has arrived.
-    pub fn next<M: Message>(&mut self) -> Result<Option<M>, ProtocolError> {
+    pub fn next_message<M: Message>(&mut self) -> Result<Option<M>, ProtocolError> {
         match decode::<M>(&self.buf, self.max)? {
             Some((msg, used)) => {
                 self.buf.drain(..used);
@@ -785,19 +785,25 @@ mod tests {
         let mut stream = Vec::new();
         for m in client_samples() {
             let f = m.to_frame();
-            assert_eq!(decode::<ClientMsg>(&f, MAX_FRAME).unwrap(), Some((m, f.len())));
+            assert_eq!(
+                decode::<ClientMsg>(&f, MAX_FRAME).unwrap(),
+                Some((m, f.len()))
+            );
             stream.extend(f);
         }
         for m in server_samples() {
             let f = m.to_frame();
-            assert_eq!(decode::<ServerMsg>(&f, MAX_FRAME).unwrap(), Some((m, f.len())));
+            assert_eq!(
+                decode::<ServerMsg>(&f, MAX_FRAME).unwrap(),
+                Some((m, f.len()))
+            );
         }
         // Byte by byte through the stream decoder.
         let mut d = FrameDecoder::new(MAX_FRAME);
         let mut got = Vec::new();
         for b in stream {
             d.push(&[b]);
-            while let Some(m) = d.next::<ClientMsg>().unwrap() {
+            while let Some(m) = d.next_message::<ClientMsg>().unwrap() {
                 got.push(m);
             }
         }
@@ -813,7 +819,7 @@ mod tests {
                 assert_eq!(decode::<ClientMsg>(&f[..cut], MAX_FRAME).unwrap(), None);
                 let mut d = FrameDecoder::new(MAX_FRAME);
                 d.push(&f[..cut]);
-                assert_eq!(d.next::<ClientMsg>().unwrap(), None);
+                assert_eq!(d.next_message::<ClientMsg>().unwrap(), None);
                 let truncated = matches!(d.finish(), Err(ProtocolError::Truncated { .. }));
                 assert!(cut == 0 || truncated, "cut at {cut}");
             }
@@ -824,7 +830,7 @@ mod tests {
     fn a_body_cut_short_inside_its_length_is_malformed() {
         // Shorten the body but fix up the length prefix: the frame is complete but its
         // fields run out.
-        for m in client_samples().into_iter().chain([]) {
+        for m in client_samples() {
             let f = m.to_frame();
             for cut in 6..f.len() {
                 let mut g = f[..cut].to_vec();
@@ -911,7 +917,7 @@ mod tests {
         for _ in 0..20_000 {
             let n = (rng.next_u64() % 64) as usize;
             let mut buf: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-            if buf.len() >= 6 && rng.next_u64() % 2 == 0 {
+            if buf.len() >= 6 && rng.next_u64().is_multiple_of(2) {
                 // Make the header plausible so bodies get exercised.
                 let len = (buf.len() - 4) as u32;
                 buf[..4].copy_from_slice(&len.to_le_bytes());

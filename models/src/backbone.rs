@@ -111,6 +111,12 @@ pub fn tokenizer_fingerprint(content: &Content) -> TokenizerFingerprint {
     TokenizerFingerprint(h.finalize().into())
 }
 
+/// The tokenizer fingerprint of a GGUF file (reads its metadata only).
+pub fn tokenizer_fingerprint_of(path: impl AsRef<Path>) -> Result<TokenizerFingerprint> {
+    let (content, _) = open(path.as_ref())?;
+    Ok(tokenizer_fingerprint(&content))
+}
+
 fn is_backbone_tensor(name: &str, layers: usize) -> bool {
     if name == "token_embd.weight" {
         return true;

@@ -1,8 +1,147 @@
-//! `tandem-verifier`: the cloud verifier. Sessions, the batching scheduler, the target
-//! registry and early-exit hints are built by the verifier issue; until then this binary
-//! only says so.
+//! `tandem-verifier`: the cloud verifier.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tandem_verifier::{Limits, ServerConfig, State, TargetSpec, start};
+
+#[derive(Parser)]
+#[command(name = "tandem-verifier", version, about = "tandem's cloud verifier")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve target models: session streams (HTTP/2), /v1/completions, admin, metrics.
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8750")]
+    listen: SocketAddr,
+    /// Target to load: [FAMILY[@VERSION]=]NAME|PATH (a catalog name or a GGUF file).
+    /// Repeat for several targets.
+    #[arg(long = "target", required = true)]
+    targets: Vec<TargetSpec>,
+    /// Layer whose predictions are streamed as hints before verification finishes
+    /// (default: the layer of an exit adapter in the target file, else no hints).
+    #[arg(long)]
+    early_exit_layer: Option<usize>,
+    /// Entries of the target distribution sent when a sampled draft is rejected.
+    #[arg(long, default_value_t = 32)]
+    top_k: usize,
+    /// File of accepted bearer tokens, one per line; every endpoint but /healthz and
+    /// /metrics then requires one.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key serves HTTPS instead of cleartext.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Concurrent sessions (streams and completions).
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+    /// Longest context of a session (capped by each model's own).
+    #[arg(long, default_value_t = 4096)]
+    max_context: usize,
+    /// Tokens one session may generate.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// Longest draft block.
+    #[arg(long, default_value_t = 32)]
+    max_draft: usize,
+    /// Seconds a session may stay silent before it is closed.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+}
+
+fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        bail!(
+            "the token file {} holds no token (one per line)",
+            path.display()
+        );
+    }
+    Ok(tokens)
+}
+
+async fn serve(args: Serve) -> anyhow::Result<()> {
+    if args.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let config = ServerConfig {
+        listen: args.listen,
+        limits: Limits {
+            max_sessions: args.max_sessions,
+            max_context: args.max_context,
+            max_tokens: args.max_tokens,
+            max_draft: args.max_draft,
+            top_k: args.top_k,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            ..Limits::default()
+        },
+        early_exit_layer: args.early_exit_layer,
+        tokens: match &args.token_file {
+            Some(p) => read_tokens(p)?,
+            None => Vec::new(),
+        },
+        tls: args.tls_cert.zip(args.tls_key),
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let state = State::new(config);
+    for spec in &args.targets {
+        let st = state.clone();
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || st.load(&spec)).await??;
+    }
+    let server = start(state).await?;
+    println!("tandem-verifier listening on {scheme}://{}", server.addr);
+    tokio::select! {
+        _ = server.wait() => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+    }
+    Ok(())
+}
 
 fn main() {
-    eprintln!("tandem-verifier: the verifier server is not built yet (see the verifier issue)");
-    std::process::exit(2);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("tandem-verifier: error: {e:#}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,165 @@
+//! A session client: one HTTP/2 stream (`POST /v1/session`) carrying protocol frames both
+//! ways, over cleartext h2c or TLS. Used by the edge host and by the tests.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tandem_core::protocol::{ClientMsg, FrameDecoder, MAX_FRAME, Message, ServerMsg};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::body::ChannelBody;
+
+/// How to reach a verifier.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// TLS: PEM file of the CA that signed the server's certificate, and the server name
+    /// to check; `None` for cleartext h2c.
+    pub tls: Option<(std::path::PathBuf, String)>,
+    /// Bearer token sent in the `Authorization` header.
+    pub bearer: Option<String>,
+}
+
+impl Endpoint {
+    /// A cleartext endpoint without a token.
+    pub fn plain(addr: impl Into<String>) -> Self {
+        Endpoint {
+            addr: addr.into(),
+            tls: None,
+            bearer: None,
+        }
+    }
+}
+
+/// An open session stream.
+pub struct SessionClient {
+    tx: mpsc::UnboundedSender<Bytes>,
+    body: Incoming,
+    decoder: FrameDecoder,
+    /// Bytes sent so far.
+    pub bytes_up: usize,
+    /// Bytes received so far.
+    pub bytes_down: usize,
+}
+
+fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading CA certificates from {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+impl SessionClient {
+    /// Opens a session stream (no message is sent yet).
+    pub async fn connect(ep: &Endpoint) -> anyhow::Result<SessionClient> {
+        let tcp = TcpStream::connect(&ep.addr)
+            .await
+            .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
+        tcp.set_nodelay(true)?;
+        let (tx, body) = ChannelBody::new();
+        let mut req = hyper::Request::post("/v1/session")
+            .header("content-type", "application/x-tandem-session");
+        if let Some(t) = &ep.bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(body)?;
+        let resp = match &ep.tls {
+            None => {
+                let (mut send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await
+                        .context("HTTP/2 handshake with the verifier")?;
+                tokio::spawn(conn);
+                send.send_request(req).await?
+            }
+            Some((ca, name)) => {
+                let name = rustls_pki_types::ServerName::try_from(name.clone())
+                    .with_context(|| format!("bad TLS server name `{name}`"))?;
+                let tls = tls_connector(ca)?
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake with the verifier")?;
+                let (mut send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                        .await
+                        .context("HTTP/2 handshake with the verifier")?;
+                tokio::spawn(conn);
+                send.send_request(req).await?
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.into_body().collect().await?.to_bytes();
+            bail!(
+                "the verifier refused the session: HTTP {status}: {}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        Ok(SessionClient {
+            tx,
+            body: resp.into_body(),
+            decoder: FrameDecoder::new(MAX_FRAME),
+            bytes_up: 0,
+            bytes_down: 0,
+        })
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, msg: &ClientMsg) -> anyhow::Result<()> {
+        self.send_raw(msg.to_frame())
+    }
+
+    /// Sends raw bytes (tests use it for malformed frames).
+    pub fn send_raw(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.bytes_up += bytes.len();
+        self.tx
+            .send(Bytes::from(bytes))
+            .map_err(|_| anyhow::anyhow!("the session stream to the verifier is closed"))
+    }
+
+    /// Ends the upload half of the stream.
+    pub fn finish(&mut self) {
+        let (tx, _) = mpsc::unbounded_channel();
+        self.tx = tx;
+    }
+
+    /// The next message, or `None` when the server ended the stream.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<ServerMsg>> {
+        loop {
+            if let Some(m) = self.decoder.next_message::<ServerMsg>()? {
+                return Ok(Some(m));
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.bytes_down += data.len();
+                        self.decoder.push(&data);
+                    }
+                }
+                None => {
+                    self.decoder.finish()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The HTTP server: session streams (`POST /v1/session`, HTTP/2), OpenAI-style completions,
+//! the target admin API, health and metrics. h2c and HTTP/1.1 on one port, or TLS.
+
+use std::collections::{HashSet, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tandem_core::protocol::{
+    Accepted, ClientMsg, ErrorCode, FrameDecoder, Hello, Message, ProtocolError, ServerMsg,
+};
+use tandem_core::sampling::SamplingParams;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::body::ChannelBody;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Target, TargetSpec};
+use crate::session::{Limits, Session, SessionError};
+
+/// Response body of every endpoint.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Session and server limits.
+    pub limits: Limits,
+    /// Default early-exit layer for targets that do not name one.
+    pub early_exit_layer: Option<usize>,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub tokens: Vec<String>,
+    /// TLS certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            limits: Limits::default(),
+            early_exit_layer: None,
+            tokens: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct State {
+    /// Loaded targets.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Configuration.
+    pub config: ServerConfig,
+    sessions: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// A place among the server's concurrent sessions; freed when dropped.
+pub struct SessionSlot(Arc<State>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.session_ended();
+    }
+}
+
+impl State {
+    /// A server state with no targets yet.
+    pub fn new(config: ServerConfig) -> Arc<State> {
+        Arc::new(State {
+            registry: Registry::default(),
+            metrics: Arc::new(Metrics::default()),
+            config,
+            sessions: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Loads a target and makes it serve new sessions (blocking: reads the model).
+    pub fn load(&self, spec: &TargetSpec) -> anyhow::Result<Arc<Target>> {
+        let (family, version) = self.registry.name_for(spec);
+        let target = Target::load(spec, family, version, self.config.early_exit_layer)?;
+        let target = self.registry.add(target)?;
+        info!(target = %target.id(), path = %target.path.display(),
+              early_exit_layer = target.early_exit_layer, "target loaded");
+        Ok(target)
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<SessionSlot> {
+        let max = self.config.limits.max_sessions;
+        let mut cur = self.sessions.load(Ordering::SeqCst);
+        loop {
+            if cur >= max {
+                self.metrics.session_refused();
+                return None;
+            }
+            match self
+                .sessions
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.metrics.session_started();
+        Some(SessionSlot(self.clone()))
+    }
+
+    pub(crate) fn busy_message(&self) -> String {
+        format!(
+            "the verifier is serving its maximum of {} sessions; retry later",
+            self.config.limits.max_sessions
+        )
+    }
+
+    fn token_ok(&self, token: Option<&str>) -> bool {
+        token.is_some_and(|t| self.config.tokens.iter().any(|k| k == t))
+    }
+}
+
+/// A server accepting connections; stops when dropped.
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Shared state (registry, metrics).
+    pub state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RunningServer {
+    /// Waits until the accept loop ends (it runs until the process is stopped).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+fn tls_acceptor(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading the TLS certificate {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing the TLS certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the TLS private key {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the TLS certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Binds and starts serving.
+pub async fn start(state: Arc<State>) -> anyhow::Result<RunningServer> {
+    let tls = match &state.config.tls {
+        Some((c, k)) => Some(tls_acceptor(c, k)?),
+        None => None,
+    };
+    let listener = TcpListener::bind(state.config.listen)
+        .await
+        .with_context(|| format!("binding {}", state.config.listen))?;
+    let addr = listener.local_addr()?;
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let st = st.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let result = match tls {
+                    None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(s) => builder.serve_connection(TokioIo::new(s), service).await,
+                        Err(e) => {
+                            warn!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    },
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    });
+    Ok(RunningServer { addr, state, task })
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(format!("{v}\n")))
+        .unwrap()
+}
+
+/// An OpenAI-style error body.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(
+        status,
+        serde_json::json!({"error": {"message": message.into(), "code": status.as_u16()}}),
+    )
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => return Ok(Response::new(full("ok\n"))),
+        (&Method::GET, "/metrics") => {
+            return Ok(Response::builder()
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(full(state.metrics.render()))
+                .unwrap());
+        }
+        _ => {}
+    }
+    let auth_required = !state.config.tokens.is_empty();
+    let header_token = bearer(&req).map(str::to_owned);
+    let header_ok = !auth_required || state.token_ok(header_token.as_deref());
+    // A session may carry its token in Hello instead of the header; everything else needs
+    // the header.
+    let deferred = path == "/v1/session" && header_token.is_none();
+    if !header_ok && !deferred {
+        state.metrics.unauthorized();
+        return Ok(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: send `Authorization: Bearer <token>` with a token from the server's --token-file",
+        ));
+    }
+    let resp = match (&method, path.as_str()) {
+        (&Method::POST, "/v1/session") => session_endpoint(state, req, header_ok),
+        (&Method::POST, "/v1/completions") => crate::completions::handle(state, req).await,
+        (&Method::GET, "/admin/targets") => {
+            let list: Vec<_> = state.registry.list().iter().map(|t| t.describe()).collect();
+            json(StatusCode::OK, serde_json::json!({ "targets": list }))
+        }
+        (&Method::POST, "/admin/targets") => admin_load(state, req).await,
+        (&Method::DELETE, p) if p.starts_with("/admin/targets/") => {
+            let rest = &p["/admin/targets/".len()..];
+            match rest.split_once('/') {
+                Some((family, version)) if !version.contains('/') => {
+                    match state.registry.retire(family, version) {
+                        Some(t) => {
+                            info!(target = %t.id(), active_sessions = t.active_sessions(), "target retired");
+                            json(
+                                StatusCode::OK,
+                                serde_json::json!({"retired": t.id(), "active_sessions": t.active_sessions()}),
+                            )
+                        }
+                        None => error(
+                            StatusCode::NOT_FOUND,
+                            format!(
+                                "no loaded target {family}@{version}; GET /admin/targets lists them"
+                            ),
+                        ),
+                    }
+                }
+                _ => error(
+                    StatusCode::NOT_FOUND,
+                    "use DELETE /admin/targets/{family}/{version}",
+                ),
+            }
+        }
+        (_, "/v1/session" | "/v1/completions" | "/admin/targets" | "/healthz" | "/metrics") => {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            )
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    };
+    Ok(resp)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadRequest {
+    model: String,
+    family: Option<String>,
+    version: Option<String>,
+    early_exit_layer: Option<usize>,
+}
+
+async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+    };
+    let load: LoadRequest = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad JSON ({e}); expected {{\"model\": NAME|PATH, \"family\"?, \"version\"?, \"early_exit_layer\"?}}"
+                ),
+            );
+        }
+    };
+    let spec = TargetSpec {
+        family: load.family,
+        version: load.version,
+        model: load.model,
+        early_exit_layer: load.early_exit_layer,
+    };
+    let st = state.clone();
+    match tokio::task::spawn_blocking(move || st.load(&spec)).await {
+        Ok(Ok(t)) => json(StatusCode::CREATED, t.describe()),
+        Ok(Err(e)) => {
+            let status = if e.to_string().contains("already loaded") {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            error(status, format!("{e:#}"))
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn session_endpoint(state: Arc<State>, req: Request<Incoming>, header_ok: bool) -> Response<Body> {
+    let (out, body) = ChannelBody::new();
+    tokio::spawn(run_session(state, req.into_body(), header_ok, out));
+    Response::builder()
+        .header("content-type", "application/x-tandem-session")
+        .body(body.boxed())
+        .unwrap()
+}
+
+enum Event {
+    Msg(ClientMsg),
+    Bad(ProtocolError),
+}
+
+/// Sends frames to the client, counting bytes; false once the client is gone.
+#[derive(Clone)]
+struct Outbox {
+    tx: UnboundedSender<Bytes>,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbox {
+    fn send(&self, m: &ServerMsg) -> bool {
+        let f = m.to_frame();
+        self.metrics.add_bytes_out(f.len());
+        self.tx.send(Bytes::from(f)).is_ok()
+    }
+}
+
+async fn run_session(
+    state: Arc<State>,
+    mut body: Incoming,
+    header_ok: bool,
+    tx: UnboundedSender<Bytes>,
+) {
+    let out = Outbox {
+        tx,
+        metrics: state.metrics.clone(),
+    };
+    let fail = |e: SessionError| {
+        out.send(&e.to_msg());
+    };
+    let mut dec = FrameDecoder::new(state.config.limits.max_frame);
+    let hello = loop {
+        match dec.next_message::<ClientMsg>() {
+            Ok(Some(ClientMsg::Hello(h))) => break h,
+            Ok(Some(_)) => {
+                return fail(SessionError::new(
+                    ErrorCode::BadRequest,
+                    "the first message of a session must be Hello",
+                ));
+            }
+            Err(e) => return fail(SessionError::new(ErrorCode::Malformed, e.to_string())),
+            Ok(None) => match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        state.metrics.add_bytes_in(d.len());
+                        dec.push(&d);
+                    }
+                }
+                _ => return,
+            },
+        }
+    };
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let (session, slot) = match open_session(&state, &hello, header_ok).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(session = id, code = ?e.code, reason = %e.message, "session refused");
+            return fail(e);
+        }
+    };
+    let t = session.target().clone();
+    info!(session = id, target = %t.id(), temperature = hello.sampling.temperature,
+          max_tokens = session.max_tokens(), "session opened");
+    out.send(&ServerMsg::Accepted(Accepted {
+        family: t.family.clone(),
+        version: t.version.clone(),
+        early_exit_layer: t.early_exit_layer as u32,
+        max_context: session.max_context() as u32,
+        max_tokens: session.max_tokens() as u32,
+        max_draft: state.config.limits.max_draft as u32,
+        top_k: state.config.limits.top_k as u32,
+    }));
+    let (events, rx) = mpsc::channel();
+    let idle = state.config.limits.idle_timeout;
+    let worker_out = out.clone();
+    let mut worker = tokio::task::spawn_blocking(move || {
+        let r = session_loop(session, rx, &worker_out, idle);
+        drop(slot);
+        r
+    });
+    // Read frames and hand them to the worker in order, until the client ends the stream
+    // or the worker stops.
+    let mut summary = None;
+    'read: loop {
+        loop {
+            match dec.next_message::<ClientMsg>() {
+                Ok(Some(m)) => {
+                    if events.send(Event::Msg(m)).is_err() {
+                        break 'read;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = events.send(Event::Bad(e));
+                    break 'read;
+                }
+            }
+        }
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        state.metrics.add_bytes_in(d.len());
+                        dec.push(&d);
+                    }
+                }
+                Some(Err(_)) => break,
+                None => {
+                    if let Err(e) = dec.finish() {
+                        let _ = events.send(Event::Bad(e));
+                    }
+                    break;
+                }
+            },
+            done = &mut worker => {
+                summary = Some(done);
+                break 'read;
+            }
+        }
+    }
+    drop(events);
+    let summary = match summary {
+        Some(done) => done.ok(),
+        None => worker.await.ok(),
+    };
+    if let Some((rounds, reason)) = summary {
+        info!(session = id, target = %t.id(), rounds, reason, "session closed");
+    }
+}
+
+async fn open_session(
+    state: &Arc<State>,
+    hello: &Hello,
+    header_ok: bool,
+) -> Result<(Session, SessionSlot), SessionError> {
+    if !header_ok && !state.token_ok(hello.token.as_deref()) {
+        state.metrics.unauthorized();
+        return Err(SessionError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong bearer token: put a token from the server's --token-file in Hello or the Authorization header",
+        ));
+    }
+    let params = SamplingParams {
+        temperature: hello.sampling.temperature,
+        top_p: hello.sampling.top_p,
+        seed: hello.sampling.seed,
+    };
+    params
+        .validate()
+        .map_err(|e| SessionError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let slot = state
+        .enter()
+        .ok_or_else(|| SessionError::new(ErrorCode::Busy, state.busy_message()))?;
+    let st = state.clone();
+    let h = hello.clone();
+    let target = tokio::task::spawn_blocking(move || st.registry.pick(&h))
+        .await
+        .map_err(|e| SessionError::new(ErrorCode::Internal, e.to_string()))?
+        .map_err(|m| {
+            state.metrics.session_refused();
+            SessionError::new(ErrorCode::Incompatible, m)
+        })?;
+    let session = Session::new(
+        target,
+        params,
+        hello.max_tokens as usize,
+        state.config.limits,
+        state.metrics.clone(),
+    );
+    Ok((session, slot))
+}
+
+/// Runs a session's messages in order; returns the rounds served and why it ended.
+fn session_loop(
+    mut s: Session,
+    rx: mpsc::Receiver<Event>,
+    out: &Outbox,
+    idle: std::time::Duration,
+) -> (usize, &'static str) {
+    let mut queue = VecDeque::new();
+    let mut cancelled = HashSet::new();
+    let mut rounds = 0;
+    loop {
+        let ev = match queue.pop_front() {
+            Some(e) => e,
+            None => match rx.recv_timeout(idle) {
+                Ok(e) => e,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    out.send(&ServerMsg::Error {
+                        code: ErrorCode::LimitExceeded,
+                        message: format!(
+                            "no message for {} s: the session was closed",
+                            idle.as_secs()
+                        ),
+                    });
+                    return (rounds, "idle");
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return (rounds, "stream ended"),
+            },
+        };
+        let sent = match ev {
+            Event::Bad(e) => {
+                out.send(&SessionError::new(ErrorCode::Malformed, e.to_string()).to_msg());
+                return (rounds, "malformed frame");
+            }
+            Event::Msg(ClientMsg::Hello(_)) => {
+                out.send(
+                    &SessionError::new(ErrorCode::BadRequest, "Hello sent twice in one session")
+                        .to_msg(),
+                );
+                return (rounds, "bad request");
+            }
+            Event::Msg(ClientMsg::Prefill(tokens)) => match s.prefill(&tokens) {
+                Ok(first) => out.send(&ServerMsg::First(first)),
+                Err(e) => {
+                    out.send(&e.to_msg());
+                    return (rounds, "error");
+                }
+            },
+            Event::Msg(ClientMsg::Verify(v)) => {
+                // Cancels that already arrived apply to rounds not yet started.
+                while let Ok(e) = rx.try_recv() {
+                    match e {
+                        Event::Msg(ClientMsg::Cancel(r)) => {
+                            cancelled.insert(r);
+                        }
+                        other => queue.push_back(other),
+                    }
+                }
+                if cancelled.remove(&v.round) {
+                    continue;
+                }
+                let mut alive = true;
+                let result = s.verify(&v, &mut |m| alive &= out.send(&m));
+                match result {
+                    Ok(r) => {
+                        rounds += 1;
+                        alive && out.send(&ServerMsg::Result(r))
+                    }
+                    Err(e) => {
+                        out.send(&e.to_msg());
+                        return (rounds, "error");
+                    }
+                }
+            }
+            Event::Msg(ClientMsg::Cancel(r)) => {
+                if cancelled.len() < 1024 {
+                    cancelled.insert(r);
+                }
+                true
+            }
+            Event::Msg(ClientMsg::Close) => return (rounds, "closed by client"),
+        };
+        if !sent {
+            return (rounds, "client gone");
+        }
+    }
+}

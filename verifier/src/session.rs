@@ -1,0 +1,313 @@
+//! One generation session on the verifier: the target's KV cache, the committed history and
+//! the acceptance RNG. Synchronous; the server runs it on a blocking thread and feeds it
+//! messages in order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_core::accept::judge;
+use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult};
+use tandem_core::sampling::{Rng, SamplingParams, argmax, sample};
+use tandem_models::{KvCache, Rows};
+
+use crate::metrics::Metrics;
+use crate::registry::{Target, TargetUse};
+
+/// Limits that apply to every session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Concurrent sessions on the server (stream sessions and completions together).
+    pub max_sessions: usize,
+    /// Longest context (prompt + generated) of a session; capped by the model's own.
+    pub max_context: usize,
+    /// Tokens one session may generate.
+    pub max_tokens: usize,
+    /// Longest draft block.
+    pub max_draft: usize,
+    /// Entries in a rejection's top-K.
+    pub top_k: usize,
+    /// Largest frame the server decodes.
+    pub max_frame: usize,
+    /// A session with no message for this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 64,
+            max_context: 4096,
+            max_tokens: 2048,
+            max_draft: 32,
+            top_k: 32,
+            max_frame: tandem_core::protocol::MAX_FRAME,
+            idle_timeout: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// A failure to report to the client as an `Error` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionError {
+    /// Error code.
+    pub code: ErrorCode,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl SessionError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        SessionError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The error as a wire message.
+    pub fn to_msg(&self) -> ServerMsg {
+        ServerMsg::Error {
+            code: self.code,
+            message: self.message.clone(),
+        }
+    }
+}
+
+fn bad(message: impl Into<String>) -> SessionError {
+    SessionError::new(ErrorCode::BadRequest, message)
+}
+
+fn model_error(e: tandem_models::Error) -> SessionError {
+    use tandem_models::Error as E;
+    match e {
+        E::TokenOutOfRange { .. } => SessionError::new(ErrorCode::BadRequest, e.to_string()),
+        E::ContextExceeded { .. } => SessionError::new(ErrorCode::LimitExceeded, e.to_string()),
+        other => SessionError::new(ErrorCode::Internal, format!("target model failed: {other}")),
+    }
+}
+
+/// The verifier's state for one session.
+pub struct Session {
+    target: TargetUse,
+    cache: KvCache,
+    /// Committed tokens; when `pending` is set the last one is a placeholder for the
+    /// correction the client samples.
+    history: Vec<u32>,
+    pending: Option<Vec<u32>>,
+    params: SamplingParams,
+    rng: Rng,
+    limits: Limits,
+    max_context: usize,
+    max_tokens: usize,
+    generated: usize,
+    prefilled: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Session {
+    /// A session on `target`. `max_tokens` is what the client asked for (capped by the
+    /// server's limit).
+    pub fn new(
+        target: Arc<Target>,
+        params: SamplingParams,
+        max_tokens: usize,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let cache = target.model.new_cache();
+        let max_context = limits.max_context.min(target.model.config().context_length);
+        Session {
+            target: target.enter(),
+            cache,
+            history: Vec::new(),
+            pending: None,
+            rng: Rng::new(params.seed),
+            params,
+            limits,
+            max_context,
+            max_tokens: max_tokens.min(limits.max_tokens),
+            generated: 0,
+            prefilled: false,
+            metrics,
+        }
+    }
+
+    /// The target this session runs on.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target.0
+    }
+
+    /// Context length this session may reach.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Tokens this session may generate.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Runs the prompt and returns the first generated token.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<u32, SessionError> {
+        if self.prefilled {
+            return Err(bad(
+                "Prefill was already sent; a session has one prompt (open a new session to resume)",
+            ));
+        }
+        if tokens.is_empty() {
+            return Err(bad("Prefill needs at least one token"));
+        }
+        if tokens.len() + 1 > self.max_context {
+            return Err(SessionError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "prompt of {} tokens leaves no room in this session's context of {}",
+                    tokens.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        if self.max_tokens == 0 {
+            return Err(SessionError::new(
+                ErrorCode::LimitExceeded,
+                "max_tokens is 0: nothing to generate",
+            ));
+        }
+        let model = &self.target.0.model;
+        let logits = model
+            .forward_last(tokens, 0, &mut self.cache)
+            .map_err(model_error)?;
+        let first = sample(logits.last(), &self.params, &mut self.rng);
+        self.history = tokens.to_vec();
+        self.history.push(first);
+        self.generated = 1;
+        self.prefilled = true;
+        self.metrics.add_generated(1);
+        Ok(first)
+    }
+
+    /// Verifies one block; `hint` receives the early-exit predictions as soon as the exit
+    /// layer has been computed.
+    pub fn verify(
+        &mut self,
+        v: &Verify,
+        hint: &mut dyn FnMut(ServerMsg),
+    ) -> Result<VerifyResult, SessionError> {
+        if !self.prefilled {
+            return Err(bad("Verify before Prefill: send the prompt first"));
+        }
+        let pos = v.pos as usize;
+        if pos != self.history.len() {
+            return Err(bad(format!(
+                "Verify round {} starts at position {pos}, but the session has {} committed \
+                 tokens: the block must start right after them",
+                v.round,
+                self.history.len()
+            )));
+        }
+        match &self.pending {
+            Some(ids) if !ids.contains(&v.prev) => {
+                return Err(bad(format!(
+                    "correction token {} at position {} is not among the top-K ids sent",
+                    v.prev,
+                    pos - 1
+                )));
+            }
+            None if self.history[pos - 1] != v.prev => {
+                return Err(bad(format!(
+                    "prev token {} differs from the committed token {} at position {}",
+                    v.prev,
+                    self.history[pos - 1],
+                    pos - 1
+                )));
+            }
+            _ => {}
+        }
+        let gamma = v.tokens.len();
+        if gamma > self.limits.max_draft {
+            return Err(SessionError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "draft of {gamma} tokens exceeds this server's limit of {}",
+                    self.limits.max_draft
+                ),
+            ));
+        }
+        if self.generated >= self.max_tokens {
+            return Err(SessionError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the session has generated its {} tokens (max_tokens); open a new session",
+                    self.max_tokens
+                ),
+            ));
+        }
+        if pos + gamma + 1 > self.max_context {
+            return Err(SessionError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a block of {gamma} at position {pos} would pass this session's context of {} tokens",
+                    self.max_context
+                ),
+            ));
+        }
+        let started = Instant::now();
+        let target = self.target.0.clone();
+        let model = &target.model;
+        let mut input = Vec::with_capacity(gamma + 1);
+        input.push(v.prev);
+        input.extend_from_slice(&v.tokens);
+        let exit = target.early_exit_layer;
+        let exits: &[usize] = if exit > 0 { &[exit] } else { &[] };
+        let round = v.round;
+        let logits = model
+            .forward_with_exits(
+                &input,
+                pos - 1,
+                &mut self.cache,
+                Rows::All,
+                exits,
+                &mut |e| {
+                    let tokens = (0..e.logits.rows())
+                        .map(|i| argmax(e.logits.row(i)))
+                        .collect();
+                    hint(ServerMsg::Hint { round, tokens });
+                },
+            )
+            .map_err(model_error)?;
+        let verdict = judge(
+            &v.tokens,
+            &v.q,
+            |i| logits.row(i),
+            &self.params,
+            &mut self.rng,
+            self.limits.top_k,
+        );
+        let n = verdict.accepted;
+        self.history.truncate(pos);
+        self.history[pos - 1] = v.prev;
+        self.history.extend_from_slice(&v.tokens[..n]);
+        match &verdict.outcome {
+            Outcome::Token(t) => {
+                self.history.push(*t);
+                self.pending = None;
+            }
+            Outcome::Residual(top) => {
+                self.history.push(u32::MAX);
+                self.pending = Some(top.iter().map(|e| e.0).collect());
+            }
+        }
+        self.cache.truncate(pos + n);
+        self.generated += n + 1;
+        self.metrics.record_round(gamma, n, started.elapsed());
+        Ok(VerifyResult {
+            round,
+            accepted: n as u32,
+            outcome: verdict.outcome,
+        })
+    }
+
+    /// Bytes held by this session's KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.size_bytes()
+    }
+}

@@ -1,0 +1,329 @@
+//! The verifier end to end: a real server on 127.0.0.1 running real SmolLM2-135M, driven by
+//! a scripted client that drafts with a split-backbone drafter.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tandem_core::protocol::{ClientMsg, ErrorCode, Message, ServerMsg, Verify};
+use tandem_core::sampling::SamplingParams;
+use tandem_verifier::{Endpoint, Limits, ServerConfig, SessionClient};
+
+fn greedy() -> SamplingParams {
+    SamplingParams::default()
+}
+
+fn config_with_exit(layer: usize) -> ServerConfig {
+    ServerConfig {
+        early_exit_layer: Some(layer),
+        ..ServerConfig::default()
+    }
+}
+
+/// The session's messages until the server ends the stream.
+async fn drain(c: &mut SessionClient) -> Vec<ServerMsg> {
+    let mut v = Vec::new();
+    while let Ok(Some(m)) = c.recv().await {
+        v.push(m);
+    }
+    v
+}
+
+fn error_code(msgs: &[ServerMsg]) -> Option<(ErrorCode, String)> {
+    msgs.iter().find_map(|m| match m {
+        ServerMsg::Error { code, message } => Some((*code, message.clone())),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_greedy_output_equals_target_only() {
+    let srv = server(config_with_exit(24), &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let n = 40;
+    let mut accepted = 0;
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let ids = tokenizer().encode(prompt).unwrap();
+        let want = target_only(&ids, n);
+        for gamma in [0, 1, 4] {
+            let run = speculative(&ep, hello(greedy(), 64), &ids, n, gamma, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                run.tokens,
+                want,
+                "prompt {i}, γ={gamma}: speculative output differs from target-only\n got: {:?}\nwant: {:?}",
+                tokenizer().decode(&run.tokens),
+                tokenizer().decode(&want)
+            );
+            // Every round streams one hint of γ+1 tokens before its result.
+            assert_eq!(run.hints, run.rounds, "prompt {i}, γ={gamma}");
+            assert_eq!(run.bad_hints, 0);
+            assert_eq!(run.accepted.as_ref().unwrap().early_exit_layer, 24);
+            if gamma == 0 {
+                // Cloud autoregressive: one round trip per token after the first.
+                assert_eq!(run.rounds, n - 1);
+            }
+            accepted += run.accepted_drafts;
+        }
+    }
+    assert!(accepted > 0, "the drafter never had a token accepted");
+    let metrics = srv.state.metrics.render();
+    assert!(metrics.contains("tandem_rounds_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_sessions_are_reproducible_for_a_seed() {
+    let srv = server(ServerConfig::default(), &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let ids = tokenizer().encode(PROMPTS[1]).unwrap();
+    let params = |seed| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+    };
+    let a = speculative(&ep, hello(params(7), 64), &ids, 24, 3, None)
+        .await
+        .unwrap();
+    let b = speculative(&ep, hello(params(7), 64), &ids, 24, 3, None)
+        .await
+        .unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seeds must give the same text");
+    assert!(a.rounds > 0);
+    let vocab = target().config().vocab_size as u32;
+    assert!(a.tokens.iter().all(|&t| t < vocab));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_keeps_running_sessions_and_serves_new_ones_on_the_new_version() {
+    let smol = smol();
+    let v1 = format!("smol@1={}", smol.display());
+    let srv = server(ServerConfig::default(), &[&v1]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let barrier = Arc::new(tokio::sync::Barrier::new(5));
+    let n = 24;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let ep = ep.clone();
+        let b = barrier.clone();
+        let ids = tokenizer().encode(PROMPTS[i % PROMPTS.len()]).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let run = speculative(&ep, hello(greedy(), 64), &ids, n, 2, Some(b))
+                .await
+                .unwrap();
+            (ids, run)
+        }));
+    }
+    // All four are mid-generation: load version 2 and retire version 1.
+    barrier.wait().await;
+    let state = srv.state.clone();
+    let spec = format!("smol@2={}", smol.display()).parse().unwrap();
+    tokio::task::spawn_blocking(move || state.load(&spec))
+        .await
+        .unwrap()
+        .unwrap();
+    let old = srv.state.registry.retire("smol", "1").unwrap();
+    assert_eq!(
+        old.active_sessions(),
+        4,
+        "the retired version still serves its 4 sessions"
+    );
+    barrier.wait().await;
+    for t in tasks {
+        let (ids, run) = t.await.unwrap();
+        assert_eq!(run.accepted.unwrap().version, "1");
+        assert_eq!(run.tokens, target_only(&ids, n));
+    }
+    // Sessions end asynchronously after Close; then nothing holds the old version.
+    for _ in 0..300 {
+        if old.active_sessions() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(old.active_sessions(), 0);
+    let ids = tokenizer().encode(PROMPTS[0]).unwrap();
+    let run = speculative(&ep, hello(greedy(), 64), &ids, 8, 2, None)
+        .await
+        .unwrap();
+    assert_eq!(run.accepted.unwrap().version, "2");
+    assert_eq!(run.tokens, target_only(&ids, 8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_an_error_and_others_keep_being_served() {
+    let srv = server(ServerConfig::default(), &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let ids = tokenizer().encode(PROMPTS[1]).unwrap();
+    // A good session opened before the bad ones, finished after them.
+    let mut good = SessionClient::connect(&ep).await.unwrap();
+    good.send(&ClientMsg::Hello(hello(greedy(), 64))).unwrap();
+    good.send(&ClientMsg::Prefill(ids.clone())).unwrap();
+    assert!(matches!(
+        good.recv().await.unwrap(),
+        Some(ServerMsg::Accepted(_))
+    ));
+    let first = match good.recv().await.unwrap() {
+        Some(ServerMsg::First(t)) => t,
+        other => panic!("{other:?}"),
+    };
+
+    let hello_frame = ClientMsg::Hello(hello(greedy(), 64)).to_frame();
+    let mut unknown = ClientMsg::Close.to_frame();
+    unknown[5] = 0x42;
+    let mut version = ClientMsg::Close.to_frame();
+    version[4] = 99;
+    let oversized = u32::MAX.to_le_bytes().to_vec();
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("unknown type", vec![unknown.clone()]),
+        ("wrong version", vec![version]),
+        ("oversized", vec![oversized]),
+        (
+            "unknown type after Hello",
+            vec![hello_frame.clone(), unknown],
+        ),
+        ("garbage", vec![vec![3, 0, 0, 0, 1, 0x02, 0xff]]),
+        ("Verify before Hello", vec![ClientMsg::Cancel(1).to_frame()]),
+    ];
+    for (what, frames) in cases {
+        let mut c = SessionClient::connect(&ep).await.unwrap();
+        for f in frames {
+            c.send_raw(f).unwrap();
+        }
+        let msgs = tokio::time::timeout(Duration::from_secs(60), drain(&mut c))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the server did not end the stream"));
+        let (code, message) = error_code(&msgs).unwrap_or_else(|| panic!("{what}: {msgs:?}"));
+        assert!(
+            matches!(code, ErrorCode::Malformed | ErrorCode::BadRequest),
+            "{what}: {code:?} {message}"
+        );
+    }
+    // A stream cut inside a frame.
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send_raw(hello_frame[..10].to_vec()).unwrap();
+    c.finish();
+    let msgs = drain(&mut c).await;
+    assert!(msgs.iter().all(|m| !matches!(m, ServerMsg::Accepted(_))));
+
+    // Bad requests inside a valid session: wrong position, oversized draft.
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(hello(greedy(), 64))).unwrap();
+    c.send(&ClientMsg::Prefill(ids.clone())).unwrap();
+    c.send(&ClientMsg::Verify(Verify {
+        round: 0,
+        pos: 3,
+        prev: 0,
+        tokens: vec![],
+        q: vec![],
+    }))
+    .unwrap();
+    let msgs = drain(&mut c).await;
+    let (code, message) = error_code(&msgs).unwrap();
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("position 3"), "{message}");
+
+    // The good session still works.
+    let pos = ids.len() as u32 + 1;
+    good.send(&ClientMsg::Verify(Verify {
+        round: 0,
+        pos,
+        prev: first,
+        tokens: vec![],
+        q: vec![],
+    }))
+    .unwrap();
+    assert!(matches!(
+        good.recv().await.unwrap(),
+        Some(ServerMsg::Result(_))
+    ));
+    good.send(&ClientMsg::Close).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incompatible_drafters_are_refused_with_what_differs() {
+    let srv = server(ServerConfig::default(), &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let mut h = hello(greedy(), 8);
+    h.tokenizer[0] ^= 1;
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(h)).unwrap();
+    let (code, message) = error_code(&drain(&mut c).await).unwrap();
+    assert_eq!(code, ErrorCode::Incompatible);
+    assert!(message.contains("tokenizer"), "{message}");
+
+    let mut h = hello(greedy(), 8);
+    h.backbone.as_mut().unwrap().fingerprint[0] ^= 1;
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(h)).unwrap();
+    let (code, message) = error_code(&drain(&mut c).await).unwrap();
+    assert_eq!(code, ErrorCode::Incompatible);
+    assert!(
+        message.contains("backbone") && message.contains("smollm2-135m@1"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_limit_and_release_when_the_client_disappears() {
+    let config = ServerConfig {
+        limits: Limits {
+            max_sessions: 1,
+            max_draft: 4,
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let ids = tokenizer().encode(PROMPTS[1]).unwrap();
+    let mut a = SessionClient::connect(&ep).await.unwrap();
+    a.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    a.send(&ClientMsg::Prefill(ids.clone())).unwrap();
+    assert!(matches!(
+        a.recv().await.unwrap(),
+        Some(ServerMsg::Accepted(_))
+    ));
+    assert!(matches!(a.recv().await.unwrap(), Some(ServerMsg::First(_))));
+
+    let mut b = SessionClient::connect(&ep).await.unwrap();
+    b.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    let (code, _) = error_code(&drain(&mut b).await).unwrap();
+    assert_eq!(code, ErrorCode::Busy);
+
+    // The client vanishes without Close: the session and its slot are released.
+    drop(a);
+    let state = srv.state.clone();
+    for _ in 0..300 {
+        if state.metrics.sessions_active() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state.metrics.sessions_active(), 0);
+
+    // A draft longer than the limit.
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    c.send(&ClientMsg::Prefill(ids.clone())).unwrap();
+    let first = loop {
+        match c.recv().await.unwrap() {
+            Some(ServerMsg::First(t)) => break t,
+            Some(ServerMsg::Accepted(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    c.send(&ClientMsg::Verify(Verify {
+        round: 0,
+        pos: ids.len() as u32 + 1,
+        prev: first,
+        tokens: vec![1; 5],
+        q: vec![1.0; 5],
+    }))
+    .unwrap();
+    let (code, message) = error_code(&drain(&mut c).await).unwrap();
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("limit of 4"), "{message}");
+}
