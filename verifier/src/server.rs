@@ -413,25 +413,43 @@ async fn run_session(
         out.send(&e.to_msg());
     };
     let mut dec = FrameDecoder::new(state.config.limits.max_frame);
-    let hello = loop {
-        match dec.next_message::<ClientMsg>() {
-            Ok(Some(ClientMsg::Hello(h))) => break h,
-            Ok(Some(_)) => {
-                return fail(SessionError::new(
-                    ErrorCode::BadRequest,
-                    "the first message of a session must be Hello",
-                ));
-            }
-            Err(e) => return fail(SessionError::new(ErrorCode::Malformed, e.to_string())),
-            Ok(None) => match body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        state.metrics.add_bytes_in(d.len());
-                        dec.push(&d);
-                    }
+    let idle = state.config.limits.idle_timeout;
+    let first = tokio::time::timeout(idle, async {
+        loop {
+            match dec.next_message::<ClientMsg>() {
+                Ok(Some(ClientMsg::Hello(h))) => return Ok(Some(h)),
+                Ok(Some(_)) => {
+                    return Err(SessionError::new(
+                        ErrorCode::BadRequest,
+                        "the first message of a session must be Hello",
+                    ));
                 }
-                _ => return,
-            },
+                Err(e) => return Err(SessionError::new(ErrorCode::Malformed, e.to_string())),
+                Ok(None) => match body.frame().await {
+                    Some(Ok(f)) => {
+                        if let Ok(d) = f.into_data() {
+                            state.metrics.add_bytes_in(d.len());
+                            dec.push(&d);
+                        }
+                    }
+                    _ => return Ok(None),
+                },
+            }
+        }
+    })
+    .await;
+    let hello = match first {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return fail(e),
+        Err(_) => {
+            return fail(SessionError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "no Hello within {} s: the session was closed",
+                    idle.as_secs()
+                ),
+            ));
         }
     };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
@@ -455,7 +473,6 @@ async fn run_session(
         top_k: state.config.limits.top_k as u32,
     }));
     let (events, rx) = mpsc::channel();
-    let idle = state.config.limits.idle_timeout;
     let worker_out = out.clone();
     let mut worker = tokio::task::spawn_blocking(move || {
         let r = session_loop(session, rx, &worker_out, idle);

@@ -327,3 +327,30 @@ async fn session_limit_and_release_when_the_client_disappears() {
     assert_eq!(code, ErrorCode::LimitExceeded);
     assert!(message.contains("limit of 4"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_closed_after_the_idle_timeout() {
+    let config = ServerConfig {
+        limits: Limits {
+            idle_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    // Silent before Hello.
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    let (code, message) = error_code(&drain(&mut c).await).unwrap();
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("no Hello"), "{message}");
+    // Silent after Hello.
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    let msgs = drain(&mut c).await;
+    assert!(matches!(msgs[0], ServerMsg::Accepted(_)), "{msgs:?}");
+    let (code, message) = error_code(&msgs).unwrap();
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("no message"), "{message}");
+    assert_eq!(srv.state.metrics.sessions_active(), 0);
+}
