@@ -166,6 +166,9 @@ pub struct VerifyResult {
     pub accepted: u32,
     /// What follows the accepted prefix.
     pub outcome: Outcome,
+    /// The verifier's time for the round (forward and judging), microseconds: lets the
+    /// client tell the link's round trip from the verifier's work.
+    pub verify_us: u32,
 }
 
 /// Error codes of [`ServerMsg::Error`].
@@ -529,7 +532,7 @@ impl Message for ServerMsg {
             }
             ServerMsg::Result(res) => {
                 let mut w = Writer::frame(out, ty::RESULT);
-                w.u32(res.round).u32(res.accepted);
+                w.u32(res.round).u32(res.accepted).u32(res.verify_us);
                 match &res.outcome {
                     Outcome::Token(t) => {
                         w.u8(0).u32(*t);
@@ -577,6 +580,7 @@ impl Message for ServerMsg {
                 r.message = "Result";
                 let round = r.u32()?;
                 let accepted = r.u32()?;
+                let verify_us = r.u32()?;
                 let outcome = match r.u8()? {
                     0 => Outcome::Token(r.u32()?),
                     1 => {
@@ -592,6 +596,7 @@ impl Message for ServerMsg {
                     round,
                     accepted,
                     outcome,
+                    verify_us,
                 })
             }
             ty::ERROR => {
@@ -767,11 +772,13 @@ mod tests {
                 round: 2,
                 accepted: 4,
                 outcome: Outcome::Token(77),
+                verify_us: 1234,
             }),
             ServerMsg::Result(VerifyResult {
                 round: 3,
                 accepted: 1,
                 outcome: Outcome::Residual(vec![(5, 0.5), (6, 0.25)]),
+                verify_us: 0,
             }),
             ServerMsg::Error {
                 code: ErrorCode::Incompatible,

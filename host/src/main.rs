@@ -1,7 +1,11 @@
-//! `tandem`: the edge host. Today: the `models` subcommands (catalog, fetch, split,
-//! fingerprint, local generation).
+//! `tandem`: the edge host. Runs the drafter component (wasmtime, wasi:nn backends) against
+//! a verifier, and the `models` subcommands (catalog, fetch, split, fingerprint, local
+//! generation).
 
+mod component;
+mod generate;
 mod models_cmd;
+mod nn;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +19,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text with speculative decoding: the drafter component drafts on this
+    /// device, a verifier checks the drafts.
+    Generate(generate::GenerateArgs),
     /// Model catalog, fetching, backbone split, fingerprints and local generation.
     Models {
         #[command(subcommand)]
@@ -26,6 +33,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models { command } => models_cmd::run(command),
+        Command::Generate(args) => generate::run(&args, &mut std::io::stdout()).map(|s| {
+            eprintln!("{}", s.line());
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -111,6 +111,18 @@ pub fn tokenizer_fingerprint(content: &Content) -> TokenizerFingerprint {
     TokenizerFingerprint(h.finalize().into())
 }
 
+/// The backbone size a split drafter declares (`tandem.backbone.layers`); `None` for a
+/// file that is not a split drafter.
+pub fn declared_split(path: impl AsRef<Path>) -> Result<Option<usize>> {
+    let path = path.as_ref();
+    let (content, _) = open(path)?;
+    if content.metadata.contains_key(BACKBONE_LAYERS_KEY) {
+        Ok(Some(declared_backbone_layers(&content, path)?))
+    } else {
+        Ok(None)
+    }
+}
+
 /// The tokenizer fingerprint of a GGUF file (reads its metadata only).
 pub fn tokenizer_fingerprint_of(path: impl AsRef<Path>) -> Result<TokenizerFingerprint> {
     let (content, _) = open(path.as_ref())?;

@@ -38,6 +38,69 @@ impl Endpoint {
     }
 }
 
+/// The sending half of a split session stream.
+#[derive(Clone)]
+pub struct SessionSender {
+    tx: mpsc::UnboundedSender<Bytes>,
+    bytes_up: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SessionSender {
+    /// Sends one message.
+    pub fn send(&self, msg: &ClientMsg) -> anyhow::Result<()> {
+        let f = msg.to_frame();
+        self.bytes_up
+            .fetch_add(f.len(), std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Bytes::from(f))
+            .map_err(|_| anyhow::anyhow!("the session stream to the verifier is closed"))
+    }
+
+    /// Bytes sent so far.
+    pub fn bytes_up(&self) -> usize {
+        self.bytes_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The receiving half of a split session stream.
+pub struct SessionReceiver {
+    body: Incoming,
+    decoder: FrameDecoder,
+    /// Bytes received so far.
+    pub bytes_down: usize,
+}
+
+impl SessionReceiver {
+    /// The next message, or `None` when the server ended the stream.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<ServerMsg>> {
+        recv_into(&mut self.body, &mut self.decoder, &mut self.bytes_down).await
+    }
+}
+
+async fn recv_into(
+    body: &mut Incoming,
+    decoder: &mut FrameDecoder,
+    bytes_down: &mut usize,
+) -> anyhow::Result<Option<ServerMsg>> {
+    loop {
+        if let Some(m) = decoder.next_message::<ServerMsg>()? {
+            return Ok(Some(m));
+        }
+        match body.frame().await {
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    *bytes_down += data.len();
+                    decoder.push(&data);
+                }
+            }
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
 /// An open session stream.
 pub struct SessionClient {
     tx: mpsc::UnboundedSender<Bytes>,
@@ -144,22 +207,21 @@ impl SessionClient {
 
     /// The next message, or `None` when the server ended the stream.
     pub async fn recv(&mut self) -> anyhow::Result<Option<ServerMsg>> {
-        loop {
-            if let Some(m) = self.decoder.next_message::<ServerMsg>()? {
-                return Ok(Some(m));
-            }
-            match self.body.frame().await {
-                Some(frame) => {
-                    if let Ok(data) = frame?.into_data() {
-                        self.bytes_down += data.len();
-                        self.decoder.push(&data);
-                    }
-                }
-                None => {
-                    self.decoder.finish()?;
-                    return Ok(None);
-                }
-            }
-        }
+        recv_into(&mut self.body, &mut self.decoder, &mut self.bytes_down).await
+    }
+
+    /// Splits into a sender (cloneable, usable from any thread) and a receiver.
+    pub fn split(self) -> (SessionSender, SessionReceiver) {
+        (
+            SessionSender {
+                tx: self.tx,
+                bytes_up: std::sync::Arc::new(self.bytes_up.into()),
+            },
+            SessionReceiver {
+                body: self.body,
+                decoder: self.decoder,
+                bytes_down: self.bytes_down,
+            },
+        )
     }
 }

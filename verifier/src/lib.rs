@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod shaper;
 
 pub use client::{Endpoint, SessionClient};
 pub use registry::{Registry, Target, TargetSpec};

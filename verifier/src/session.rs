@@ -298,11 +298,13 @@ impl Session {
         }
         self.cache.truncate(pos + n);
         self.generated += n + 1;
-        self.metrics.record_round(gamma, n, started.elapsed());
+        let took = started.elapsed();
+        self.metrics.record_round(gamma, n, took);
         Ok(VerifyResult {
             round,
             accepted: n as u32,
             outcome: verdict.outcome,
+            verify_us: took.as_micros().min(u32::MAX as u128) as u32,
         })
     }
 

@@ -1,0 +1,192 @@
+//! The speculation policy: picks the draft length γ that maximises expected tokens per
+//! second, from the measured acceptance rate, draft step time, RTT, verify time, bandwidth
+//! and energy (DESIGN.md: E(γ) = (1 − α^(γ+1)) / (1 − α) tokens per round).
+
+/// Measurements the policy works from.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Decayed count of accepted draft positions.
+    accepted: f64,
+    /// Decayed count of judged draft positions.
+    trials: f64,
+    /// Draft step time, ms.
+    pub draft_ms: f64,
+    /// Link round trip, ms.
+    pub rtt_ms: f64,
+    /// Verifier time per round, ms.
+    pub verify_ms: f64,
+    /// Uplink bits per second (0 = unknown: no transfer cost).
+    pub bandwidth_bps: f64,
+    /// Energy per draft step, joules (0 = unknown).
+    pub step_joules: f64,
+}
+
+/// How much one round's evidence weighs against older rounds.
+const DECAY: f64 = 0.95;
+/// Prior: as if 1 of 2 positions had been accepted.
+const PRIOR_ACCEPTED: f64 = 1.0;
+const PRIOR_TRIALS: f64 = 2.0;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            accepted: 0.0,
+            trials: 0.0,
+            draft_ms: 10.0,
+            rtt_ms: 50.0,
+            verify_ms: 50.0,
+            bandwidth_bps: 0.0,
+            step_joules: 0.0,
+        }
+    }
+}
+
+/// Expected committed tokens per round with acceptance `alpha` and `gamma` drafts.
+pub fn expected_tokens(alpha: f64, gamma: usize) -> f64 {
+    if alpha >= 1.0 - 1e-9 {
+        return gamma as f64 + 1.0;
+    }
+    (1.0 - alpha.powi(gamma as i32 + 1)) / (1.0 - alpha)
+}
+
+impl Policy {
+    /// The acceptance-rate estimate.
+    pub fn alpha(&self) -> f64 {
+        ((self.accepted + PRIOR_ACCEPTED) / (self.trials + PRIOR_TRIALS)).clamp(0.0, 0.999)
+    }
+
+    /// Records a round: `accepted` of `gamma` drafts.
+    pub fn observe_round(&mut self, gamma: usize, accepted: usize) {
+        if gamma == 0 {
+            return;
+        }
+        // Positions judged: the accepted ones, plus the rejected one if any.
+        let trials = accepted + usize::from(accepted < gamma);
+        self.accepted = self.accepted * DECAY + accepted as f64;
+        self.trials = self.trials * DECAY + trials as f64;
+    }
+
+    /// Uplink time of a block of `gamma` drafts, ms (frame ≈ 22 + 8γ bytes).
+    fn transfer_ms(&self, gamma: usize) -> f64 {
+        if self.bandwidth_bps <= 0.0 {
+            return 0.0;
+        }
+        (22.0 + 8.0 * gamma as f64) * 8.0 / self.bandwidth_bps * 1000.0
+    }
+
+    /// Expected time of one round with `gamma` drafts, ms.
+    pub fn round_ms(&self, gamma: usize, pipelined: bool) -> f64 {
+        let draft = gamma as f64 * self.draft_ms;
+        let wire = self.rtt_ms + self.verify_ms + self.transfer_ms(gamma);
+        if !pipelined || gamma == 0 {
+            return draft + wire;
+        }
+        // Drafting of the next block overlaps the flight of this one, but that work only
+        // survives when the whole block and the guessed next token are accepted.
+        let keep = self.alpha().powi(gamma as i32 + 1);
+        keep * draft.max(wire) + (1.0 - keep) * (draft + wire)
+    }
+
+    /// Expected tokens per second with `gamma` drafts.
+    pub fn throughput(&self, gamma: usize, pipelined: bool) -> f64 {
+        expected_tokens(self.alpha(), gamma) / self.round_ms(gamma, pipelined).max(1e-6) * 1000.0
+    }
+
+    /// Drafting energy per generated token with `gamma` drafts, joules.
+    pub fn joules_per_token(&self, gamma: usize) -> f64 {
+        gamma as f64 * self.step_joules / expected_tokens(self.alpha(), gamma)
+    }
+
+    /// The γ in 0..=max_draft with the best expected throughput whose energy per token is
+    /// within `budget`; 0 (plain cloud decoding) when no drafting pays.
+    pub fn choose(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
+        let mut best = (0, self.throughput(0, pipelined));
+        for g in 1..=max_draft {
+            if let Some(b) = budget
+                && self.joules_per_token(g) > b
+            {
+                continue;
+            }
+            let t = self.throughput(g, pipelined);
+            // Prefer shorter blocks unless longer ones are clearly better.
+            if t > best.1 * 1.01 {
+                best = (g, t);
+            }
+        }
+        best.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(alpha_rounds: (usize, usize), rtt: f64) -> Policy {
+        let mut p = Policy {
+            draft_ms: 10.0,
+            rtt_ms: rtt,
+            verify_ms: 40.0,
+            ..Policy::default()
+        };
+        // Feed rounds of 4 drafts with the given accepted count.
+        for _ in 0..alpha_rounds.0 {
+            p.observe_round(4, alpha_rounds.1);
+        }
+        p
+    }
+
+    #[test]
+    fn expected_tokens_matches_the_formula() {
+        assert!((expected_tokens(0.8, 4) - (1.0 - 0.8f64.powi(5)) / 0.2).abs() < 1e-12);
+        assert_eq!(expected_tokens(0.0, 7), 1.0);
+        assert_eq!(expected_tokens(1.0, 3), 4.0);
+    }
+
+    #[test]
+    fn gamma_grows_with_rtt() {
+        let mut last = 0;
+        for rtt in [0.0, 20.0, 50.0, 100.0, 200.0, 300.0] {
+            let g = policy((30, 3), rtt).choose(16, false, None);
+            assert!(g >= last, "rtt {rtt}: γ {g} < {last}");
+            last = g;
+        }
+        assert!(last > policy((30, 3), 0.0).choose(16, false, None));
+    }
+
+    #[test]
+    fn gamma_shrinks_when_acceptance_drops_and_is_zero_when_nothing_is_accepted() {
+        let good = policy((30, 4), 100.0).choose(16, true, None);
+        let fair = policy((30, 2), 100.0).choose(16, true, None);
+        let none = policy((30, 0), 100.0).choose(16, true, None);
+        assert!(good > fair, "{good} vs {fair}");
+        assert!(fair > none, "{fair} vs {none}");
+        assert_eq!(none, 0, "a drafter that is never accepted must not draft");
+        // Acceptance that recovers brings drafting back.
+        let mut p = policy((30, 0), 100.0);
+        for _ in 0..30 {
+            p.observe_round(4, 4);
+        }
+        assert!(p.choose(16, true, None) > 0);
+    }
+
+    #[test]
+    fn energy_budget_is_respected() {
+        let mut p = policy((30, 3), 200.0);
+        p.step_joules = 0.5;
+        let free = p.choose(16, false, None);
+        let budget = 0.6;
+        let tight = p.choose(16, false, Some(budget));
+        assert!(tight < free, "{tight} vs {free}");
+        assert!(p.joules_per_token(tight) <= budget);
+        // A budget too small for any drafting: plain cloud decoding.
+        assert_eq!(p.choose(16, false, Some(0.01)), 0);
+    }
+
+    #[test]
+    fn slow_links_make_long_blocks_cost_more() {
+        let mut p = policy((30, 3), 50.0);
+        let fast = p.choose(16, false, None);
+        p.bandwidth_bps = 2_000.0; // 2 kbit/s: each draft costs 32 ms on the wire
+        assert!(p.choose(16, false, None) < fast);
+    }
+}

@@ -1,0 +1,343 @@
+//! The drafter component in wasmtime: compiled once and cached, instantiated with memory and
+//! time limits, given WASI (no files, no network) and the host's wasi:nn.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_nn::wit::WasiNnCtx;
+
+use crate::nn::NamedGraphs;
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "tandem:drafter/drafter-host",
+});
+
+pub use exports::tandem::drafter::session_api as api;
+
+/// How much a guest may use.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestLimits {
+    /// Linear memory, bytes.
+    pub memory: usize,
+    /// Wall time of one call into the guest (including the draft-model compute it asks for).
+    pub call_timeout: Duration,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            memory: 256 << 20,
+            call_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Epoch ticks: one per 10 ms.
+const TICK: Duration = Duration::from_millis(10);
+
+struct Limiter {
+    max: usize,
+    denied: Arc<AtomicBool>,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            self.denied.store(true, Ordering::SeqCst);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// A store's data.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    nn: WasiNnCtx,
+    limiter: Limiter,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A compiled drafter component and the engine that runs it.
+pub struct Runtime {
+    engine: Engine,
+    component: Component,
+    linker: Linker<HostState>,
+    /// Whether the compiled form came from the cache (no compilation this time).
+    pub from_cache: bool,
+}
+
+fn engine() -> anyhow::Result<Engine> {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    if let Some(e) = ENGINE.get() {
+        return Ok(e.clone());
+    }
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let engine = Engine::new(&config).map_err(wt)?;
+    // One ticker for the process: the epoch moves every 10 ms.
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            while let Some(e) = weak.upgrade() {
+                e.increment_epoch();
+                drop(e);
+                std::thread::sleep(TICK);
+            }
+        })?;
+    Ok(ENGINE.get_or_init(|| engine).clone())
+}
+
+/// Where compiled components are cached: `$TANDEM_WASM_CACHE`, else next to the model cache.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_WASM_CACHE") {
+        return PathBuf::from(d);
+    }
+    tandem_models::fetch::cache_dir()
+        .parent()
+        .map(|p| p.join("wasm"))
+        .unwrap_or_else(|| PathBuf::from(".tandem-wasm-cache"))
+}
+
+impl Runtime {
+    /// Loads a drafter component: from the compiled cache when this exact file was compiled
+    /// before by this wasmtime, else compiles it and stores the result.
+    pub fn load(wasm: &Path) -> anyhow::Result<Runtime> {
+        let bytes = std::fs::read(wasm).with_context(|| {
+            format!(
+                "cannot read the drafter component {} (build it with `cargo build --profile wasm \
+                 -p tandem-guest-drafter --target wasm32-wasip2`)",
+                wasm.display()
+            )
+        })?;
+        let engine = engine()?;
+        let mut h = Sha256::new();
+        h.update(&bytes);
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut compat);
+        let key = format!(
+            "{}-{:016x}.cwasm",
+            &hex::encode(h.finalize())[..24],
+            std::hash::Hasher::finish(&compat)
+        );
+        let dir = cache_dir();
+        let cache_path = dir.join(key);
+        let mut from_cache = false;
+        let mut component = None;
+        if cache_path.exists() {
+            // SAFETY: the file was written by `Component::serialize` of this engine
+            // configuration (the name carries its compatibility hash) into our own cache
+            // directory; a file that fails to load is recompiled.
+            match unsafe { Component::deserialize_file(&engine, &cache_path) } {
+                Ok(c) => {
+                    component = Some(c);
+                    from_cache = true;
+                }
+                Err(e) => tracing_warn(&format!(
+                    "ignoring the cached compiled component {}: {e}",
+                    cache_path.display()
+                )),
+            }
+        }
+        let component = match component {
+            Some(c) => c,
+            None => {
+                let c = Component::from_binary(&engine, &bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is not a valid WebAssembly component: {e:#}",
+                        wasm.display()
+                    )
+                })?;
+                if let Ok(serialized) = c.serialize() {
+                    let _ = std::fs::create_dir_all(&dir);
+                    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+                    if std::fs::write(&tmp, serialized).is_ok() {
+                        let _ = std::fs::rename(&tmp, &cache_path);
+                    }
+                }
+                c
+            }
+        };
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wt)?;
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut HostState| {
+            wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
+        })
+        .map_err(wt)?;
+        Ok(Runtime {
+            engine,
+            component,
+            linker,
+            from_cache,
+        })
+    }
+}
+
+/// wasmtime's error as an anyhow error, keeping its message chain.
+fn wt(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
+}
+
+fn tracing_warn(msg: &str) {
+    eprintln!("tandem: warning: {msg}");
+}
+
+/// One drafter session inside its own store.
+pub struct Drafter {
+    store: Store<HostState>,
+    bindings: DrafterHost,
+    session: ResourceAny,
+    limits: GuestLimits,
+    denied: Arc<AtomicBool>,
+}
+
+impl Drafter {
+    /// Instantiates the component and opens a session with `config`.
+    pub fn new(
+        rt: &Runtime,
+        graphs: NamedGraphs,
+        config: &api::Config,
+        limits: GuestLimits,
+    ) -> anyhow::Result<Drafter> {
+        let denied = Arc::new(AtomicBool::new(false));
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().inherit_stderr().build(),
+            table: ResourceTable::new(),
+            nn: WasiNnCtx::new(crate::nn::backends(), graphs.into()),
+            limiter: Limiter {
+                max: limits.memory,
+                denied: denied.clone(),
+            },
+        };
+        let mut store = Store::new(&rt.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(limits.call_timeout));
+        let bindings = DrafterHost::instantiate(&mut store, &rt.component, &rt.linker)
+            .map_err(|e| explain(&denied, &limits, e))
+            .context("instantiating the drafter component")?;
+        let session = bindings
+            .tandem_drafter_session_api()
+            .session()
+            .call_constructor(&mut store, config)
+            .map_err(|e| explain(&denied, &limits, e))?;
+        Ok(Drafter {
+            store,
+            bindings,
+            session,
+            limits,
+            denied,
+        })
+    }
+
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&DrafterHost, &mut Store<HostState>) -> wasmtime::Result<T>,
+    ) -> anyhow::Result<T> {
+        self.store
+            .set_epoch_deadline(ticks(self.limits.call_timeout));
+        f(&self.bindings, &mut self.store).map_err(|e| explain(&self.denied, &self.limits, e))
+    }
+
+    fn guest<T>(
+        &mut self,
+        f: impl FnOnce(
+            &api::GuestSession,
+            &mut Store<HostState>,
+            ResourceAny,
+        ) -> wasmtime::Result<Result<T, String>>,
+    ) -> anyhow::Result<T> {
+        let session = self.session;
+        let r = self.call(|b, s| f(&b.tandem_drafter_session_api().session(), s, session))?;
+        r.map_err(|m| anyhow::anyhow!("drafter: {m}"))
+    }
+
+    /// Runs the prompt through the draft model.
+    pub fn prefill(&mut self, prompt: &[u32]) -> anyhow::Result<()> {
+        self.guest(|g, s, r| g.call_prefill(s, r, prompt))
+    }
+
+    /// Delivers an event.
+    pub fn handle(&mut self, ev: &api::Event) -> anyhow::Result<()> {
+        self.guest(|g, s, r| g.call_handle(s, r, ev))
+    }
+
+    /// One step.
+    pub fn step(&mut self) -> anyhow::Result<Vec<api::Action>> {
+        self.guest(|g, s, r| g.call_step(s, r))
+    }
+
+    /// Counters.
+    pub fn stats(&mut self) -> anyhow::Result<api::Stats> {
+        let session = self.session;
+        self.call(|b, s| {
+            b.tandem_drafter_session_api()
+                .session()
+                .call_stats(s, session)
+        })
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() / TICK.as_millis()).max(1) as u64
+}
+
+/// Turns a guest failure into an error that says what happened.
+fn explain(denied: &AtomicBool, limits: &GuestLimits, e: wasmtime::Error) -> anyhow::Error {
+    if denied.load(Ordering::SeqCst) {
+        return anyhow::anyhow!(
+            "the drafter component was stopped: it tried to grow its memory past the limit of \
+             {} MiB ({e})",
+            limits.memory >> 20
+        );
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => anyhow::anyhow!(
+            "the drafter component was stopped: one call ran longer than the limit of {:?}",
+            limits.call_timeout
+        ),
+        Some(t) => anyhow::anyhow!("the drafter component trapped: {t} ({e:#})"),
+        None => anyhow::anyhow!("the drafter component failed: {e:#}"),
+    }
+}
+
+impl Drop for Drafter {
+    fn drop(&mut self) {
+        if !self.denied.load(Ordering::SeqCst) {
+            let _ = self.session.resource_drop(&mut self.store);
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! `tandem generate`: the drafter component drafts, the verifier verifies, the host carries
+//! messages between them, measures the link and streams the text.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tandem_core::protocol::{
+    BackboneClaim, ClientMsg, Hello, Outcome, ServerMsg, Verify, WireSampling,
+};
+use tandem_core::sampling::SamplingParams;
+use tandem_models::{IncrementalDecoder, Model, Tokenizer};
+use tandem_verifier::{Endpoint, SessionClient};
+
+use crate::component::{Drafter, GuestLimits, Runtime, api};
+use crate::nn::{ComputeMeter, CpuGraph, NamedGraphs};
+
+/// How to work with the verifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Pipelined drafting, early hints, adaptive draft length.
+    Tandem,
+    /// Draft a block, wait for its result, repeat.
+    Sync,
+    /// No drafter: one round trip per token.
+    CloudAr,
+}
+
+/// Options of `tandem generate` (and the parts `tandem demo` reuses).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Verifier address: http://HOST:PORT (h2c) or https://HOST:PORT (TLS).
+    #[arg(long)]
+    pub verifier: String,
+    /// The drafter component (.wasm).
+    #[arg(long, default_value_os_t = default_drafter())]
+    pub drafter: PathBuf,
+    /// Draft model: catalog name or GGUF path.
+    #[arg(long)]
+    pub draft_model: String,
+    /// The prompt (raw text, no chat template).
+    #[arg(long)]
+    pub prompt: String,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of both samplers (drafter and verifier).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// tandem: pipelined + hints + adaptive γ; sync: draft then wait; cloud-ar: no drafting.
+    #[arg(long, value_enum, default_value_t = StrategyArg::Tandem)]
+    pub strategy: StrategyArg,
+    /// A fixed draft length instead of the policy's choice.
+    #[arg(long)]
+    pub gamma: Option<u32>,
+    /// Longest draft block (also capped by the verifier).
+    #[arg(long, default_value_t = 16)]
+    pub max_draft: u32,
+    /// Joules per generated token the device may spend drafting (needs --draft-watts).
+    #[arg(long)]
+    pub energy_budget: Option<f32>,
+    /// Power the device draws while drafting, watts: turns draft time into energy.
+    #[arg(long)]
+    pub draft_watts: Option<f32>,
+    /// Bearer token for the verifier.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// verifier.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Memory limit of the drafter component, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub guest_memory_mb: usize,
+    /// The wasi:nn name the draft model is registered under for the component.
+    #[arg(long, default_value = "draft")]
+    pub graph_name: String,
+    /// Time limit of one call into the drafter component, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub guest_timeout: f64,
+    /// Write the run's statistics as JSON here.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Do not print the generated text (statistics only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `target/wasm32-wasip2/wasm/tandem_guest_drafter.wasm` beside the running binary's target
+/// directory (where `cargo build --profile wasm` puts it), else that path relative to `.`.
+pub fn default_drafter() -> PathBuf {
+    let rel = Path::new("wasm32-wasip2/wasm/tandem_guest_drafter.wasm");
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(target) = exe.parent().and_then(|p| p.parent())
+    {
+        let p = target.join(rel);
+        if p.exists() {
+            return p;
+        }
+    }
+    Path::new("target").join(rel)
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunStats {
+    /// Strategy.
+    pub strategy: String,
+    /// Target family@version that verified.
+    pub target: String,
+    /// Generated tokens.
+    pub tokens: usize,
+    /// The generated token ids.
+    pub token_ids: Vec<u32>,
+    /// The generated text.
+    pub text: String,
+    /// Seconds from sending the prompt to the last token.
+    pub seconds: f64,
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Time to first token, seconds.
+    pub ttft_s: f64,
+    /// Verify rounds.
+    pub rounds: u32,
+    /// Draft tokens sent.
+    pub drafted: u32,
+    /// Draft tokens accepted.
+    pub accepted: u32,
+    /// Mean committed tokens per round (accepted + 1).
+    pub mean_per_round: f64,
+    /// Draft steps run while a block was in flight.
+    pub drafted_in_flight: u32,
+    /// Drafts kept by pipelining.
+    pub pipelined_kept: u32,
+    /// Hints received / used to redirect drafting / whose drafts were kept.
+    pub hints: u32,
+    /// Hints used.
+    pub hints_used: u32,
+    /// Hint drafts kept.
+    pub hint_kept: u32,
+    /// γ histogram.
+    pub gamma_counts: Vec<u32>,
+    /// Bytes up per generated token.
+    pub up_bytes_per_token: f64,
+    /// Bytes down per generated token.
+    pub down_bytes_per_token: f64,
+    /// Estimated link RTT, ms.
+    pub rtt_ms: f64,
+    /// Mean draft step, ms.
+    pub draft_ms: f64,
+    /// Whether the component's compiled form came from the cache.
+    pub component_cached: bool,
+}
+
+impl RunStats {
+    /// The one-line summary printed after the text.
+    pub fn line(&self) -> String {
+        let gammas: Vec<String> = self
+            .gamma_counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(g, c)| format!("{g}×{c}"))
+            .collect();
+        format!(
+            "[{}] {} tokens in {:.2} s: {:.1} tok/s, first token {:.0} ms | {:.2} tokens/round over {} rounds, {}/{} drafts accepted | γ {} | hints {} ({} used) | up {:.1} B/token, down {:.1} B/token | rtt ≈ {:.0} ms, draft step {:.1} ms",
+            self.strategy,
+            self.tokens,
+            self.seconds,
+            self.tokens_per_s,
+            self.ttft_s * 1000.0,
+            self.mean_per_round,
+            self.rounds,
+            self.accepted,
+            self.drafted,
+            if gammas.is_empty() {
+                "-".into()
+            } else {
+                gammas.join(" ")
+            },
+            self.hints,
+            self.hints_used,
+            self.up_bytes_per_token,
+            self.down_bytes_per_token,
+            self.rtt_ms,
+            self.draft_ms,
+        )
+    }
+}
+
+fn endpoint(args: &GenerateArgs) -> anyhow::Result<Endpoint> {
+    let (tls, rest) = if let Some(r) = args.verifier.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = args.verifier.strip_prefix("http://") {
+        (false, r)
+    } else {
+        (false, args.verifier.as_str())
+    };
+    let addr = rest.trim_end_matches('/').to_string();
+    if addr.is_empty() || !addr.contains(':') {
+        bail!(
+            "bad --verifier `{}`: expected http://HOST:PORT or https://HOST:PORT",
+            args.verifier
+        );
+    }
+    let tls = if tls {
+        let ca = args.tls_ca.clone().context(
+            "an https:// verifier needs --tls-ca FILE.pem (the CA that signed its certificate)",
+        )?;
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        Some((ca, host.trim_matches(['[', ']']).to_string()))
+    } else {
+        None
+    };
+    Ok(Endpoint {
+        addr,
+        tls,
+        bearer: args.token.clone(),
+    })
+}
+
+enum Incoming {
+    Msg(ServerMsg),
+    End,
+    Failed(String),
+}
+
+/// Runs one generation; streams text to `out` unless quiet.
+pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+    let ep = endpoint(args)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    params.validate()?;
+    let draft_path = tandem_models::fetch::resolve(&args.draft_model)
+        .with_context(|| format!("draft model `{}`", args.draft_model))?;
+    let runtime = Runtime::load(&args.drafter)?;
+    let tokenizer = Tokenizer::from_gguf(&draft_path)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let tok_fp = tandem_models::backbone::tokenizer_fingerprint_of(&draft_path)?;
+    let backbone = match tandem_models::backbone::declared_split(&draft_path)? {
+        Some(k) => {
+            let fp = tandem_models::backbone::fingerprints(&draft_path, Some(k))?;
+            Some(BackboneClaim {
+                layers: k as u32,
+                fingerprint: fp.backbone.0,
+            })
+        }
+        None => None,
+    };
+    let meter = Arc::new(ComputeMeter::default());
+    let mut graphs = NamedGraphs::default();
+    if args.strategy != StrategyArg::CloudAr {
+        let model = Arc::new(
+            Model::load(&draft_path)
+                .with_context(|| format!("loading the draft model {}", draft_path.display()))?,
+        );
+        graphs.insert(
+            args.graph_name.clone(),
+            Box::new(CpuGraph::new(model, meter.clone())),
+        );
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let client = rt.block_on(SessionClient::connect(&ep))?;
+    let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (tx, mut rx) = client.split();
+    let (ev_tx, ev_rx) = mpsc::channel::<(Instant, Incoming)>();
+    let down = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let down_r = down.clone();
+    rt.spawn(async move {
+        loop {
+            let m = rx.recv().await;
+            down_r.store(rx.bytes_down, std::sync::atomic::Ordering::Relaxed);
+            let (msg, end) = match m {
+                Ok(Some(m)) => (Incoming::Msg(m), false),
+                Ok(None) => (Incoming::End, true),
+                Err(e) => (Incoming::Failed(format!("{e:#}")), true),
+            };
+            if ev_tx.send((Instant::now(), msg)).is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let t0 = Instant::now();
+    tx.send(&ClientMsg::Hello(Hello {
+        tokenizer: tok_fp.0,
+        backbone,
+        family: None,
+        sampling: WireSampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        max_tokens: args.max_tokens,
+        token: args.token.clone(),
+    }))?;
+    tx.send(&ClientMsg::Prefill(prompt.clone()))?;
+    let wait_msg = |timeout: Duration| -> anyhow::Result<(Instant, ServerMsg)> {
+        match ev_rx.recv_timeout(timeout) {
+            Ok((t, Incoming::Msg(m))) => Ok((t, m)),
+            Ok((_, Incoming::End)) => bail!("the verifier closed the session"),
+            Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
+            Err(_) => bail!("no message from the verifier for {timeout:?}"),
+        }
+    };
+    let accepted = match wait_msg(Duration::from_secs(300))?.1 {
+        ServerMsg::Accepted(a) => a,
+        ServerMsg::Error { code, message } => bail!("the verifier refused: {code:?}: {message}"),
+        other => bail!("expected Accepted from the verifier, got {other:?}"),
+    };
+    let strategy = match args.strategy {
+        StrategyArg::Tandem => api::Strategy::Tandem,
+        StrategyArg::Sync => api::Strategy::Sync,
+        StrategyArg::CloudAr => api::Strategy::CloudAr,
+    };
+    let config = api::Config {
+        model: args.graph_name.clone(),
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        max_tokens: args.max_tokens.min(accepted.max_tokens),
+        eos: tokenizer.eos_tokens().to_vec(),
+        strategy,
+        fixed_gamma: args.gamma,
+        max_draft: args.max_draft.min(accepted.max_draft),
+        energy_budget: args.energy_budget,
+    };
+    let limits = GuestLimits {
+        memory: args.guest_memory_mb << 20,
+        call_timeout: Duration::from_secs_f64(args.guest_timeout),
+    };
+    let mut drafter = Drafter::new(&runtime, graphs, &config, limits)?;
+    // The draft model's prefill overlaps the verifier's.
+    drafter.prefill(&prompt)?;
+
+    let mut decoder = IncrementalDecoder::new();
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let mut ttft = None;
+    let mut sent_at: HashMap<u32, Instant> = HashMap::new();
+    let mut rtt_ms = connect_ms.max(0.01);
+    let mut rtt_seen = false;
+    let mut verify_ms = 0.0;
+    let (mut meter_calls, mut meter_time) = meter.totals();
+    let mut draft_ms = 0.0;
+    let watts = args.draft_watts.unwrap_or(0.0) as f64;
+    let mut energy_since = 0.0;
+
+    let deliver = |drafter: &mut Drafter,
+                   at: Instant,
+                   msg: ServerMsg,
+                   sent_at: &mut HashMap<u32, Instant>,
+                   rtt_ms: &mut f64,
+                   rtt_seen: &mut bool,
+                   verify_ms: &mut f64,
+                   draft_ms: f64,
+                   energy: &mut f64|
+     -> anyhow::Result<()> {
+        match msg {
+            ServerMsg::First(t) => drafter.handle(&api::Event::First(t)),
+            ServerMsg::Hint { round, tokens } => drafter.handle(&api::Event::Hint((round, tokens))),
+            ServerMsg::Result(r) => {
+                if let Some(s) = sent_at.remove(&r.round) {
+                    let round_ms = at.duration_since(s).as_secs_f64() * 1000.0;
+                    let v = r.verify_us as f64 / 1000.0;
+                    let link = (round_ms - v).max(0.0);
+                    // The link's RTT is the floor of round time minus verifier time.
+                    *rtt_ms = if *rtt_seen {
+                        rtt_ms.min(link) * 0.9 + link * 0.1
+                    } else {
+                        link
+                    };
+                    *rtt_seen = true;
+                    *verify_ms = if *verify_ms == 0.0 {
+                        v
+                    } else {
+                        *verify_ms * 0.8 + v * 0.2
+                    };
+                }
+                drafter.handle(&api::Event::Channel(api::ChannelSample {
+                    rtt_ms: *rtt_ms as f32,
+                    bandwidth_bps: 0.0,
+                    verify_ms: *verify_ms as f32,
+                    draft_ms: draft_ms as f32,
+                    energy_j: *energy as f32,
+                }))?;
+                *energy = 0.0;
+                let (token, residual) = match r.outcome {
+                    Outcome::Token(t) => (Some(t), Vec::new()),
+                    Outcome::Residual(top) => (None, top),
+                };
+                drafter.handle(&api::Event::Verdict(api::VerifyResult {
+                    round: r.round,
+                    accepted: r.accepted,
+                    token,
+                    residual,
+                }))
+            }
+            ServerMsg::Error { code, message } => bail!("verifier error {code:?}: {message}"),
+            ServerMsg::Accepted(_) => bail!("the verifier sent Accepted twice"),
+        }
+    };
+
+    let idle = Duration::from_secs(300);
+    'run: loop {
+        // Everything that arrived goes to the guest before its next step.
+        loop {
+            match ev_rx.try_recv() {
+                Ok((at, Incoming::Msg(m))) => deliver(
+                    &mut drafter,
+                    at,
+                    m,
+                    &mut sent_at,
+                    &mut rtt_ms,
+                    &mut rtt_seen,
+                    &mut verify_ms,
+                    draft_ms,
+                    &mut energy_since,
+                )?,
+                Ok((_, Incoming::End)) => bail!("the verifier closed the session early"),
+                Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
+                Err(_) => break,
+            }
+        }
+        let actions = drafter.step()?;
+        let (calls, time) = meter.totals();
+        if calls > meter_calls {
+            let step = (time - meter_time).as_secs_f64() * 1000.0 / (calls - meter_calls) as f64;
+            draft_ms = if draft_ms == 0.0 {
+                step
+            } else {
+                draft_ms * 0.8 + step * 0.2
+            };
+            energy_since += watts * (time - meter_time).as_secs_f64();
+            (meter_calls, meter_time) = (calls, time);
+        }
+        for a in actions {
+            match a {
+                api::Action::Send(b) => {
+                    sent_at.insert(b.round, Instant::now());
+                    tx.send(&ClientMsg::Verify(Verify {
+                        round: b.round,
+                        pos: b.pos,
+                        prev: b.prev,
+                        tokens: b.tokens,
+                        q: b.q,
+                    }))?;
+                }
+                api::Action::Emit(tokens) => {
+                    if ttft.is_none() {
+                        ttft = Some(t0.elapsed());
+                    }
+                    for t in tokens {
+                        ids.push(t);
+                        let piece = decoder.push(&tokenizer, t)?;
+                        if !args.quiet {
+                            out.write_all(piece.as_bytes())?;
+                            out.flush()?;
+                        }
+                        text.push_str(&piece);
+                    }
+                }
+                api::Action::Wait => {
+                    let (at, m) = wait_msg(idle)?;
+                    deliver(
+                        &mut drafter,
+                        at,
+                        m,
+                        &mut sent_at,
+                        &mut rtt_ms,
+                        &mut rtt_seen,
+                        &mut verify_ms,
+                        draft_ms,
+                        &mut energy_since,
+                    )?;
+                }
+                api::Action::Done => break 'run,
+            }
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let tail = decoder.finish(&tokenizer)?;
+    if !args.quiet {
+        out.write_all(tail.as_bytes())?;
+        writeln!(out)?;
+    }
+    text.push_str(&tail);
+    let _ = tx.send(&ClientMsg::Close);
+    let s = drafter.stats()?;
+    let n = ids.len().max(1) as f64;
+    // Let the reader record the last bytes.
+    std::thread::sleep(Duration::from_millis(5));
+    let stats = RunStats {
+        strategy: format!("{:?}", args.strategy)
+            .to_lowercase()
+            .replace("cloudar", "cloud-ar"),
+        target: format!("{}@{}", accepted.family, accepted.version),
+        tokens: ids.len(),
+        token_ids: ids.clone(),
+        text,
+        seconds,
+        tokens_per_s: ids.len() as f64 / seconds.max(1e-9),
+        ttft_s: ttft.unwrap_or_default().as_secs_f64(),
+        rounds: s.rounds,
+        drafted: s.drafted,
+        accepted: s.accepted,
+        mean_per_round: if s.rounds > 0 {
+            (s.accepted + s.rounds) as f64 / s.rounds as f64
+        } else {
+            0.0
+        },
+        drafted_in_flight: s.drafted_in_flight,
+        pipelined_kept: s.pipelined_kept,
+        hints: s.hints,
+        hints_used: s.hints_used,
+        hint_kept: s.hint_kept,
+        gamma_counts: s.gamma_counts,
+        up_bytes_per_token: tx.bytes_up() as f64 / n,
+        down_bytes_per_token: down.load(std::sync::atomic::Ordering::Relaxed) as f64 / n,
+        rtt_ms,
+        draft_ms,
+        component_cached: runtime.from_cache,
+    };
+    drop(drafter);
+    rt.shutdown_timeout(Duration::from_millis(100));
+    if let Some(p) = &args.stats_json {
+        std::fs::write(p, serde_json::to_string_pretty(&stats)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(stats)
+}

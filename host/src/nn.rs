@@ -1,0 +1,225 @@
+//! The host's wasi:nn backends for graph encoding `ggml`, in the shape of wasmtime-wasi-nn's
+//! backend traits (`BackendInner` loads graphs, `BackendGraph` makes execution contexts,
+//! `BackendExecutionContext` computes), so a GPU backend registers beside the CPU one.
+//!
+//! Named tensors (see `wit/drafter.wit`): inputs `tokens` (I32 [n]), `pos` (I64 [1]),
+//! optional `logits` (U8 [1] = 1); outputs `argmax` (I32 [1]) and, when asked, `logits`
+//! (FP32 [V], the last row).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_models::{KvCache, Model};
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
+    NamedTensor,
+};
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
+use wasmtime_wasi_nn::{Backend, ExecutionContext, Graph, GraphRegistry, Tensor};
+
+fn err(msg: impl Into<String>) -> BackendError {
+    BackendError::BackendAccess(wasmtime::Error::msg(msg.into()))
+}
+
+/// Time and calls spent in draft-model compute, shared with the host's driver.
+#[derive(Default, Debug)]
+pub struct ComputeMeter {
+    calls: std::sync::atomic::AtomicU64,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl ComputeMeter {
+    fn record(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        self.nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    /// (calls, total time) so far.
+    pub fn totals(&self) -> (u64, Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.calls.load(Relaxed),
+            Duration::from_nanos(self.nanos.load(Relaxed)),
+        )
+    }
+}
+
+/// The CPU backend: tandem-models natively.
+pub struct CpuBackend;
+
+impl BackendInner for CpuBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Ggml
+    }
+
+    fn load(&mut self, _: &[&[u8]], _: ExecutionTarget) -> Result<Graph, BackendError> {
+        Err(err(
+            "the ggml backend loads models by name (`load-by-name`): the host registers them \
+             with --draft-model",
+        ))
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        None
+    }
+}
+
+/// A draft model on the CPU.
+pub struct CpuGraph {
+    model: Arc<Model>,
+    meter: Arc<ComputeMeter>,
+}
+
+impl CpuGraph {
+    /// Wraps a loaded model.
+    pub fn new(model: Arc<Model>, meter: Arc<ComputeMeter>) -> Self {
+        CpuGraph { model, meter }
+    }
+}
+
+impl BackendGraph for CpuGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        let ctx: Box<dyn BackendExecutionContext> = Box::new(CpuContext {
+            model: self.model.clone(),
+            cache: self.model.new_cache(),
+            meter: self.meter.clone(),
+        });
+        Ok(ctx.into())
+    }
+}
+
+struct CpuContext {
+    model: Arc<Model>,
+    cache: KvCache,
+    meter: Arc<ComputeMeter>,
+}
+
+/// The decoded inputs of one compute call.
+pub struct DraftInputs {
+    /// Tokens to append.
+    pub tokens: Vec<u32>,
+    /// Position of the first.
+    pub pos: usize,
+    /// Whether the last row's logits are wanted.
+    pub want_logits: bool,
+}
+
+/// Decodes the named input tensors (shared by every ggml backend).
+pub fn decode_inputs(inputs: &[NamedTensor]) -> Result<DraftInputs, BackendError> {
+    let mut tokens = None;
+    let mut pos = None;
+    let mut want_logits = false;
+    for t in inputs {
+        let d = &t.tensor.data;
+        match (t.name.as_str(), t.tensor.ty) {
+            ("tokens", TensorType::I32) => {
+                if d.is_empty() || !d.len().is_multiple_of(4) {
+                    return Err(err("input `tokens` must hold at least one i32"));
+                }
+                let v = d
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                    .map(|x| u32::try_from(x).map_err(|_| err(format!("negative token id {x}"))))
+                    .collect::<Result<Vec<u32>, _>>()?;
+                tokens = Some(v);
+            }
+            ("pos", TensorType::I64) if d.len() == 8 => {
+                let p = i64::from_le_bytes(d[..8].try_into().unwrap());
+                pos = Some(usize::try_from(p).map_err(|_| err(format!("negative position {p}")))?);
+            }
+            ("logits", TensorType::U8) if d.len() == 1 => want_logits = d[0] != 0,
+            (name, ty) => {
+                return Err(err(format!(
+                    "unexpected input `{name}` of type {ty:?}: this graph takes `tokens` (I32 [n]), \
+                     `pos` (I64 [1]) and optionally `logits` (U8 [1])"
+                )));
+            }
+        }
+    }
+    Ok(DraftInputs {
+        tokens: tokens.ok_or_else(|| err("missing input `tokens`"))?,
+        pos: pos.ok_or_else(|| err("missing input `pos`"))?,
+        want_logits,
+    })
+}
+
+/// The named outputs for one row of logits.
+pub fn encode_outputs(last: &[f32], want_logits: bool) -> Vec<NamedTensor> {
+    let argmax = tandem_core::sampling::argmax(last) as i32;
+    let mut out = vec![NamedTensor {
+        name: "argmax".into(),
+        tensor: Tensor {
+            dimensions: vec![1],
+            ty: TensorType::I32,
+            data: argmax.to_le_bytes().to_vec(),
+        },
+    }];
+    if want_logits {
+        out.push(NamedTensor {
+            name: "logits".into(),
+            tensor: Tensor {
+                dimensions: vec![last.len() as u32],
+                ty: TensorType::Fp32,
+                data: last.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
+        });
+    }
+    out
+}
+
+impl BackendExecutionContext for CpuContext {
+    fn set_input(&mut self, _: Id, _: &Tensor) -> Result<(), BackendError> {
+        Err(err(
+            "set-input is not supported: pass named tensors to compute",
+        ))
+    }
+
+    fn get_output(&mut self, _: Id) -> Result<Tensor, BackendError> {
+        Err(err(
+            "get-output is not supported: compute returns named tensors",
+        ))
+    }
+
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
+        let d = decode_inputs(&inputs)?;
+        let started = Instant::now();
+        let logits = self
+            .model
+            .forward_last(&d.tokens, d.pos, &mut self.cache)
+            .map_err(|e| err(format!("draft model: {e}")))?;
+        self.meter.record(started.elapsed());
+        Ok(Some(encode_outputs(logits.last(), d.want_logits)))
+    }
+}
+
+/// Named graphs for `load-by-name`.
+#[derive(Default)]
+pub struct NamedGraphs(HashMap<String, Graph>);
+
+impl NamedGraphs {
+    /// Registers a graph under `name`.
+    pub fn insert(&mut self, name: impl Into<String>, graph: Box<dyn BackendGraph>) {
+        self.0.insert(name.into(), Graph::from(graph));
+    }
+}
+
+impl GraphRegistry for NamedGraphs {
+    fn get(&self, name: &str) -> Option<&Graph> {
+        self.0.get(name)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Graph> {
+        self.0.get_mut(name)
+    }
+}
+
+/// The backends the host offers.
+pub fn backends() -> Vec<Backend> {
+    vec![Backend::from(CpuBackend)]
+}

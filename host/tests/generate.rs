@@ -1,0 +1,400 @@
+//! `tandem generate` end to end: the real drafter component (built from guest-drafter),
+//! the `tandem` binary, and a real verifier on 127.0.0.1, all on SmolLM2-135M.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tandem_models::Model;
+use tandem_verifier::{RunningServer, ServerConfig, State, TargetSpec};
+
+const SMOL: &str = "smollm2-135m";
+const PROMPTS: [&str; 3] = [
+    "def fib(n):",
+    "The capital of France is",
+    "def is_palindrome(text: str):\n    \"\"\"\n    Checks if given string is a palindrome\n    \"\"\"\n",
+];
+
+fn smol() -> PathBuf {
+    tandem_models::fetch::resolve(SMOL).expect("run `bash ci/test`, which fetches the test models")
+}
+
+/// Builds the drafter component (or its hostile test variant) with cargo, once.
+fn guest(hostile: bool) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target_dir = if hostile {
+        root.join("target/hostile-guest")
+    } else {
+        root.join("target")
+    };
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args([
+        "build",
+        "--profile",
+        "wasm",
+        "-p",
+        "tandem-guest-drafter",
+        "--target",
+        "wasm32-wasip2",
+        "--target-dir",
+    ]);
+    cmd.arg(&target_dir);
+    if hostile {
+        cmd.args(["--features", "hostile"]);
+    }
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "building the drafter component failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    target_dir.join("wasm32-wasip2/wasm/tandem_guest_drafter.wasm")
+}
+
+/// A split-backbone drafter of SmolLM2 (first 26 of 30 blocks), made once.
+fn drafter_model() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join("host-smollm2-backbone-26.gguf");
+        let tmp = dir.join(format!(
+            "host-smollm2-backbone-26.{}.tmp",
+            std::process::id()
+        ));
+        tandem_models::backbone::split_backbone(smol(), 26, &tmp).unwrap();
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+}
+
+fn target_only(prompt: &str, n: usize) -> Vec<u32> {
+    static M: OnceLock<Model> = OnceLock::new();
+    let m = M.get_or_init(|| Model::load(smol()).unwrap());
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let ids = tok.encode(prompt).unwrap();
+    let mut cache = m.new_cache();
+    let mut logits = m.forward_last(&ids, 0, &mut cache).unwrap();
+    let mut out = Vec::new();
+    let mut pos = ids.len();
+    while out.len() < n {
+        let t = tandem_core::sampling::argmax(logits.last());
+        if tok.eos_tokens().contains(&t) {
+            break;
+        }
+        out.push(t);
+        logits = m.forward_last(&[t], pos, &mut cache).unwrap();
+        pos += 1;
+    }
+    out
+}
+
+/// A verifier on 127.0.0.1 inside its own runtime.
+struct Verifier {
+    rt: tokio::runtime::Runtime,
+    srv: Option<RunningServer>,
+    url: String,
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        let _g = self.rt.enter();
+        self.srv.take();
+    }
+}
+
+fn verifier(
+    early_exit: Option<usize>,
+    delay_ms: u64,
+) -> (Verifier, Option<tandem_verifier::shaper::Shaper>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let config = ServerConfig {
+        early_exit_layer: early_exit,
+        ..ServerConfig::default()
+    };
+    let (srv, shaper) = rt.block_on(async {
+        let state = State::new(config);
+        let spec: TargetSpec = SMOL.parse().unwrap();
+        state.load(&spec).unwrap();
+        let srv = tandem_verifier::start(state).await.unwrap();
+        let shaper = if delay_ms > 0 {
+            Some(
+                tandem_verifier::shaper::start(
+                    srv.addr,
+                    tandem_verifier::shaper::Link {
+                        delay: Duration::from_millis(delay_ms / 2),
+                        rate_bps: None,
+                    },
+                )
+                .await
+                .unwrap(),
+            )
+        } else {
+            None
+        };
+        (srv, shaper)
+    });
+    let addr = shaper.as_ref().map_or(srv.addr, |s| s.addr);
+    (
+        Verifier {
+            rt,
+            srv: Some(srv),
+            url: format!("http://{addr}"),
+        },
+        shaper,
+    )
+}
+
+fn generate(args: &[&str], wasm_cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .arg("generate")
+        .args(args)
+        .env("TANDEM_WASM_CACHE", wasm_cache)
+        .output()
+        .unwrap()
+}
+
+fn stats(o: &Output, path: &Path) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "tandem generate failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn greedy_output_equals_target_only_for_every_strategy() {
+    let wasm = guest(false);
+    let (v, _) = verifier(Some(27), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let n = 24;
+    let mut first_run = true;
+    for prompt in PROMPTS {
+        let want = target_only(prompt, n);
+        for strategy in ["cloud-ar", "sync", "tandem"] {
+            let o = generate(
+                &[
+                    "--verifier",
+                    &v.url,
+                    "--drafter",
+                    wasm.to_str().unwrap(),
+                    "--draft-model",
+                    drafter_model().to_str().unwrap(),
+                    "--prompt",
+                    prompt,
+                    "--max-tokens",
+                    &n.to_string(),
+                    "--strategy",
+                    strategy,
+                    "--gamma",
+                    "4",
+                    "--stats-json",
+                    json.to_str().unwrap(),
+                ],
+                dir.path(),
+            );
+            let s = stats(&o, &json);
+            assert_eq!(ids(&s), want, "{strategy} on {prompt:?}");
+            // The text streamed on stdout is the decoded tokens.
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(stdout.trim_end_matches('\n'), s["text"].as_str().unwrap());
+            assert!(String::from_utf8_lossy(&o.stderr).contains("tok/s"));
+            // The compiled component is cached after the first start.
+            assert_eq!(s["component_cached"], !first_run, "{strategy}");
+            first_run = false;
+            match strategy {
+                "cloud-ar" => assert_eq!(s["drafted"], 0),
+                _ => assert!(s["drafted"].as_u64().unwrap() > 0),
+            }
+        }
+    }
+}
+
+#[test]
+fn over_a_slow_link_drafting_overlaps_verification_and_hints_are_used() {
+    let wasm = guest(false);
+    let (v, _shaper) = verifier(Some(27), 80);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let prompt = PROMPTS[2];
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--drafter",
+            wasm.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "32",
+            "--strategy",
+            "tandem",
+            "--gamma",
+            "4",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let s = stats(&o, &json);
+    assert_eq!(ids(&s), target_only(prompt, 32));
+    assert!(s["drafted_in_flight"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["hints"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["hints_used"].as_u64().unwrap() > 0, "{s}");
+    // The link's delay shows in the measured RTT (80 ms emulated).
+    assert!(s["rtt_ms"].as_f64().unwrap() > 40.0, "{s}");
+}
+
+#[test]
+fn sampling_with_a_seed_reproduces_the_same_text() {
+    let wasm = guest(false);
+    let (v, _) = verifier(None, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let json = dir.path().join(name);
+        let o = generate(
+            &[
+                "--verifier",
+                &v.url,
+                "--drafter",
+                wasm.to_str().unwrap(),
+                "--draft-model",
+                drafter_model().to_str().unwrap(),
+                "--prompt",
+                PROMPTS[1],
+                "--max-tokens",
+                "24",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.95",
+                "--seed",
+                "42",
+                "--gamma",
+                "3",
+                "--strategy",
+                "sync",
+                "--stats-json",
+                json.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        stats(&o, &json)
+    };
+    let a = run("a.json");
+    let b = run("b.json");
+    assert_eq!(a["text"], b["text"]);
+    assert!(a["tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn hostile_and_broken_components_are_stopped_with_clear_errors() {
+    let hostile = guest(true);
+    let (v, _) = verifier(None, 0);
+    let dir = tempfile::tempdir().unwrap();
+    // A component whose step loops forever, and one that allocates without bound (the
+    // hostile test build misbehaves according to the wasi:nn name of its model).
+    for (behaviour, want) in [
+        ("hostile-loop", "ran longer than the limit"),
+        ("hostile-alloc", "memory past the limit of 64 MiB"),
+    ] {
+        let o = generate(
+            &[
+                "--verifier",
+                &v.url,
+                "--drafter",
+                hostile.to_str().unwrap(),
+                "--draft-model",
+                drafter_model().to_str().unwrap(),
+                "--graph-name",
+                behaviour,
+                "--prompt",
+                "hi",
+                "--guest-timeout",
+                "2",
+                "--guest-memory-mb",
+                "64",
+                "--max-tokens",
+                "4",
+            ],
+            dir.path(),
+        );
+        assert!(!o.status.success(), "{behaviour} was not stopped");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{behaviour}: {err}");
+        assert!(!err.contains("panicked"), "{behaviour}: {err}");
+    }
+    // The verifier is still serving after the failed sessions.
+    let json = dir.path().join("after.json");
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--drafter",
+            guest(false).to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    stats(&o, &json);
+    // Missing and garbled component files.
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--drafter",
+            "/nonexistent/drafter.wasm",
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot read the drafter component"), "{err}");
+    let garbled = dir.path().join("garbled.wasm");
+    std::fs::write(&garbled, b"\0asm\x0d\0\x01\0garbage").unwrap();
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--drafter",
+            garbled.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is not a valid WebAssembly component"),
+        "{err}"
+    );
+}
