@@ -43,7 +43,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub draft_model: String,
     /// The prompt (raw text, no chat template).
-    #[arg(long)]
+    #[arg(long, default_value = "")]
     pub prompt: String,
     /// New tokens at most.
     #[arg(long, default_value_t = 128)]
@@ -72,6 +72,10 @@ pub struct GenerateArgs {
     /// Power the device draws while drafting, watts: turns draft time into energy.
     #[arg(long)]
     pub draft_watts: Option<f32>,
+    /// Uplink bandwidth in bits/s, if known (the policy charges each drafted token's bytes
+    /// against it); 0 = unknown.
+    #[arg(long, default_value_t = 0.0)]
+    pub uplink_bps: f32,
     /// Bearer token for the verifier.
     #[arg(long)]
     pub token: Option<String>,
@@ -234,8 +238,64 @@ enum Incoming {
     Failed(String),
 }
 
+/// What a generation needs that does not change between requests: the compiled
+/// component, the draft model, its tokenizer and fingerprints.
+pub struct Prepared {
+    runtime: Runtime,
+    model: Option<Arc<Model>>,
+    /// The draft model's tokenizer (the target's, by fingerprint).
+    pub tokenizer: Tokenizer,
+    tok_fp: [u8; 32],
+    backbone: Option<BackboneClaim>,
+}
+
+impl Prepared {
+    /// Loads the component and the draft model named by `args`.
+    pub fn new(args: &GenerateArgs) -> anyhow::Result<Prepared> {
+        let draft_path = tandem_models::fetch::resolve(&args.draft_model)
+            .with_context(|| format!("draft model `{}`", args.draft_model))?;
+        let runtime = Runtime::load(&args.drafter)?;
+        let tokenizer = Tokenizer::from_gguf(&draft_path)?;
+        let tok_fp = tandem_models::backbone::tokenizer_fingerprint_of(&draft_path)?.0;
+        let backbone = match tandem_models::backbone::declared_split(&draft_path)? {
+            Some(k) => {
+                let fp = tandem_models::backbone::fingerprints(&draft_path, Some(k))?;
+                Some(BackboneClaim {
+                    layers: k as u32,
+                    fingerprint: fp.backbone.0,
+                })
+            }
+            None => None,
+        };
+        let model = if args.strategy != StrategyArg::CloudAr {
+            Some(Arc::new(Model::load(&draft_path).with_context(|| {
+                format!("loading the draft model {}", draft_path.display())
+            })?))
+        } else {
+            None
+        };
+        Ok(Prepared {
+            runtime,
+            model,
+            tokenizer,
+            tok_fp,
+            backbone,
+        })
+    }
+}
+
 /// Runs one generation; streams text to `out` unless quiet.
 pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+    let prepared = Prepared::new(args)?;
+    run_prepared(&prepared, args, out)
+}
+
+/// Runs one generation with a prepared component and draft model.
+pub fn run_prepared(
+    prepared: &Prepared,
+    args: &GenerateArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<RunStats> {
     let ep = endpoint(args)?;
     let params = SamplingParams {
         temperature: args.temperature,
@@ -243,32 +303,19 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
         seed: args.seed,
     };
     params.validate()?;
-    let draft_path = tandem_models::fetch::resolve(&args.draft_model)
-        .with_context(|| format!("draft model `{}`", args.draft_model))?;
-    let runtime = Runtime::load(&args.drafter)?;
-    let tokenizer = Tokenizer::from_gguf(&draft_path)?;
+    let runtime = &prepared.runtime;
+    let tokenizer = &prepared.tokenizer;
     let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
-        bail!("the prompt encodes to no tokens");
+        bail!("the prompt is empty: give the text to continue with --prompt");
     }
-    let tok_fp = tandem_models::backbone::tokenizer_fingerprint_of(&draft_path)?;
-    let backbone = match tandem_models::backbone::declared_split(&draft_path)? {
-        Some(k) => {
-            let fp = tandem_models::backbone::fingerprints(&draft_path, Some(k))?;
-            Some(BackboneClaim {
-                layers: k as u32,
-                fingerprint: fp.backbone.0,
-            })
-        }
-        None => None,
-    };
     let meter = Arc::new(ComputeMeter::default());
     let mut graphs = NamedGraphs::default();
     if args.strategy != StrategyArg::CloudAr {
-        let model = Arc::new(
-            Model::load(&draft_path)
-                .with_context(|| format!("loading the draft model {}", draft_path.display()))?,
-        );
+        let model = prepared
+            .model
+            .clone()
+            .context("the draft model was not loaded (prepared for cloud-ar)")?;
         graphs.insert(
             args.graph_name.clone(),
             Box::new(CpuGraph::new(model, meter.clone())),
@@ -303,8 +350,8 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
 
     let t0 = Instant::now();
     tx.send(&ClientMsg::Hello(Hello {
-        tokenizer: tok_fp.0,
-        backbone,
+        tokenizer: prepared.tok_fp,
+        backbone: prepared.backbone,
         family: None,
         sampling: WireSampling {
             temperature: args.temperature,
@@ -349,7 +396,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
         memory: args.guest_memory_mb << 20,
         call_timeout: Duration::from_secs_f64(args.guest_timeout),
     };
-    let mut drafter = Drafter::new(&runtime, graphs, &config, limits)?;
+    let mut drafter = Drafter::new(runtime, graphs, &config, limits)?;
     // The draft model's prefill overlaps the verifier's.
     drafter.prefill(&prompt)?;
 
@@ -364,6 +411,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
     let (mut meter_calls, mut meter_time) = meter.totals();
     let mut draft_ms = 0.0;
     let watts = args.draft_watts.unwrap_or(0.0) as f64;
+    let uplink_bps = args.uplink_bps;
     let mut energy_since = 0.0;
 
     let deliver = |drafter: &mut Drafter,
@@ -399,7 +447,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
                 }
                 drafter.handle(&api::Event::Channel(api::ChannelSample {
                     rtt_ms: *rtt_ms as f32,
-                    bandwidth_bps: 0.0,
+                    bandwidth_bps: uplink_bps,
                     verify_ms: *verify_ms as f32,
                     draft_ms: draft_ms as f32,
                     energy_j: *energy as f32,
@@ -472,7 +520,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
                     }
                     for t in tokens {
                         ids.push(t);
-                        let piece = decoder.push(&tokenizer, t)?;
+                        let piece = decoder.push(tokenizer, t)?;
                         if !args.quiet {
                             out.write_all(piece.as_bytes())?;
                             out.flush()?;
@@ -499,10 +547,10 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let tail = decoder.finish(&tokenizer)?;
+    let tail = decoder.finish(tokenizer)?;
     if !args.quiet {
         out.write_all(tail.as_bytes())?;
-        writeln!(out)?;
+        out.flush()?;
     }
     text.push_str(&tail);
     let _ = tx.send(&ClientMsg::Close);

@@ -210,7 +210,10 @@ fn greedy_output_equals_target_only_for_every_strategy() {
             assert_eq!(ids(&s), want, "{strategy} on {prompt:?}");
             // The text streamed on stdout is the decoded tokens.
             let stdout = String::from_utf8_lossy(&o.stdout);
-            assert_eq!(stdout.trim_end_matches('\n'), s["text"].as_str().unwrap());
+            assert_eq!(
+                stdout.strip_suffix('\n').unwrap(),
+                s["text"].as_str().unwrap()
+            );
             assert!(String::from_utf8_lossy(&o.stderr).contains("tok/s"));
             // The compiled component is cached after the first start.
             assert_eq!(s["component_cached"], !first_run, "{strategy}");
@@ -397,4 +400,110 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
         err.contains("is not a valid WebAssembly component"),
         "{err}"
     );
+}
+
+/// One HTTP/1.1 request with a plain TCP socket, as any OpenAI client would send it.
+fn http_post(addr: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn openai_clients_get_speculative_completions_from_tandem_serve() {
+    use std::io::{BufRead, BufReader};
+    let wasm = guest(false);
+    let (v, _) = verifier(None, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--verifier",
+            &v.url,
+            "--drafter",
+            wasm.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--gamma",
+            "3",
+        ])
+        .env("TANDEM_WASM_CACHE", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let kill = Guard(child);
+
+    // Greedy completion: the target's own text.
+    let prompt = PROMPTS[1];
+    let resp = http_post(
+        &addr,
+        "/v1/completions",
+        &serde_json::json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}).to_string(),
+    );
+    let body = resp.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let want = tok.decode(&target_only(prompt, 12)).unwrap();
+    assert_eq!(v["choices"][0]["text"], want.as_str(), "{resp}");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+
+    // Chat, streamed as server-sent events.
+    let resp = http_post(
+        &addr,
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Say hello."}],
+                            "max_tokens": 8, "temperature": 0, "stream": true})
+        .to_string(),
+    );
+    assert!(resp.contains("text/event-stream"), "{resp}");
+    let events: Vec<&str> = resp
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{resp}");
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(e).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert!(!text.is_empty(), "{resp}");
+
+    // Bad requests say what is wrong.
+    let resp = http_post(&addr, "/v1/chat/completions", r#"{"messages": 3}"#);
+    assert!(
+        resp.starts_with("HTTP/1.1 400") && resp.contains("messages"),
+        "{resp}"
+    );
+    drop(kill);
+}
+
+/// Kills the child when dropped.
+struct Guard(std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
