@@ -303,7 +303,7 @@ impl<M: DraftModel> Machine<M> {
             .copied()
             .chain(self.ahead.iter().map(|d| d.token))
             .collect();
-        if current.starts_with(&predicted) {
+        if predicted.len() >= f.assumed.len() && current.starts_with(&predicted) {
             // The hint agrees with the work already done: keep it all.
             let extra = predicted.len() - f.assumed.len();
             f.assumed = predicted;
@@ -362,7 +362,7 @@ impl<M: DraftModel> Machine<M> {
             .chain(self.ahead.iter().map(|d| d.token))
             .collect();
         let base = self.committed.len();
-        if assumed.starts_with(&actual) {
+        if actual.len() >= f.assumed.len() && assumed.starts_with(&actual) {
             // Pipelined (or hint-started) drafts survive: drop the ones now committed.
             let consumed = actual.len() - f.assumed.len();
             self.ahead.drain(..consumed);
