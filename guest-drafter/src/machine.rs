@@ -262,7 +262,11 @@ impl<M: DraftModel> Machine<M> {
                     p.rtt_ms = c.rtt_ms;
                 }
                 if c.verify_ms > 0.0 {
-                    p.verify_ms = c.verify_ms;
+                    // The sample comes with the verdict of the round in flight.
+                    match &self.inflight {
+                        Some(f) => p.observe_verify(f.drafts.len() + 1, c.verify_ms),
+                        None => p.verify_ms = c.verify_ms,
+                    }
                 }
                 if c.draft_ms > 0.0 {
                     p.draft_ms = c.draft_ms;
@@ -280,6 +284,8 @@ impl<M: DraftModel> Machine<M> {
     }
 
     fn hint(&mut self, round: u32, h: &[u32]) {
+        // Drafting ahead from a hint only pays when the next block will have drafts.
+        let next_gamma = self.cfg.fixed_gamma.unwrap_or_else(|| self.choose_gamma());
         let Some(f) = self.inflight.as_mut() else {
             return;
         };
@@ -287,6 +293,9 @@ impl<M: DraftModel> Machine<M> {
             return;
         }
         self.stats.hints += 1;
+        if next_gamma == 0 {
+            return;
+        }
         let gamma = f.drafts.len();
         if h.len() != gamma + 1 {
             return;

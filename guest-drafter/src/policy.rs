@@ -13,8 +13,10 @@ pub struct Policy {
     pub draft_ms: f64,
     /// Link round trip, ms.
     pub rtt_ms: f64,
-    /// Verifier time per round, ms.
+    /// Verifier time per round, ms, until rounds have been measured.
     pub verify_ms: f64,
+    /// Decayed sums over measured rounds of (1, n, n², t, n·t), n = tokens verified, t = ms.
+    verify_fit: [f64; 5],
     /// Uplink bits per second (0 = unknown: no transfer cost).
     pub bandwidth_bps: f64,
     /// Energy per draft step, joules (0 = unknown).
@@ -35,6 +37,7 @@ impl Default for Policy {
             draft_ms: 10.0,
             rtt_ms: 50.0,
             verify_ms: 50.0,
+            verify_fit: [0.0; 5],
             bandwidth_bps: 0.0,
             step_joules: 0.0,
         }
@@ -66,6 +69,34 @@ impl Policy {
         self.trials = self.trials * DECAY + trials as f64;
     }
 
+    /// Records the verifier's time for a round that verified `n` tokens (drafts + 1).
+    pub fn observe_verify(&mut self, n: usize, ms: f64) {
+        let n = n as f64;
+        let f = &mut self.verify_fit;
+        for (s, v) in f.iter_mut().zip([1.0, n, n * n, ms, n * ms]) {
+            *s = *s * DECAY + v;
+        }
+    }
+
+    /// Expected verifier time for `n` tokens, ms: a + b·n fitted to the measured rounds once
+    /// they cover more than one block size; before that, the measured mean scaled as if
+    /// a = b (half fixed cost, half per token); before any round, `verify_ms`.
+    pub fn verify_time(&self, n: usize) -> f64 {
+        let [s0, s1, s2, t0, t1] = self.verify_fit;
+        if s0 <= 0.0 {
+            return self.verify_ms;
+        }
+        let (mn, mt) = (s1 / s0, t0 / s0);
+        let var = s2 / s0 - mn * mn;
+        let n = n as f64;
+        if var > 0.2 {
+            let b = ((t1 / s0 - mn * mt) / var).max(0.0);
+            let a = (mt - b * mn).max(0.0);
+            return a + b * n;
+        }
+        mt * (1.0 + n) / (1.0 + mn)
+    }
+
     /// Uplink time of a block of `gamma` drafts, ms (frame ≈ 22 + 8γ bytes).
     fn transfer_ms(&self, gamma: usize) -> f64 {
         if self.bandwidth_bps <= 0.0 {
@@ -77,7 +108,7 @@ impl Policy {
     /// Expected time of one round with `gamma` drafts, ms.
     pub fn round_ms(&self, gamma: usize, pipelined: bool) -> f64 {
         let draft = gamma as f64 * self.draft_ms;
-        let wire = self.rtt_ms + self.verify_ms + self.transfer_ms(gamma);
+        let wire = self.rtt_ms + self.verify_time(gamma + 1) + self.transfer_ms(gamma);
         if !pipelined || gamma == 0 {
             return draft + wire;
         }
@@ -180,6 +211,23 @@ mod tests {
         assert!(p.joules_per_token(tight) <= budget);
         // A budget too small for any drafting: plain cloud decoding.
         assert_eq!(p.choose(16, false, Some(0.01)), 0);
+    }
+
+    #[test]
+    fn verify_cost_is_fitted_per_block_size_and_loopback_with_a_slow_drafter_means_no_drafting() {
+        // Verifying n tokens costs 50 + 25·n ms; drafting a token costs 60 ms.
+        let mut p = policy((30, 4), 0.0);
+        p.draft_ms = 60.0;
+        for n in [1, 5, 8, 3, 5, 8] {
+            p.observe_verify(n, 50.0 + 25.0 * n as f64);
+        }
+        assert!((p.verify_time(1) - 75.0).abs() < 1e-6);
+        assert!((p.verify_time(9) - 275.0).abs() < 1e-6);
+        // No link delay: one target step (75 ms) beats drafting at 60 ms a token.
+        assert_eq!(p.choose(16, false, None), 0);
+        // 200 ms of RTT: drafting pays.
+        p.rtt_ms = 200.0;
+        assert!(p.choose(16, false, None) >= 3);
     }
 
     #[test]

@@ -408,7 +408,7 @@ pub fn run_prepared(
     let mut rtt_ms = connect_ms.max(0.01);
     let mut rtt_seen = false;
     let mut verify_ms = 0.0;
-    let (mut meter_calls, mut meter_time) = meter.totals();
+    let mut last_reading = meter.read();
     let mut draft_ms = 0.0;
     let watts = args.draft_watts.unwrap_or(0.0) as f64;
     let uplink_bps = args.uplink_bps;
@@ -439,11 +439,7 @@ pub fn run_prepared(
                         link
                     };
                     *rtt_seen = true;
-                    *verify_ms = if *verify_ms == 0.0 {
-                        v
-                    } else {
-                        *verify_ms * 0.8 + v * 0.2
-                    };
+                    *verify_ms = v; // this round's: the guest fits verify time per block size
                 }
                 drafter.handle(&api::Event::Channel(api::ChannelSample {
                     rtt_ms: *rtt_ms as f32,
@@ -491,17 +487,18 @@ pub fn run_prepared(
             }
         }
         let actions = drafter.step()?;
-        let (calls, time) = meter.totals();
-        if calls > meter_calls {
-            let step = (time - meter_time).as_secs_f64() * 1000.0 / (calls - meter_calls) as f64;
+        let now = meter.read();
+        if now.steps > last_reading.steps {
+            let step = (now.step_time - last_reading.step_time).as_secs_f64() * 1000.0
+                / (now.steps - last_reading.steps) as f64;
             draft_ms = if draft_ms == 0.0 {
                 step
             } else {
                 draft_ms * 0.8 + step * 0.2
             };
-            energy_since += watts * (time - meter_time).as_secs_f64();
-            (meter_calls, meter_time) = (calls, time);
         }
+        energy_since += watts * (now.total - last_reading.total).as_secs_f64();
+        last_reading = now;
         for a in actions {
             match a {
                 api::Action::Send(b) => {

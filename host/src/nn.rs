@@ -22,27 +22,45 @@ fn err(msg: impl Into<String>) -> BackendError {
     BackendError::BackendAccess(wasmtime::Error::msg(msg.into()))
 }
 
-/// Time and calls spent in draft-model compute, shared with the host's driver.
+/// Time spent in draft-model compute, shared with the host's driver: all calls (for
+/// energy), and single-token calls apart (a draft step; multi-token calls are prefills and
+/// catch-ups after the drafter sat out rounds).
 #[derive(Default, Debug)]
 pub struct ComputeMeter {
-    calls: std::sync::atomic::AtomicU64,
     nanos: std::sync::atomic::AtomicU64,
+    steps: std::sync::atomic::AtomicU64,
+    step_nanos: std::sync::atomic::AtomicU64,
+}
+
+/// A reading of a [`ComputeMeter`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MeterReading {
+    /// Time in every compute call.
+    pub total: Duration,
+    /// Single-token calls.
+    pub steps: u64,
+    /// Time in single-token calls.
+    pub step_time: Duration,
 }
 
 impl ComputeMeter {
-    fn record(&self, d: Duration) {
+    fn record(&self, d: Duration, tokens: usize) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.calls.fetch_add(1, Relaxed);
         self.nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+        if tokens == 1 {
+            self.steps.fetch_add(1, Relaxed);
+            self.step_nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+        }
     }
 
-    /// (calls, total time) so far.
-    pub fn totals(&self) -> (u64, Duration) {
+    /// Totals so far.
+    pub fn read(&self) -> MeterReading {
         use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.calls.load(Relaxed),
-            Duration::from_nanos(self.nanos.load(Relaxed)),
-        )
+        MeterReading {
+            total: Duration::from_nanos(self.nanos.load(Relaxed)),
+            steps: self.steps.load(Relaxed),
+            step_time: Duration::from_nanos(self.step_nanos.load(Relaxed)),
+        }
     }
 }
 
@@ -193,7 +211,7 @@ impl BackendExecutionContext for CpuContext {
             .model
             .forward_last(&d.tokens, d.pos, &mut self.cache)
             .map_err(|e| err(format!("draft model: {e}")))?;
-        self.meter.record(started.elapsed());
+        self.meter.record(started.elapsed(), d.tokens.len());
         Ok(Some(encode_outputs(logits.last(), d.want_logits)))
     }
 }

@@ -125,6 +125,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
 }
 
 fn main() {
+    tandem_models::init_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
