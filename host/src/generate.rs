@@ -163,6 +163,13 @@ pub struct RunStats {
     pub draft_ms: f64,
     /// Whether the component's compiled form came from the cache.
     pub component_cached: bool,
+    /// Seconds spent in the component's steps (drafting and bookkeeping).
+    pub step_s: f64,
+    /// Seconds spent blocked waiting for the verifier.
+    pub wait_s: f64,
+    /// Seconds of the generation spent neither stepping nor waiting (event delivery,
+    /// detokenizing, sending).
+    pub other_s: f64,
 }
 
 impl RunStats {
@@ -466,6 +473,8 @@ pub fn run_prepared(
     };
 
     let idle = Duration::from_secs(300);
+    let mut step_time = Duration::ZERO;
+    let mut wait_time = Duration::ZERO;
     'run: loop {
         // Everything that arrived goes to the guest before its next step.
         loop {
@@ -486,7 +495,9 @@ pub fn run_prepared(
                 Err(_) => break,
             }
         }
+        let step_started = Instant::now();
         let actions = drafter.step()?;
+        step_time += step_started.elapsed();
         let now = meter.read();
         if now.steps > last_reading.steps {
             let step = (now.step_time - last_reading.step_time).as_secs_f64() * 1000.0
@@ -526,7 +537,9 @@ pub fn run_prepared(
                     }
                 }
                 api::Action::Wait => {
+                    let wait_started = Instant::now();
                     let (at, m) = wait_msg(idle)?;
+                    wait_time += wait_started.elapsed();
                     deliver(
                         &mut drafter,
                         at,
@@ -585,6 +598,9 @@ pub fn run_prepared(
         rtt_ms,
         draft_ms,
         component_cached: runtime.from_cache,
+        step_s: step_time.as_secs_f64(),
+        wait_s: wait_time.as_secs_f64(),
+        other_s: (seconds - step_time.as_secs_f64() - wait_time.as_secs_f64()).max(0.0),
     };
     drop(drafter);
     rt.shutdown_timeout(Duration::from_millis(100));
