@@ -141,6 +141,8 @@ impl api::GuestSession for Session {
                 api::Strategy::Sync => Strategy::Sync,
                 api::Strategy::CloudAr => Strategy::CloudAr,
             },
+            pipeline: c.pipeline,
+            hints: c.hints,
             fixed_gamma: c.fixed_gamma.map(|g| g as usize),
             max_draft: c.max_draft as usize,
             energy_budget: c.energy_budget.map(f64::from),

@@ -41,6 +41,10 @@ pub struct Config {
     pub eos: Vec<u32>,
     /// Strategy.
     pub strategy: Strategy,
+    /// Tandem only: draft the next block while one is in flight, assuming full acceptance.
+    pub pipeline: bool,
+    /// Tandem only: act on early-exit hints (start drafting from the hinted token).
+    pub hints: bool,
     /// Fixed γ instead of the policy.
     pub fixed_gamma: Option<usize>,
     /// Longest block.
@@ -292,6 +296,10 @@ impl<M: DraftModel> Machine<M> {
         if f.round != round || self.cfg.strategy != Strategy::Tandem {
             return;
         }
+        if !self.cfg.hints {
+            self.stats.hints += 1;
+            return;
+        }
         self.stats.hints += 1;
         if next_gamma == 0 {
             return;
@@ -469,7 +477,10 @@ impl<M: DraftModel> Machine<M> {
             (Strategy::CloudAr, _) => 0,
             (_, Some(g)) => g.min(max),
             (Strategy::Sync, None) => self.policy.choose(max, false, self.cfg.energy_budget),
-            (Strategy::Tandem, None) => self.policy.choose(max, true, self.cfg.energy_budget),
+            (Strategy::Tandem, None) => {
+                let overlap = self.cfg.pipeline || self.cfg.hints;
+                self.policy.choose(max, overlap, self.cfg.energy_budget)
+            }
         };
         // No point drafting past the end.
         g.min(left.saturating_sub(1))
@@ -510,7 +521,9 @@ impl<M: DraftModel> Machine<M> {
             let g = self.cfg.fixed_gamma.unwrap_or_else(|| self.choose_gamma());
             let f = self.inflight.as_ref().unwrap();
             let needed = g + usize::from(!f.from_hint);
-            if g > 0 && self.ahead.len() < needed {
+            // Without pipelining, only a hint's prediction starts drafting ahead.
+            let allowed = self.cfg.pipeline || f.from_hint;
+            if allowed && g > 0 && self.ahead.len() < needed {
                 self.draft_one()?;
                 return Ok(actions);
             }
@@ -598,6 +611,8 @@ mod tests {
             max_tokens: 40,
             eos: vec![99],
             strategy,
+            pipeline: true,
+            hints: true,
             fixed_gamma: gamma,
             max_draft: 8,
             energy_budget: None,
@@ -701,20 +716,26 @@ mod tests {
     fn every_strategy_commits_exactly_the_target_tokens() {
         let prompt = [1, 2, 3];
         let want = reference(&prompt, 40);
-        for (strategy, gamma, hints, delay) in [
-            (Strategy::CloudAr, None, false, 0),
-            (Strategy::Sync, Some(4), false, 2),
-            (Strategy::Tandem, Some(4), false, 6),
-            (Strategy::Tandem, Some(4), true, 6),
-            (Strategy::Tandem, Some(2), true, 1),
-            (Strategy::Tandem, None, true, 3),
+        for (strategy, gamma, hints, delay, pipeline, use_hints) in [
+            (Strategy::CloudAr, None, false, 0, true, true),
+            (Strategy::Sync, Some(4), false, 2, true, true),
+            (Strategy::Tandem, Some(4), false, 6, true, true),
+            (Strategy::Tandem, Some(4), true, 6, true, true),
+            (Strategy::Tandem, Some(2), true, 1, true, true),
+            (Strategy::Tandem, None, true, 3, true, true),
+            (Strategy::Tandem, Some(4), true, 6, false, true),
+            (Strategy::Tandem, Some(4), true, 6, true, false),
         ] {
             let mut m = Machine::new(
                 Fake {
                     seq: vec![],
                     calls: 0,
                 },
-                cfg(strategy, gamma),
+                Config {
+                    pipeline,
+                    hints: use_hints,
+                    ..cfg(strategy, gamma)
+                },
             );
             let out = drive(&mut m, &prompt, hints, delay);
             assert_eq!(out, want, "{strategy:?} γ={gamma:?} hints={hints}");
@@ -726,8 +747,14 @@ mod tests {
                 assert!(s.drafted_in_flight > 0, "{s:?}");
                 assert!(s.pipelined_kept + s.hint_kept > 0, "{s:?}");
             }
-            if hints && gamma == Some(4) {
+            if hints && use_hints && gamma == Some(4) {
                 assert!(s.hints > 0 && s.hints_used > 0, "{s:?}");
+            }
+            if !use_hints {
+                assert_eq!(s.hints_used + s.hint_kept, 0, "{s:?}");
+            }
+            if !pipeline {
+                assert_eq!(s.pipelined_kept, 0, "{s:?}");
             }
             if strategy == Strategy::Sync {
                 assert_eq!(s.drafted_in_flight, 0);

@@ -79,6 +79,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         seed: 0,
         strategy: args.strategy,
         gamma: None,
+        no_pipeline: false,
+        no_hints: false,
         max_draft: 16,
         energy_budget: None,
         draft_watts: None,

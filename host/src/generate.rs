@@ -28,6 +28,8 @@ pub enum StrategyArg {
     Sync,
     /// No drafter: one round trip per token.
     CloudAr,
+    /// Draft and target both on the verifier (its `--draft`), tokens streamed down.
+    CloudSd,
 }
 
 /// Options of `tandem generate` (and the parts `tandem demo` reuses).
@@ -60,6 +62,12 @@ pub struct GenerateArgs {
     /// tandem: pipelined + hints + adaptive γ; sync: draft then wait; cloud-ar: no drafting.
     #[arg(long, value_enum, default_value_t = StrategyArg::Tandem)]
     pub strategy: StrategyArg,
+    /// Ablation (tandem): no drafting ahead while a block is in flight, except from a hint.
+    #[arg(long)]
+    pub no_pipeline: bool,
+    /// Ablation (tandem): ignore the verifier's early-exit hints.
+    #[arg(long)]
+    pub no_hints: bool,
     /// A fixed draft length instead of the policy's choice.
     #[arg(long)]
     pub gamma: Option<u32>,
@@ -208,6 +216,28 @@ impl RunStats {
     }
 }
 
+/// `tandem`, `sync`, `cloud-ar`, with `-no-pipeline`, `-no-hints`, `-fixed-γ` for ablations.
+fn strategy_name(args: &GenerateArgs) -> String {
+    let mut s = match args.strategy {
+        StrategyArg::Tandem => "tandem".to_string(),
+        StrategyArg::Sync => "sync".to_string(),
+        StrategyArg::CloudAr => return "cloud-ar".to_string(),
+        StrategyArg::CloudSd => return "cloud-sd".to_string(),
+    };
+    if args.strategy == StrategyArg::Tandem {
+        if args.no_pipeline {
+            s.push_str("-no-pipeline");
+        }
+        if args.no_hints {
+            s.push_str("-no-hints");
+        }
+        if let Some(g) = args.gamma {
+            s.push_str(&format!("-fixed-{g}"));
+        }
+    }
+    s
+}
+
 fn endpoint(args: &GenerateArgs) -> anyhow::Result<Endpoint> {
     let (tls, rest) = if let Some(r) = args.verifier.strip_prefix("https://") {
         (true, r)
@@ -293,6 +323,9 @@ impl Prepared {
 
 /// Runs one generation; streams text to `out` unless quiet.
 pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+    if args.strategy == StrategyArg::CloudSd {
+        return run_cloud_sd(args, out);
+    }
     let prepared = Prepared::new(args)?;
     run_prepared(&prepared, args, out)
 }
@@ -386,6 +419,7 @@ pub fn run_prepared(
         StrategyArg::Tandem => api::Strategy::Tandem,
         StrategyArg::Sync => api::Strategy::Sync,
         StrategyArg::CloudAr => api::Strategy::CloudAr,
+        StrategyArg::CloudSd => unreachable!("cloud-sd runs without the component"),
     };
     let config = api::Config {
         model: args.graph_name.clone(),
@@ -395,6 +429,8 @@ pub fn run_prepared(
         max_tokens: args.max_tokens.min(accepted.max_tokens),
         eos: tokenizer.eos_tokens().to_vec(),
         strategy,
+        pipeline: !args.no_pipeline,
+        hints: !args.no_hints,
         fixed_gamma: args.gamma,
         max_draft: args.max_draft.min(accepted.max_draft),
         energy_budget: args.energy_budget,
@@ -569,9 +605,7 @@ pub fn run_prepared(
     // Let the reader record the last bytes.
     std::thread::sleep(Duration::from_millis(5));
     let stats = RunStats {
-        strategy: format!("{:?}", args.strategy)
-            .to_lowercase()
-            .replace("cloudar", "cloud-ar"),
+        strategy: strategy_name(args),
         target: format!("{}@{}", accepted.family, accepted.version),
         tokens: ids.len(),
         token_ids: ids.clone(),
@@ -609,4 +643,129 @@ pub fn run_prepared(
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(stats)
+}
+
+/// The cloud-sd baseline: the verifier drafts and verifies by itself (`"speculative": true`
+/// completions, SSE); the device only reads the tokens.
+fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+    use http_body_util::BodyExt;
+    let ep = endpoint(args)?;
+    if ep.tls.is_some() {
+        bail!("cloud-sd talks plain HTTP/1.1 to the verifier; use an http:// address");
+    }
+    let body = serde_json::json!({
+        "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "top_p": args.top_p, "seed": args.seed, "stream": true, "speculative": true,
+        "gamma": args.gamma.unwrap_or(4),
+    })
+    .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let t0 = Instant::now();
+    let up = body.len();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&ep.addr)
+            .await
+            .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
+        tcp.set_nodelay(true)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let mut req = hyper::Request::post("/v1/completions")
+            .header("host", &ep.addr)
+            .header("content-type", "application/json");
+        if let Some(t) = &ep.bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = send
+            .send_request(req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+            .await?;
+        let status = resp.status();
+        let mut resp_body = resp.into_body();
+        let mut buf = Vec::new();
+        let mut text = String::new();
+        let mut down = 0usize;
+        let mut ttft = None;
+        let mut tokens = 0usize;
+        let mut target = String::new();
+        while let Some(frame) = resp_body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            down += data.len();
+            buf.extend_from_slice(&data);
+            if !status.is_success() {
+                continue;
+            }
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..end + 2).collect();
+                let event = String::from_utf8_lossy(&event);
+                let Some(data) = event.trim().strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(data)?;
+                if let Some(m) = v["error"]["message"].as_str() {
+                    bail!("the verifier failed: {m}");
+                }
+                target = v["model"].as_str().unwrap_or_default().to_string();
+                let piece = v["choices"][0]["text"].as_str().unwrap_or_default();
+                if !piece.is_empty() {
+                    ttft.get_or_insert_with(|| t0.elapsed());
+                    if !args.quiet {
+                        out.write_all(piece.as_bytes())?;
+                        out.flush()?;
+                    }
+                    text.push_str(piece);
+                }
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    tokens = n as usize;
+                }
+            }
+        }
+        if !status.is_success() {
+            bail!(
+                "the verifier refused the cloud-sd request: HTTP {status}: {}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let n = tokens.max(1) as f64;
+        let stats = RunStats {
+            strategy: "cloud-sd".into(),
+            target,
+            tokens,
+            token_ids: Vec::new(),
+            text,
+            seconds,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            ttft_s: ttft.unwrap_or_default().as_secs_f64(),
+            rounds: 0,
+            drafted: 0,
+            accepted: 0,
+            mean_per_round: 0.0,
+            drafted_in_flight: 0,
+            pipelined_kept: 0,
+            hints: 0,
+            hints_used: 0,
+            hint_kept: 0,
+            gamma_counts: Vec::new(),
+            up_bytes_per_token: up as f64 / n,
+            down_bytes_per_token: down as f64 / n,
+            rtt_ms: 0.0,
+            draft_ms: 0.0,
+            component_cached: false,
+            step_s: 0.0,
+            wait_s: seconds,
+            other_s: 0.0,
+        };
+        if let Some(p) = &args.stats_json {
+            std::fs::write(p, serde_json::to_string_pretty(&stats)? + "\n")
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(stats)
+    })
 }

@@ -115,7 +115,10 @@ fn verifier(
         ..ServerConfig::default()
     };
     let (srv, shaper) = rt.block_on(async {
-        let state = State::new(config);
+        // The verifier also drafts by itself, for the cloud-sd strategy.
+        let draft =
+            tandem_verifier::server::ServerDraft::load(drafter_model().to_str().unwrap()).unwrap();
+        let state = State::with_draft(config, Some(draft));
         let spec: TargetSpec = SMOL.parse().unwrap();
         state.load(&spec).unwrap();
         let srv = tandem_verifier::start(state).await.unwrap();
@@ -182,9 +185,20 @@ fn greedy_output_equals_target_only_for_every_strategy() {
     let json = dir.path().join("stats.json");
     let n = 24;
     let mut first_run = true;
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
     for prompt in PROMPTS {
         let want = target_only(prompt, n);
-        for strategy in ["cloud-ar", "sync", "tandem"] {
+        let want_text = tok.decode(&want).unwrap();
+        for (strategy, extra) in [
+            ("cloud-ar", None),
+            ("cloud-sd", None),
+            ("sync", None),
+            ("tandem", None),
+            ("tandem", Some("--no-hints")),
+            ("tandem", Some("--no-pipeline")),
+        ] {
+            let mut flags = vec!["--strategy", strategy];
+            flags.extend(extra);
             let o = generate(
                 &[
                     "--verifier",
@@ -197,17 +211,27 @@ fn greedy_output_equals_target_only_for_every_strategy() {
                     prompt,
                     "--max-tokens",
                     &n.to_string(),
-                    "--strategy",
-                    strategy,
                     "--gamma",
                     "4",
                     "--stats-json",
                     json.to_str().unwrap(),
-                ],
+                ]
+                .into_iter()
+                .chain(flags.iter().copied())
+                .collect::<Vec<_>>(),
                 dir.path(),
             );
             let s = stats(&o, &json);
-            assert_eq!(ids(&s), want, "{strategy} on {prompt:?}");
+            assert_eq!(
+                s["text"],
+                want_text.as_str(),
+                "{strategy} {extra:?} on {prompt:?}"
+            );
+            if strategy == "cloud-sd" {
+                // Runs entirely on the verifier: no component involved.
+                continue;
+            }
+            assert_eq!(ids(&s), want, "{strategy} {extra:?} on {prompt:?}");
             // The text streamed on stdout is the decoded tokens.
             let stdout = String::from_utf8_lossy(&o.stdout);
             assert_eq!(

@@ -8,8 +8,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use tandem_core::sampling::{Rng, SamplingParams, sample};
-use tandem_models::IncrementalDecoder;
+use tandem_core::accept::{judge, sample_correction};
+use tandem_core::protocol::Outcome;
+use tandem_core::sampling::{Rng, SamplingParams, argmax, distribution, sample, sample_from};
+use tandem_models::{IncrementalDecoder, Model};
 use tokio::sync::mpsc;
 
 use crate::body::ChannelBody;
@@ -30,6 +32,17 @@ struct CompletionRequest {
     seed: u64,
     #[serde(default)]
     stream: bool,
+    /// tandem extension: speculative decoding with the server's own draft model
+    /// (`--draft`), the "cloud-sd" baseline.
+    #[serde(default)]
+    speculative: bool,
+    /// Draft length for `speculative`.
+    #[serde(default = "default_gamma")]
+    gamma: usize,
+}
+
+fn default_gamma() -> usize {
+    4
 }
 
 fn default_max_tokens() -> usize {
@@ -75,8 +88,98 @@ fn pick(state: &State, model: Option<&str>) -> Result<Arc<Target>, String> {
     })
 }
 
+/// Commits tokens after `prompt` until `commit` returns false or the context is full:
+/// plain decoding (one target step per token), or with `draft` = (model, γ) speculative
+/// decoding on this server (the "cloud-sd" baseline): γ drafts, one target forward over the
+/// block, the shared acceptance rule; with the whole q at hand the residual is exact.
+fn decode(
+    target: &Model,
+    draft: Option<(&Model, usize)>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    context: usize,
+    commit: &mut dyn FnMut(u32) -> bool,
+) -> Result<(), String> {
+    let failed = |e: tandem_models::Error| format!("model failed: {e}");
+    let mut rng = Rng::new(params.seed);
+    let mut draft_rng = Rng::new(params.seed ^ 0xc10d_5d00_0000_0001);
+    let mut cache = target.new_cache();
+    let logits = target.forward_last(prompt, 0, &mut cache).map_err(failed)?;
+    let first = sample(logits.last(), params, &mut rng);
+    let mut committed = prompt.to_vec();
+    committed.push(first);
+    if !commit(first) {
+        return Ok(());
+    }
+    let mut draft_cache = draft.map(|(m, _)| m.new_cache());
+    let mut draft_valid = 0;
+    loop {
+        let pos0 = committed.len();
+        if pos0 >= context {
+            return Ok(());
+        }
+        let mut drafts = Vec::new();
+        let mut qs = Vec::new();
+        let mut dists = Vec::new();
+        if let (Some((dm, gamma)), Some(dc)) = (draft, draft_cache.as_mut()) {
+            let gamma = gamma.min(context - pos0 - 1);
+            let mut feed = committed[draft_valid..].to_vec();
+            let mut p = draft_valid;
+            for _ in 0..gamma {
+                let l = dm.forward_last(&feed, p, dc).map_err(failed)?;
+                p += feed.len();
+                draft_valid = p;
+                let (x, q, dist) = if params.is_greedy() {
+                    (argmax(l.last()), 1.0, Vec::new())
+                } else {
+                    let dist = distribution(l.last(), params);
+                    let x = sample_from(&dist, &mut draft_rng);
+                    let q = dist
+                        .binary_search_by_key(&x, |e| e.0)
+                        .map_or(0.0, |i| dist[i].1);
+                    (x, q, dist)
+                };
+                drafts.push(x);
+                qs.push(q);
+                dists.push(dist);
+                feed = vec![x];
+            }
+        }
+        let mut input = vec![committed[pos0 - 1]];
+        input.extend_from_slice(&drafts);
+        let rows = target
+            .forward(&input, pos0 - 1, &mut cache)
+            .map_err(failed)?;
+        let verdict = judge(&drafts, &qs, |i| rows.row(i), params, &mut rng, usize::MAX);
+        let n = verdict.accepted;
+        let next = match verdict.outcome {
+            Outcome::Token(t) => t,
+            Outcome::Residual(top) => {
+                let dist = &dists[n];
+                sample_correction(
+                    &top,
+                    |id| {
+                        dist.binary_search_by_key(&id, |e| e.0)
+                            .map_or(0.0, |i| dist[i].1)
+                    },
+                    &mut draft_rng,
+                )
+            }
+        };
+        cache.truncate(pos0 + n);
+        draft_valid = draft_valid.min(pos0 + n);
+        for &t in drafts[..n].iter().chain([&next]) {
+            committed.push(t);
+            if !commit(t) {
+                return Ok(());
+            }
+        }
+    }
+}
+
 fn generate(
     target: &Target,
+    draft: Option<(&Model, usize)>,
     req: &CompletionRequest,
     max_context: usize,
     emit: &mut dyn FnMut(Piece) -> bool,
@@ -107,51 +210,44 @@ fn generate(
         top_p: req.top_p,
         seed: req.seed,
     };
-    let mut rng = Rng::new(params.seed);
-    let mut cache = model.new_cache();
     let mut decoder = IncrementalDecoder::new();
-    let mut logits = match model.forward_last(&tokens, 0, &mut cache) {
-        Ok(l) => l,
-        Err(e) => {
-            emit(fail(format!("target model failed: {e}")));
-            return;
-        }
-    };
-    let mut pos = tokens.len();
     let mut generated = 0;
-    let finish_reason = loop {
-        if generated == req.max_tokens {
-            break "length";
-        }
-        let next = sample(logits.last(), &params, &mut rng);
-        generated += 1;
-        if target.tokenizer.eos_tokens().contains(&next) {
-            break "stop";
-        }
-        match decoder.push(&target.tokenizer, next) {
-            Ok(t) if !t.is_empty() => {
-                if !emit(Piece::Text(t)) {
-                    return;
+    let mut finish_reason = "length";
+    let mut failure = None;
+    let mut gone = false;
+    if req.max_tokens > 0 {
+        let result = decode(model, draft, &tokens, &params, context, &mut |t| {
+            generated += 1;
+            if target.tokenizer.eos_tokens().contains(&t) {
+                finish_reason = "stop";
+                return false;
+            }
+            match decoder.push(&target.tokenizer, t) {
+                Ok(text) if !text.is_empty() => {
+                    if !emit(Piece::Text(text)) {
+                        gone = true;
+                        return false;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failure = Some(format!("detokenizing: {e}"));
+                    return false;
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                emit(fail(format!("detokenizing: {e}")));
-                return;
-            }
+            generated < req.max_tokens
+        });
+        if let Err(e) = result {
+            failure = Some(e);
         }
-        if pos + 1 >= context || generated == req.max_tokens {
-            break "length";
-        }
-        logits = match model.forward_last(&[next], pos, &mut cache) {
-            Ok(l) => l,
-            Err(e) => {
-                emit(fail(format!("target model failed: {e}")));
-                return;
-            }
-        };
-        pos += 1;
-    };
+    }
+    if gone {
+        return;
+    }
+    if let Some(m) = failure {
+        emit(fail(m));
+        return;
+    }
     if let Ok(t) = decoder.finish(&target.tokenizer)
         && !t.is_empty()
     {
@@ -201,6 +297,36 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         Ok(t) => t,
         Err(m) => return error(StatusCode::NOT_FOUND, m),
     };
+    let draft = if creq.speculative {
+        let Some(d) = state.draft.clone() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "`speculative` needs a draft model on the server: start it with --draft NAME|PATH",
+            );
+        };
+        if d.tokenizer_fp != target.tokenizer_fp {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the server's draft model {} does not share the tokenizer of {}",
+                    d.path.display(),
+                    target.id()
+                ),
+            );
+        }
+        if creq.gamma > limits.max_draft {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "gamma {} exceeds this server's limit of {}",
+                    creq.gamma, limits.max_draft
+                ),
+            );
+        }
+        Some(d)
+    } else {
+        None
+    };
     let Some(slot) = state.enter() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, state.busy_message());
     };
@@ -211,7 +337,8 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
         let _use = gen_target.enter();
-        generate(&gen_target, &creq, limits.max_context, &mut |p| {
+        let draft = draft.as_ref().map(|d| (&d.model, creq.gamma));
+        generate(&gen_target, draft, &creq, limits.max_context, &mut |p| {
             if let Piece::Done {
                 completion_tokens, ..
             } = &p
@@ -274,7 +401,19 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         while let Some(p) = rx.recv().await {
             let b = match p {
                 Piece::Text(t) => chunk(&t, None),
-                Piece::Done { finish_reason, .. } => chunk("", Some(finish_reason)),
+                Piece::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let v = serde_json::json!({
+                        "id": id, "object": "text_completion", "created": created, "model": model_id,
+                        "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens},
+                    });
+                    Bytes::from(format!("data: {v}\n\n"))
+                }
                 Piece::Failed(m) => Bytes::from(format!(
                     "data: {}\n\n",
                     serde_json::json!({"error": {"message": m}})

@@ -30,6 +30,10 @@ struct Serve {
     /// Repeat for several targets.
     #[arg(long = "target", required = true)]
     targets: Vec<TargetSpec>,
+    /// A draft model on the server, for `"speculative": true` completions (the cloud-sd
+    /// baseline: draft and target both here, tokens streamed to the client).
+    #[arg(long)]
+    draft: Option<String>,
     /// Layer whose predictions are streamed as hints before verification finishes
     /// (default: the layer of an exit adapter in the target file, else no hints).
     #[arg(long)]
@@ -109,7 +113,17 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    let state = State::new(config);
+    let draft = match &args.draft {
+        Some(d) => {
+            let d = d.clone();
+            Some(
+                tokio::task::spawn_blocking(move || tandem_verifier::server::ServerDraft::load(&d))
+                    .await??,
+            )
+        }
+        None => None,
+    };
+    let state = State::with_draft(config, draft);
     for spec in &args.targets {
         let st = state.clone();
         let spec = spec.clone();

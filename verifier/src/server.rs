@@ -59,10 +59,35 @@ impl Default for ServerConfig {
     }
 }
 
+/// The server's own draft model, for speculative decoding on the server (cloud-sd).
+pub struct ServerDraft {
+    /// The model.
+    pub model: tandem_models::Model,
+    /// Its tokenizer fingerprint (must equal the target's).
+    pub tokenizer_fp: tandem_models::TokenizerFingerprint,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+}
+
+impl ServerDraft {
+    /// Loads a draft model (catalog name or path).
+    pub fn load(name: &str) -> anyhow::Result<ServerDraft> {
+        let path =
+            tandem_models::fetch::resolve(name).with_context(|| format!("draft `{name}`"))?;
+        Ok(ServerDraft {
+            model: tandem_models::Model::load(&path)?,
+            tokenizer_fp: tandem_models::backbone::tokenizer_fingerprint_of(&path)?,
+            path,
+        })
+    }
+}
+
 /// Everything the handlers share.
 pub struct State {
     /// Loaded targets.
     pub registry: Registry,
+    /// The server's draft model, if any.
+    pub draft: Option<Arc<ServerDraft>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Configuration.
@@ -84,8 +109,14 @@ impl Drop for SessionSlot {
 impl State {
     /// A server state with no targets yet.
     pub fn new(config: ServerConfig) -> Arc<State> {
+        Self::with_draft(config, None)
+    }
+
+    /// A server state with a draft model for server-side speculative decoding.
+    pub fn with_draft(config: ServerConfig, draft: Option<ServerDraft>) -> Arc<State> {
         Arc::new(State {
             registry: Registry::default(),
+            draft: draft.map(Arc::new),
             metrics: Arc::new(Metrics::default()),
             config,
             sessions: AtomicUsize::new(0),
