@@ -360,6 +360,18 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         .unwrap_or_default()
         .as_secs();
     let model_id = target.id();
+    // One completion object (or SSE chunk): text, finish reason, and usage when known.
+    let body = move |text: &str, finish: Option<&str>, usage: Option<(usize, usize)>| {
+        let mut v = serde_json::json!({
+            "id": id, "object": "text_completion", "created": created, "model": model_id,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+        });
+        if let Some((prompt, completion)) = usage {
+            v["usage"] = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion,
+                                            "total_tokens": prompt + completion});
+        }
+        v
+    };
     if !stream {
         let mut text = String::new();
         while let Some(p) = rx.recv().await {
@@ -371,12 +383,11 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let v = serde_json::json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model_id,
-                        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens},
-                    });
+                    let v = body(
+                        &text,
+                        Some(finish_reason),
+                        Some((prompt_tokens, completion_tokens)),
+                    );
                     return Response::builder()
                         .header("content-type", "application/json")
                         .body(http_body_util::Full::new(Bytes::from(format!("{v}\n"))).boxed())
@@ -391,29 +402,19 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     }
     let (out, sse) = ChannelBody::new();
     tokio::spawn(async move {
-        let chunk = |text: &str, finish: Option<&str>| {
-            let v = serde_json::json!({
-                "id": id, "object": "text_completion", "created": created, "model": model_id,
-                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
-            });
-            Bytes::from(format!("data: {v}\n\n"))
-        };
+        let chunk = |v: serde_json::Value| Bytes::from(format!("data: {v}\n\n"));
         while let Some(p) = rx.recv().await {
             let b = match p {
-                Piece::Text(t) => chunk(&t, None),
+                Piece::Text(t) => chunk(body(&t, None, None)),
                 Piece::Done {
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
-                } => {
-                    let v = serde_json::json!({
-                        "id": id, "object": "text_completion", "created": created, "model": model_id,
-                        "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason}],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens},
-                    });
-                    Bytes::from(format!("data: {v}\n\n"))
-                }
+                } => chunk(body(
+                    "",
+                    Some(finish_reason),
+                    Some((prompt_tokens, completion_tokens)),
+                )),
                 Piece::Failed(m) => Bytes::from(format!(
                     "data: {}\n\n",
                     serde_json::json!({"error": {"message": m}})
