@@ -1,16 +1,18 @@
 //! The session wire format: length-prefixed binary frames, one message each.
 //!
 //! ```text
-//! frame   = len:u32  version:u8  type:u8  body      (len counts version, type and body)
+//! frame   = len:var  version:u8  type:u8  body      (len counts version, type and body)
 //! ```
 //!
-//! All integers and floats are little-endian. The full format, message by message, is in
+//! `var` is an unsigned LEB128 varint (7 bits per byte, low bits first); token ids,
+//! positions, rounds and counts are varints, so a greedy round costs a few dozen bytes.
+//! Fixed-size integers and floats are little-endian. The full format, message by message, is in
 //! `docs/protocol.md`. Decoding never panics: a short buffer asks for more bytes, and every
 //! malformed frame (unknown type, wrong version, oversized length, bad counts, trailing
 //! bytes, invalid UTF-8, non-finite probabilities) is a [`ProtocolError`].
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Largest frame (after the length prefix) a decoder accepts by default: 1 MiB.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -269,7 +271,6 @@ struct Writer<'a> {
 impl<'a> Writer<'a> {
     fn frame(out: &'a mut Vec<u8>, ty: u8) -> Self {
         let start = out.len();
-        out.extend_from_slice(&[0; 4]);
         out.push(VERSION);
         out.push(ty);
         Writer { out, start }
@@ -282,8 +283,9 @@ impl<'a> Writer<'a> {
         self.out.extend_from_slice(&v.to_le_bytes());
         self
     }
+    /// A varint.
     fn u32(&mut self, v: u32) -> &mut Self {
-        self.out.extend_from_slice(&v.to_le_bytes());
+        put_var(self.out, v);
         self
     }
     fn u64(&mut self, v: u64) -> &mut Self {
@@ -318,9 +320,40 @@ impl<'a> Writer<'a> {
 
 impl Drop for Writer<'_> {
     fn drop(&mut self) {
-        let len = (self.out.len() - self.start - 4) as u32;
-        self.out[self.start..self.start + 4].copy_from_slice(&len.to_le_bytes());
+        let mut len = Vec::with_capacity(5);
+        put_var(&mut len, (self.out.len() - self.start) as u32);
+        self.out.splice(self.start..self.start, len);
     }
+}
+
+/// Appends `v` as an unsigned LEB128 varint (1–5 bytes).
+fn put_var(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a varint at the start of `buf`: `Ok(None)` if `buf` ends inside it, else the value
+/// and the bytes it used; an error if it runs past 5 bytes or past `u32::MAX`.
+fn get_var(buf: &[u8]) -> Result<Option<(u32, usize)>, String> {
+    let mut v: u64 = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if i == 5 {
+            return Err("varint longer than 5 bytes".into());
+        }
+        v |= ((b & 0x7f) as u64) << (7 * i);
+        if b & 0x80 == 0 {
+            return u32::try_from(v)
+                .map(|v| Some((v, i + 1)))
+                .map_err(|_| format!("varint {v} exceeds u32"));
+        }
+    }
+    if buf.len() >= 5 {
+        return Err("varint longer than 5 bytes".into());
+    }
+    Ok(None)
 }
 
 /// Reads the fields of one frame body; every read checks the remaining length.
@@ -353,8 +386,16 @@ impl<'a> Reader<'a> {
     fn u16(&mut self) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
+    /// A varint.
     fn u32(&mut self) -> Result<u32, ProtocolError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+        match get_var(self.buf) {
+            Ok(Some((v, used))) => {
+                self.buf = &self.buf[used..];
+                Ok(v)
+            }
+            Ok(None) => Err(self.err("the frame ends inside a number")),
+            Err(e) => Err(self.err(e)),
+        }
     }
     fn u64(&mut self) -> Result<u64, ProtocolError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
@@ -365,7 +406,7 @@ impl<'a> Reader<'a> {
     fn fingerprint(&mut self) -> Result<[u8; FINGERPRINT_LEN], ProtocolError> {
         Ok(self.take(FINGERPRINT_LEN)?.try_into().unwrap())
     }
-    /// A count of items of `size` bytes each, checked against what is left so a lying
+    /// A count of items of at least `size` bytes each, checked against what is left so a lying
     /// count cannot make the decoder allocate.
     fn count(&mut self, size: usize, what: &str) -> Result<usize, ProtocolError> {
         let n = self.u32()? as usize;
@@ -391,7 +432,7 @@ impl<'a> Reader<'a> {
         }
     }
     fn tokens(&mut self, what: &str) -> Result<Vec<u32>, ProtocolError> {
-        let n = self.count(4, what)?;
+        let n = self.count(1, what)?;
         (0..n).map(|_| self.u32()).collect()
     }
     fn prob(&mut self, what: &str) -> Result<f32, ProtocolError> {
@@ -433,8 +474,14 @@ impl Message for ClientMsg {
             ClientMsg::Verify(v) => {
                 let mut w = Writer::frame(out, ty::VERIFY);
                 w.u32(v.round).u32(v.pos).u32(v.prev).tokens(&v.tokens);
-                for &q in &v.q {
-                    w.f32(q);
+                // Greedy drafts have q = 1 everywhere: one byte says so.
+                if v.q.iter().all(|&q| q == 1.0) {
+                    w.u8(0);
+                } else {
+                    w.u8(1);
+                    for &q in &v.q {
+                        w.f32(q);
+                    }
                 }
             }
             ClientMsg::Cancel(round) => {
@@ -488,9 +535,13 @@ impl Message for ClientMsg {
                 let pos = r.u32()?;
                 let prev = r.u32()?;
                 let tokens = r.tokens("draft token")?;
-                let q = (0..tokens.len())
-                    .map(|_| r.prob("q"))
-                    .collect::<Result<_, _>>()?;
+                let q = match r.u8()? {
+                    0 => vec![1.0; tokens.len()],
+                    1 => (0..tokens.len())
+                        .map(|_| r.prob("q"))
+                        .collect::<Result<_, _>>()?,
+                    k => return Err(r.err(format!("q kind {k} is neither 0 nor 1"))),
+                };
                 ClientMsg::Verify(Verify {
                     round,
                     pos,
@@ -584,7 +635,7 @@ impl Message for ServerMsg {
                 let outcome = match r.u8()? {
                     0 => Outcome::Token(r.u32()?),
                     1 => {
-                        let n = r.count(8, "top-K entry")?;
+                        let n = r.count(5, "top-K entry")?;
                         let top = (0..n)
                             .map(|_| Ok((r.u32()?, r.prob("p")?)))
                             .collect::<Result<_, ProtocolError>>()?;
@@ -619,10 +670,16 @@ impl Message for ServerMsg {
 /// Decodes the frame at the start of `buf`: `Ok(None)` when more bytes are needed,
 /// otherwise the message and the bytes it used.
 pub fn decode<M: Message>(buf: &[u8], max: usize) -> Result<Option<(M, usize)>, ProtocolError> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    let (len, head) = match get_var(buf) {
+        Ok(Some((len, head))) => (len as usize, head),
+        Ok(None) => return Ok(None),
+        Err(reason) => {
+            return Err(ProtocolError::Malformed {
+                message: "frame",
+                reason: format!("length prefix: {reason}"),
+            });
+        }
+    };
     if len > max {
         return Err(ProtocolError::Oversized { len, max });
     }
@@ -632,10 +689,10 @@ pub fn decode<M: Message>(buf: &[u8], max: usize) -> Result<Option<(M, usize)>, 
             reason: format!("length {len} leaves no room for version and type"),
         });
     }
-    if buf.len() < 4 + len {
+    if buf.len() < head + len {
         return Ok(None);
     }
-    let frame = &buf[4..4 + len];
+    let frame = &buf[head..head + len];
     if frame[0] != VERSION {
         return Err(ProtocolError::Version {
             got: frame[0],
@@ -646,7 +703,7 @@ pub fn decode<M: Message>(buf: &[u8], max: usize) -> Result<Option<(M, usize)>, 
         buf: &frame[2..],
         message: "frame",
     };
-    Ok(Some((M::decode_body(frame[1], &mut r)?, 4 + len)))
+    Ok(Some((M::decode_body(frame[1], &mut r)?, head + len)))
 }
 
 /// Splits a byte stream into messages.
@@ -686,10 +743,9 @@ impl FrameDecoder {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let need = if self.buf.len() >= 4 {
-            4 + u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize
-        } else {
-            4
+        let need = match get_var(&self.buf) {
+            Ok(Some((len, head))) => head + len as usize,
+            _ => self.buf.len() + 1,
         };
         Err(ProtocolError::Truncated {
             need,
@@ -701,6 +757,65 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `inner` (version, type, body) framed with its varint length.
+    fn reframe(inner: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        put_var(&mut f, inner.len() as u32);
+        f.extend_from_slice(inner);
+        f
+    }
+
+    /// A frame without its length prefix.
+    fn inner(f: &[u8]) -> &[u8] {
+        let (_, head) = get_var(f).unwrap().unwrap();
+        &f[head..]
+    }
+
+    #[test]
+    fn varints_round_trip_at_every_width() {
+        for v in [0, 1, 127, 128, 16_383, 16_384, 151_935, 2_097_152, u32::MAX] {
+            let mut b = Vec::new();
+            put_var(&mut b, v);
+            let width = match v {
+                0..=127 => 1,
+                128..=16_383 => 2,
+                16_384..=2_097_151 => 3,
+                2_097_152..=268_435_455 => 4,
+                _ => 5,
+            };
+            assert_eq!(b.len(), width, "{v}");
+            assert_eq!(get_var(&b), Ok(Some((v, width))));
+            for cut in 0..b.len() {
+                assert_eq!(get_var(&b[..cut]), Ok(None));
+            }
+        }
+        assert!(get_var(&[0x80; 6]).is_err());
+        assert!(get_var(&[0xff, 0xff, 0xff, 0xff, 0x1f]).is_err()); // 2^35 - 1
+    }
+
+    #[test]
+    fn a_greedy_round_is_a_few_dozen_bytes() {
+        // Qwen-sized ids: two bytes below 16384, three above.
+        let verify = ClientMsg::Verify(Verify {
+            round: 40,
+            pos: 300,
+            prev: 151_000,
+            tokens: vec![13, 1000, 20_000, 262],
+            q: vec![1.0; 4],
+        })
+        .to_frame();
+        // len, version, type, round 1, pos 2, prev 3, count 1, ids 1+2+3+2, q kind 1.
+        assert_eq!(verify.len(), 3 + 1 + 2 + 3 + 1 + 8 + 1);
+        let result = ServerMsg::Result(VerifyResult {
+            round: 40,
+            accepted: 4,
+            outcome: Outcome::Token(5000),
+            verify_us: 250_000,
+        })
+        .to_frame();
+        assert_eq!(result.len(), 3 + 1 + 1 + 3 + 1 + 2);
+    }
 
     fn client_samples() -> Vec<ClientMsg> {
         vec![
@@ -839,10 +954,9 @@ mod tests {
         // fields run out.
         for m in client_samples() {
             let f = m.to_frame();
-            for cut in 6..f.len() {
-                let mut g = f[..cut].to_vec();
-                let len = (cut - 4) as u32;
-                g[..4].copy_from_slice(&len.to_le_bytes());
+            let body = inner(&f);
+            for cut in 2..body.len() {
+                let g = reframe(&body[..cut]);
                 let r = decode::<ClientMsg>(&g, MAX_FRAME);
                 assert!(
                     matches!(r, Err(ProtocolError::Malformed { .. })),
@@ -855,10 +969,11 @@ mod tests {
     #[test]
     fn malformed_frames_are_errors() {
         let good = ClientMsg::Cancel(1).to_frame();
+        assert_eq!(good, [3, VERSION, ty::CANCEL, 1]);
         // Unknown type, and a server type sent to the server.
         for t in [0x00, 0x06, 0x7f, 0x81, 0xff] {
             let mut f = good.clone();
-            f[5] = t;
+            f[2] = t;
             assert_eq!(
                 decode::<ClientMsg>(&f, MAX_FRAME),
                 Err(ProtocolError::UnknownType(t))
@@ -866,31 +981,45 @@ mod tests {
         }
         // Wrong version.
         let mut f = good.clone();
-        f[4] = 9;
+        f[1] = 9;
         assert_eq!(
             decode::<ClientMsg>(&f, MAX_FRAME),
-            Err(ProtocolError::Version { got: 9, want: 1 })
+            Err(ProtocolError::Version {
+                got: 9,
+                want: VERSION
+            })
         );
         // Oversized length: refused before any body arrives.
-        let f = (MAX_FRAME as u32 + 1).to_le_bytes();
+        let mut f = Vec::new();
+        put_var(&mut f, MAX_FRAME as u32 + 1);
         assert!(matches!(
             decode::<ClientMsg>(&f, MAX_FRAME),
             Err(ProtocolError::Oversized { .. })
         ));
+        // A length prefix that never ends, or overflows u32.
+        for bad in [&[0x80u8; 5][..], &[0xff, 0xff, 0xff, 0xff, 0x7f]] {
+            assert!(matches!(
+                decode::<ClientMsg>(bad, MAX_FRAME),
+                Err(ProtocolError::Malformed { .. })
+            ));
+        }
         // A length too short for version and type.
-        assert!(decode::<ClientMsg>(&[1, 0, 0, 0, 1], MAX_FRAME).is_err());
+        assert!(decode::<ClientMsg>(&[1, VERSION], MAX_FRAME).is_err());
         // Trailing bytes.
-        let mut f = good.clone();
-        f.push(0);
-        let len = (f.len() - 4) as u32;
-        f[..4].copy_from_slice(&len.to_le_bytes());
+        let mut body = inner(&good).to_vec();
+        body.push(0);
+        assert!(matches!(
+            decode::<ClientMsg>(&reframe(&body), MAX_FRAME),
+            Err(ProtocolError::Malformed { .. })
+        ));
+        // A count that claims more than the frame holds.
+        let f = reframe(&[VERSION, ty::PREFILL, 0xff, 0xff, 0xff, 0xff, 0x0f, 1]);
         assert!(matches!(
             decode::<ClientMsg>(&f, MAX_FRAME),
             Err(ProtocolError::Malformed { .. })
         ));
-        // A count that claims more than the frame holds.
-        let mut f = ClientMsg::Prefill(vec![1]).to_frame();
-        f[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        // A q kind that is neither "all 1" nor "listed".
+        let f = reframe(&[VERSION, ty::VERIFY, 0, 1, 0, 1, 7, 2]);
         assert!(matches!(
             decode::<ClientMsg>(&f, MAX_FRAME),
             Err(ProtocolError::Malformed { .. })
@@ -924,11 +1053,10 @@ mod tests {
         for _ in 0..20_000 {
             let n = (rng.next_u64() % 64) as usize;
             let mut buf: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
-            if buf.len() >= 6 && rng.next_u64().is_multiple_of(2) {
+            if buf.len() >= 3 && rng.next_u64().is_multiple_of(2) {
                 // Make the header plausible so bodies get exercised.
-                let len = (buf.len() - 4) as u32;
-                buf[..4].copy_from_slice(&len.to_le_bytes());
-                buf[4] = VERSION;
+                buf[0] = (buf.len() - 1) as u8;
+                buf[1] = VERSION;
             }
             let _ = decode::<ClientMsg>(&buf, MAX_FRAME);
             let _ = decode::<ServerMsg>(&buf, MAX_FRAME);

@@ -97,12 +97,13 @@ impl Policy {
         mt * (1.0 + n) / (1.0 + mn)
     }
 
-    /// Uplink time of a block of `gamma` drafts, ms (frame ≈ 22 + 8γ bytes).
+    /// Uplink time of a block of `gamma` drafts, ms (frame ≤ 12 + 7γ bytes: varint ids of
+    /// up to 3 bytes, plus a 4-byte q each when sampling).
     fn transfer_ms(&self, gamma: usize) -> f64 {
         if self.bandwidth_bps <= 0.0 {
             return 0.0;
         }
-        (22.0 + 8.0 * gamma as f64) * 8.0 / self.bandwidth_bps * 1000.0
+        (12.0 + 7.0 * gamma as f64) * 8.0 / self.bandwidth_bps * 1000.0
     }
 
     /// Expected time of one round with `gamma` drafts, ms.

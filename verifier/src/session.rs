@@ -257,7 +257,9 @@ impl Session {
         input.push(v.prev);
         input.extend_from_slice(&v.tokens);
         let exit = target.early_exit_layer;
-        let exits: &[usize] = if exit > 0 { &[exit] } else { &[] };
+        // No hint for a round without drafts: nothing to redirect, and the exit's output
+        // head would cost time.
+        let exits: &[usize] = if exit > 0 && gamma > 0 { &[exit] } else { &[] };
         let round = v.round;
         let logits = model
             .forward_with_exits(
