@@ -169,6 +169,9 @@ pub struct RunStats {
     pub rtt_ms: f64,
     /// Mean draft step, ms.
     pub draft_ms: f64,
+    /// The verifier's time per round (its `verify_us`), by the number of drafts in the
+    /// block.
+    pub verify_by_gamma: Vec<VerifyTime>,
     /// Whether the component's compiled form came from the cache.
     pub component_cached: bool,
     /// Seconds spent in the component's steps (drafting and bookkeeping).
@@ -178,6 +181,111 @@ pub struct RunStats {
     /// Seconds of the generation spent neither stepping nor waiting (event delivery,
     /// detokenizing, sending).
     pub other_s: f64,
+}
+
+/// The verifier's mean time for blocks of one draft length.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyTime {
+    /// Draft tokens in the block (0 = a cloud-AR round).
+    pub gamma: usize,
+    /// Rounds of that length.
+    pub rounds: u32,
+    /// Mean verifier time, ms.
+    pub mean_ms: f64,
+}
+
+/// What the host learns about the link from the verifier's messages: per-round send
+/// times, the RTT estimate and the verifier's time per block.
+struct LinkState {
+    sent_at: HashMap<u32, (Instant, usize)>,
+    rtt_ms: f64,
+    rtt_seen: bool,
+    verify_ms: f64,
+    uplink_bps: f32,
+    by_gamma: std::collections::BTreeMap<usize, (u32, f64)>,
+}
+
+impl LinkState {
+    fn new(connect_ms: f64, uplink_bps: f32) -> Self {
+        LinkState {
+            sent_at: HashMap::new(),
+            rtt_ms: connect_ms.max(0.01),
+            rtt_seen: false,
+            verify_ms: 0.0,
+            uplink_bps,
+            by_gamma: Default::default(),
+        }
+    }
+
+    /// A block of `drafts` tokens went out for `round`.
+    fn sent(&mut self, round: u32, drafts: usize) {
+        self.sent_at.insert(round, (Instant::now(), drafts));
+    }
+
+    /// Hands one message from the verifier, received at `at`, to the guest (a Result
+    /// first as a channel sample, then as the verdict).
+    fn deliver(
+        &mut self,
+        drafter: &mut Drafter,
+        at: Instant,
+        msg: ServerMsg,
+        draft_ms: f64,
+        energy: &mut f64,
+    ) -> anyhow::Result<()> {
+        match msg {
+            ServerMsg::First(t) => drafter.handle(&api::Event::First(t)),
+            ServerMsg::Hint { round, tokens } => drafter.handle(&api::Event::Hint((round, tokens))),
+            ServerMsg::Result(r) => {
+                if let Some((s, drafts)) = self.sent_at.remove(&r.round) {
+                    let round_ms = at.duration_since(s).as_secs_f64() * 1000.0;
+                    let v = r.verify_us as f64 / 1000.0;
+                    let link = (round_ms - v).max(0.0);
+                    // The link's RTT is the floor of round time minus verifier time.
+                    self.rtt_ms = if self.rtt_seen {
+                        self.rtt_ms.min(link) * 0.9 + link * 0.1
+                    } else {
+                        link
+                    };
+                    self.rtt_seen = true;
+                    self.verify_ms = v; // this round's: the guest fits verify time per size
+                    let e = self.by_gamma.entry(drafts).or_default();
+                    e.0 += 1;
+                    e.1 += v;
+                }
+                drafter.handle(&api::Event::Channel(api::ChannelSample {
+                    rtt_ms: self.rtt_ms as f32,
+                    bandwidth_bps: self.uplink_bps,
+                    verify_ms: self.verify_ms as f32,
+                    draft_ms: draft_ms as f32,
+                    energy_j: *energy as f32,
+                }))?;
+                *energy = 0.0;
+                let (token, residual) = match r.outcome {
+                    Outcome::Token(t) => (Some(t), Vec::new()),
+                    Outcome::Residual(top) => (None, top),
+                };
+                drafter.handle(&api::Event::Verdict(api::VerifyResult {
+                    round: r.round,
+                    accepted: r.accepted,
+                    token,
+                    residual,
+                }))
+            }
+            ServerMsg::Error { code, message } => bail!("verifier error {code:?}: {message}"),
+            ServerMsg::Accepted(_) => bail!("the verifier sent Accepted twice"),
+        }
+    }
+
+    fn verify_by_gamma(&self) -> Vec<VerifyTime> {
+        self.by_gamma
+            .iter()
+            .map(|(&gamma, &(rounds, total))| VerifyTime {
+                gamma,
+                rounds,
+                mean_ms: total / rounds as f64,
+            })
+            .collect()
+    }
 }
 
 impl RunStats {
@@ -447,66 +555,11 @@ pub fn run_prepared(
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut ttft = None;
-    let mut sent_at: HashMap<u32, Instant> = HashMap::new();
-    let mut rtt_ms = connect_ms.max(0.01);
-    let mut rtt_seen = false;
-    let mut verify_ms = 0.0;
+    let mut link = LinkState::new(connect_ms, args.uplink_bps);
     let mut last_reading = meter.read();
     let mut draft_ms = 0.0;
     let watts = args.draft_watts.unwrap_or(0.0) as f64;
-    let uplink_bps = args.uplink_bps;
     let mut energy_since = 0.0;
-
-    let deliver = |drafter: &mut Drafter,
-                   at: Instant,
-                   msg: ServerMsg,
-                   sent_at: &mut HashMap<u32, Instant>,
-                   rtt_ms: &mut f64,
-                   rtt_seen: &mut bool,
-                   verify_ms: &mut f64,
-                   draft_ms: f64,
-                   energy: &mut f64|
-     -> anyhow::Result<()> {
-        match msg {
-            ServerMsg::First(t) => drafter.handle(&api::Event::First(t)),
-            ServerMsg::Hint { round, tokens } => drafter.handle(&api::Event::Hint((round, tokens))),
-            ServerMsg::Result(r) => {
-                if let Some(s) = sent_at.remove(&r.round) {
-                    let round_ms = at.duration_since(s).as_secs_f64() * 1000.0;
-                    let v = r.verify_us as f64 / 1000.0;
-                    let link = (round_ms - v).max(0.0);
-                    // The link's RTT is the floor of round time minus verifier time.
-                    *rtt_ms = if *rtt_seen {
-                        rtt_ms.min(link) * 0.9 + link * 0.1
-                    } else {
-                        link
-                    };
-                    *rtt_seen = true;
-                    *verify_ms = v; // this round's: the guest fits verify time per block size
-                }
-                drafter.handle(&api::Event::Channel(api::ChannelSample {
-                    rtt_ms: *rtt_ms as f32,
-                    bandwidth_bps: uplink_bps,
-                    verify_ms: *verify_ms as f32,
-                    draft_ms: draft_ms as f32,
-                    energy_j: *energy as f32,
-                }))?;
-                *energy = 0.0;
-                let (token, residual) = match r.outcome {
-                    Outcome::Token(t) => (Some(t), Vec::new()),
-                    Outcome::Residual(top) => (None, top),
-                };
-                drafter.handle(&api::Event::Verdict(api::VerifyResult {
-                    round: r.round,
-                    accepted: r.accepted,
-                    token,
-                    residual,
-                }))
-            }
-            ServerMsg::Error { code, message } => bail!("verifier error {code:?}: {message}"),
-            ServerMsg::Accepted(_) => bail!("the verifier sent Accepted twice"),
-        }
-    };
 
     let idle = Duration::from_secs(300);
     let mut step_time = Duration::ZERO;
@@ -515,17 +568,9 @@ pub fn run_prepared(
         // Everything that arrived goes to the guest before its next step.
         loop {
             match ev_rx.try_recv() {
-                Ok((at, Incoming::Msg(m))) => deliver(
-                    &mut drafter,
-                    at,
-                    m,
-                    &mut sent_at,
-                    &mut rtt_ms,
-                    &mut rtt_seen,
-                    &mut verify_ms,
-                    draft_ms,
-                    &mut energy_since,
-                )?,
+                Ok((at, Incoming::Msg(m))) => {
+                    link.deliver(&mut drafter, at, m, draft_ms, &mut energy_since)?
+                }
                 Ok((_, Incoming::End)) => bail!("the verifier closed the session early"),
                 Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
                 Err(_) => break,
@@ -549,7 +594,7 @@ pub fn run_prepared(
         for a in actions {
             match a {
                 api::Action::Send(b) => {
-                    sent_at.insert(b.round, Instant::now());
+                    link.sent(b.round, b.tokens.len());
                     tx.send(&ClientMsg::Verify(Verify {
                         round: b.round,
                         pos: b.pos,
@@ -576,17 +621,7 @@ pub fn run_prepared(
                     let wait_started = Instant::now();
                     let (at, m) = wait_msg(idle)?;
                     wait_time += wait_started.elapsed();
-                    deliver(
-                        &mut drafter,
-                        at,
-                        m,
-                        &mut sent_at,
-                        &mut rtt_ms,
-                        &mut rtt_seen,
-                        &mut verify_ms,
-                        draft_ms,
-                        &mut energy_since,
-                    )?;
+                    link.deliver(&mut drafter, at, m, draft_ms, &mut energy_since)?;
                 }
                 api::Action::Done => break 'run,
             }
@@ -629,8 +664,9 @@ pub fn run_prepared(
         gamma_counts: s.gamma_counts,
         up_bytes_per_token: tx.bytes_up() as f64 / n,
         down_bytes_per_token: down.load(std::sync::atomic::Ordering::Relaxed) as f64 / n,
-        rtt_ms,
+        rtt_ms: link.rtt_ms,
         draft_ms,
+        verify_by_gamma: link.verify_by_gamma(),
         component_cached: runtime.from_cache,
         step_s: step_time.as_secs_f64(),
         wait_s: wait_time.as_secs_f64(),
@@ -757,6 +793,7 @@ fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunS
             down_bytes_per_token: down as f64 / n,
             rtt_ms: 0.0,
             draft_ms: 0.0,
+            verify_by_gamma: Vec::new(),
             component_cached: false,
             step_s: 0.0,
             wait_s: seconds,

@@ -1,0 +1,37 @@
+//! `tandem-bench`: benchmarks that run the real binaries and write reports under
+//! `target/bench/`.
+
+mod e2e;
+mod link;
+mod model;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+/// tandem benchmarks (numbers and JSON, never pass/fail on timings).
+#[derive(Parser)]
+#[command(name = "tandem-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// End-to-end sweep over an emulated edge–cloud link: every strategy on the same
+    /// prompts, verifier and host as separate pinned processes; writes e2e.json, a
+    /// markdown table, speedup.svg and bytes.svg. Fails if any strategy's text differs
+    /// from cloud-ar's.
+    E2e(e2e::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::E2e(args) => e2e::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("tandem-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
