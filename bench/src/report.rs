@@ -39,14 +39,15 @@ pub struct Row {
     pub rtt_ms: f64,
     /// Generated tokens (all prompts).
     pub tokens: usize,
-    /// Total tokens / total seconds, prompt to last token.
+    /// Decoding rate: tokens after the first / seconds after the first token (the prompt's
+    /// prefill is in `ttft_s`; this is what the analytic model describes).
     pub tokens_per_s: f64,
-    /// Mean time per generated token, ms.
+    /// Mean time per generated token after the first, ms.
     pub ms_per_token: f64,
-    /// Mean time to first token, s.
+    /// Mean time to first token (prefill + one round), s.
     pub ttft_s: f64,
-    /// Tokens per second after the first token (what the analytic model describes).
-    pub decode_tokens_per_s: f64,
+    /// Total tokens / total seconds, prompt to last token.
+    pub end_to_end_tokens_per_s: f64,
     /// tokens_per_s / cloud-ar's at the same RTT.
     pub speedup: f64,
     /// Verify rounds.
@@ -67,7 +68,7 @@ pub struct Row {
     pub draft_ms: f64,
     /// The link RTT the host measured (round minus verifier time), ms.
     pub measured_rtt_ms: f64,
-    /// decode_tokens_per_s / the analytic bound at this RTT (tandem strategies).
+    /// tokens_per_s / the analytic bound at this RTT (tandem strategies).
     pub achieved_over_bound: Option<f64>,
 }
 
@@ -163,7 +164,7 @@ pub fn write(
             if r.strategy.starts_with("tandem")
                 && let Some(p) = points.iter().find(|p| p.rtt_ms == r.rtt_ms)
             {
-                r.achieved_over_bound = Some(r.decode_tokens_per_s / p.bound.tokens_per_s);
+                r.achieved_over_bound = Some(r.tokens_per_s / p.bound.tokens_per_s);
             }
             r
         })
@@ -265,7 +266,7 @@ fn rows(strategies: &[String], rtts: &[f64], runs: &[Run]) -> Vec<Row> {
                     0.0
                 }
             };
-            let tps = tokens / seconds.max(1e-9);
+            let tps = decode_tokens / decode_s.max(1e-9);
             if s == "cloud-ar" {
                 base = Some(tps);
             }
@@ -274,9 +275,9 @@ fn rows(strategies: &[String], rtts: &[f64], runs: &[Run]) -> Vec<Row> {
                 rtt_ms: rtt,
                 tokens: tokens as usize,
                 tokens_per_s: tps,
-                ms_per_token: 1000.0 * seconds / tokens.max(1.0),
+                ms_per_token: 1000.0 * decode_s / decode_tokens.max(1.0),
                 ttft_s: sum(&|r| r.stats.ttft_s) / rs.len() as f64,
-                decode_tokens_per_s: decode_tokens / decode_s.max(1e-9),
+                end_to_end_tokens_per_s: tokens / seconds.max(1e-9),
                 speedup: base.map_or(f64::NAN, |b| tps / b),
                 rounds: rounds as u32,
                 accepted_per_round: if rounds > 0.0 { accepted / rounds } else { 0.0 },
@@ -385,7 +386,8 @@ fn markdown(meta: &Meta, rows: &[Row], points: &[Point], mismatches: usize) -> S
     let _ = writeln!(
         s,
         "Draft {} → target {}, {} prompts ({}), {} new tokens, greedy; link: {}, {} Mbit/s; \
-         cores {}; {}.\n",
+         cores {}; {}. tok/s and ms/token are the decoding rate after the first token (the \
+         prompt's prefill is in TTFT); speedup is tok/s over cloud-ar's at the same RTT.\n",
         meta.draft_model,
         meta.target_model,
         meta.num_prompts,
@@ -398,10 +400,10 @@ fn markdown(meta: &Meta, rows: &[Row], points: &[Point], mismatches: usize) -> S
     );
     let _ = writeln!(
         s,
-        "| RTT ms | strategy | tok/s | speedup | ms/token | TTFT s | tokens/round | γ (mode) | \
-         bytes/token up+down | achieved/bound |"
+        "| RTT ms | strategy | tok/s | speedup | ms/token | TTFT s | end-to-end tok/s | \
+         tokens/round | γ (mode) | bytes/token up+down | achieved/bound |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let mode = r
             .gamma_counts
@@ -412,13 +414,14 @@ fn markdown(meta: &Meta, rows: &[Row], points: &[Point], mismatches: usize) -> S
             .map_or("–".into(), |(g, _)| g.to_string());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {:.2}× | {:.0} | {:.2} | {} | {} | {:.1} + {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.2}× | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} + {:.1} | {} |",
             r.rtt_ms,
             r.strategy,
             r.tokens_per_s,
             r.speedup,
             r.ms_per_token,
             r.ttft_s,
+            r.end_to_end_tokens_per_s,
             if r.rounds > 0 {
                 format!("{:.2}", r.tokens_per_round)
             } else {

@@ -164,7 +164,13 @@ struct InFlight {
     assumed: Vec<u32>,
     /// Whether `assumed` came from a hint.
     from_hint: bool,
+    /// The prediction of a hint that disagreed with what drafting assumed, scored against
+    /// the verdict.
+    contested: Option<Vec<u32>>,
 }
+
+/// How much one contested hint weighs against older ones.
+const HINT_DECAY: f64 = 0.9;
 
 /// The drafter.
 pub struct Machine<M: DraftModel> {
@@ -184,6 +190,11 @@ pub struct Machine<M: DraftModel> {
     /// γ chosen for the next block.
     next_gamma: Option<usize>,
     policy: Policy,
+    /// Decayed counts of contested hints that the verdict proved right, and of all
+    /// contested hints: an exit layer that is wrong more often than the drafter must not
+    /// redirect drafting.
+    hint_right: f64,
+    hint_trials: f64,
     /// Draft steps since the last channel sample (its energy covers them).
     steps_since_sample: usize,
     stats: Stats,
@@ -212,6 +223,8 @@ impl<M: DraftModel> Machine<M> {
             next_round: 0,
             next_gamma: None,
             policy: Policy::default(),
+            hint_right: 0.0,
+            hint_trials: 0.0,
             steps_since_sample: 0,
             stats,
             out: Vec::new(),
@@ -304,13 +317,16 @@ impl<M: DraftModel> Machine<M> {
         if next_gamma == 0 {
             return;
         }
+        // The hint runs up to its first disagreement with the drafts, or through the bonus
+        // position when it agrees with all of them.
         let gamma = f.drafts.len();
-        if h.len() != gamma + 1 {
+        if h.is_empty() || h.len() > gamma + 1 {
             return;
         }
-        let n = (0..gamma)
+        let upto = (h.len() - 1).min(gamma);
+        let n = (0..upto)
             .find(|&i| h[i] != f.drafts[i].token)
-            .unwrap_or(gamma);
+            .unwrap_or(upto);
         let mut predicted: Vec<u32> = f.drafts[..n].iter().map(|d| d.token).collect();
         predicted.push(h[n]);
         // What drafting currently assumes follows the committed tokens.
@@ -325,15 +341,22 @@ impl<M: DraftModel> Machine<M> {
             let extra = predicted.len() - f.assumed.len();
             f.assumed = predicted;
             self.ahead.drain(..extra);
+            f.from_hint = true;
         } else {
-            self.stats.hints_used += 1;
-            let common = common_prefix(&current, &predicted);
-            f.assumed = predicted;
-            self.ahead.clear();
-            let base = self.committed.len();
-            self.cache_valid = self.cache_valid.min(base + common);
+            f.contested = Some(predicted.clone());
+            // Follow the hint only while contested hints have been right more often than
+            // not (a prior of one right in two trials).
+            let trust = (self.hint_right + 1.0) / (self.hint_trials + 2.0);
+            if trust > 0.5 {
+                self.stats.hints_used += 1;
+                let common = common_prefix(&current, &predicted);
+                f.assumed = predicted;
+                self.ahead.clear();
+                let base = self.committed.len();
+                self.cache_valid = self.cache_valid.min(base + common);
+                f.from_hint = true;
+            }
         }
-        f.from_hint = true;
     }
 
     fn result(&mut self, v: Verdict) -> Result<(), String> {
@@ -372,6 +395,10 @@ impl<M: DraftModel> Machine<M> {
         self.policy.observe_round(gamma, n);
         let mut actual: Vec<u32> = f.drafts[..n].iter().map(|d| d.token).collect();
         actual.push(next);
+        if let Some(hint) = &f.contested {
+            self.hint_trials = self.hint_trials * HINT_DECAY + 1.0;
+            self.hint_right = self.hint_right * HINT_DECAY + f64::from(actual.starts_with(hint));
+        }
         let assumed: Vec<u32> = f
             .assumed
             .iter()
@@ -554,6 +581,7 @@ impl<M: DraftModel> Machine<M> {
             assumed: block.tokens.clone(),
             drafts,
             from_hint: false,
+            contested: None,
         });
         block
     }
@@ -631,7 +659,18 @@ mod tests {
 
     /// Drives a machine against the fake target like the host would, delivering results
     /// (and hints when `hints`) only after `delay` further steps, to exercise pipelining.
-    fn drive(m: &mut Machine<Fake>, prompt: &[u32], hints: bool, delay: usize) -> Vec<u32> {
+    /// What the fake verifier's exit layer predicts.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Exit {
+        /// No hints.
+        Off,
+        /// The target's tokens, exactly.
+        Exact,
+        /// A wrong token at the first position.
+        Wrong,
+    }
+
+    fn drive(m: &mut Machine<Fake>, prompt: &[u32], hints: Exit, delay: usize) -> Vec<u32> {
         m.prefill(prompt).unwrap();
         let mut history = prompt.to_vec();
         let first = target_next(&history);
@@ -661,15 +700,22 @@ mod tests {
                     }))
                     .unwrap();
                 } else {
-                    if hints && wait == delay {
+                    if hints == Exit::Wrong && wait == delay {
+                        let t = target_next(&history[..b.pos as usize]);
+                        m.handle(Event::Hint(b.round, vec![t + 1000])).unwrap();
+                    }
+                    if hints == Exit::Exact && wait == delay {
                         // The "exit layer" predicts the target exactly here.
                         let mut ctx = history[..b.pos as usize].to_vec();
                         let mut h = Vec::new();
+                        // Up to the first disagreement, as the verifier sends it.
                         for i in 0..=b.tokens.len() {
-                            h.push(target_next(&ctx));
-                            if i < b.tokens.len() {
-                                ctx.push(b.tokens[i]);
+                            let t = target_next(&ctx);
+                            h.push(t);
+                            if i == b.tokens.len() || t != b.tokens[i] {
+                                break;
                             }
+                            ctx.push(b.tokens[i]);
                         }
                         m.handle(Event::Hint(b.round, h)).unwrap();
                     }
@@ -717,14 +763,15 @@ mod tests {
         let prompt = [1, 2, 3];
         let want = reference(&prompt, 40);
         for (strategy, gamma, hints, delay, pipeline, use_hints) in [
-            (Strategy::CloudAr, None, false, 0, true, true),
-            (Strategy::Sync, Some(4), false, 2, true, true),
-            (Strategy::Tandem, Some(4), false, 6, true, true),
-            (Strategy::Tandem, Some(4), true, 6, true, true),
-            (Strategy::Tandem, Some(2), true, 1, true, true),
-            (Strategy::Tandem, None, true, 3, true, true),
-            (Strategy::Tandem, Some(4), true, 6, false, true),
-            (Strategy::Tandem, Some(4), true, 6, true, false),
+            (Strategy::CloudAr, None, Exit::Off, 0, true, true),
+            (Strategy::Sync, Some(4), Exit::Off, 2, true, true),
+            (Strategy::Tandem, Some(4), Exit::Off, 6, true, true),
+            (Strategy::Tandem, Some(4), Exit::Exact, 6, true, true),
+            (Strategy::Tandem, Some(2), Exit::Exact, 1, true, true),
+            (Strategy::Tandem, None, Exit::Exact, 3, true, true),
+            (Strategy::Tandem, Some(4), Exit::Exact, 6, false, true),
+            (Strategy::Tandem, Some(4), Exit::Exact, 6, true, false),
+            (Strategy::Tandem, Some(4), Exit::Wrong, 6, true, true),
         ] {
             let mut m = Machine::new(
                 Fake {
@@ -738,7 +785,7 @@ mod tests {
                 },
             );
             let out = drive(&mut m, &prompt, hints, delay);
-            assert_eq!(out, want, "{strategy:?} γ={gamma:?} hints={hints}");
+            assert_eq!(out, want, "{strategy:?} γ={gamma:?} hints={hints:?}");
             let s = m.stats();
             if strategy == Strategy::CloudAr {
                 assert_eq!(s.drafted, 0);
@@ -747,8 +794,12 @@ mod tests {
                 assert!(s.drafted_in_flight > 0, "{s:?}");
                 assert!(s.pipelined_kept + s.hint_kept > 0, "{s:?}");
             }
-            if hints && use_hints && gamma == Some(4) {
+            if hints == Exit::Exact && use_hints && gamma == Some(4) {
                 assert!(s.hints > 0 && s.hints_used > 0, "{s:?}");
+            }
+            if hints == Exit::Wrong {
+                // Hints that the verdicts keep proving wrong never redirect drafting.
+                assert!(s.hints > 0 && s.hints_used == 0, "{s:?}");
             }
             if !use_hints {
                 assert_eq!(s.hints_used + s.hint_kept, 0, "{s:?}");

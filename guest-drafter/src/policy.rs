@@ -15,8 +15,10 @@ pub struct Policy {
     pub rtt_ms: f64,
     /// Verifier time per round, ms, until rounds have been measured.
     pub verify_ms: f64,
-    /// Decayed sums over measured rounds of (1, n, n², t, n·t), n = tokens verified, t = ms.
-    verify_fit: [f64; 5],
+    /// Per block size n (tokens verified = drafts + 1): decayed weight and mean of the
+    /// verifier's time, ms. Each size decays only with its own rounds, so what was learned
+    /// about long blocks survives a stretch of short ones.
+    verify_by_n: Vec<(f64, f64)>,
     /// Uplink bits per second (0 = unknown: no transfer cost).
     pub bandwidth_bps: f64,
     /// Energy per draft step, joules (0 = unknown).
@@ -25,9 +27,10 @@ pub struct Policy {
 
 /// How much one round's evidence weighs against older rounds.
 const DECAY: f64 = 0.95;
-/// Prior: as if 1 of 2 positions had been accepted.
-const PRIOR_ACCEPTED: f64 = 1.0;
-const PRIOR_TRIALS: f64 = 2.0;
+/// Prior: as if 3/4 of one position had been accepted (a drafter shipped for its target
+/// family; one position's weight, so evidence takes over within a round or two).
+const PRIOR_ACCEPTED: f64 = 0.75;
+const PRIOR_TRIALS: f64 = 1.0;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -37,7 +40,7 @@ impl Default for Policy {
             draft_ms: 10.0,
             rtt_ms: 50.0,
             verify_ms: 50.0,
-            verify_fit: [0.0; 5],
+            verify_by_n: Vec::new(),
             bandwidth_bps: 0.0,
             step_joules: 0.0,
         }
@@ -71,30 +74,47 @@ impl Policy {
 
     /// Records the verifier's time for a round that verified `n` tokens (drafts + 1).
     pub fn observe_verify(&mut self, n: usize, ms: f64) {
-        let n = n as f64;
-        let f = &mut self.verify_fit;
-        for (s, v) in f.iter_mut().zip([1.0, n, n * n, ms, n * ms]) {
-            *s = *s * DECAY + v;
+        if n == 0 || !ms.is_finite() {
+            return;
         }
+        if self.verify_by_n.len() <= n {
+            self.verify_by_n.resize(n + 1, (0.0, 0.0));
+        }
+        let (w, mean) = &mut self.verify_by_n[n];
+        *w = *w * DECAY + 1.0;
+        *mean += (ms - *mean) / *w;
     }
 
-    /// Expected verifier time for `n` tokens, ms: a + b·n fitted to the measured rounds once
-    /// they cover more than one block size; before that, the measured mean scaled as if
-    /// a = b (half fixed cost, half per token); before any round, `verify_ms`.
+    /// Expected verifier time for `n` tokens, ms: the line a + b·n (b ≥ 0) through the
+    /// per-size means once more than one size has been measured (each size weighing by its
+    /// evidence, at most 4 rounds' worth, so a rarely used size still counts); with one size,
+    /// its mean scaled as if a = b (half fixed cost, half per token); before any round,
+    /// `verify_ms`.
     pub fn verify_time(&self, n: usize) -> f64 {
-        let [s0, s1, s2, t0, t1] = self.verify_fit;
-        if s0 <= 0.0 {
-            return self.verify_ms;
-        }
-        let (mn, mt) = (s1 / s0, t0 / s0);
-        let var = s2 / s0 - mn * mn;
+        let pts: Vec<(f64, f64, f64)> = self
+            .verify_by_n
+            .iter()
+            .enumerate()
+            .filter(|(_, (w, _))| *w > 0.0)
+            .map(|(size, &(w, mean))| (size as f64, mean, w.min(4.0)))
+            .collect();
         let n = n as f64;
-        if var > 0.2 {
-            let b = ((t1 / s0 - mn * mt) / var).max(0.0);
-            let a = (mt - b * mn).max(0.0);
-            return a + b * n;
+        match pts.as_slice() {
+            [] => self.verify_ms,
+            [(m, t, _)] => t * (1.0 + n) / (1.0 + m),
+            _ => {
+                let sw: f64 = pts.iter().map(|p| p.2).sum();
+                let mx = pts.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
+                let my = pts.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
+                let sxx: f64 = pts.iter().map(|p| p.2 * (p.0 - mx).powi(2)).sum();
+                let sxy: f64 = pts.iter().map(|p| p.2 * (p.0 - mx) * (p.1 - my)).sum();
+                let b = (sxy / sxx).max(0.0);
+                // The intercept may be negative (a one-token round skips work that longer
+                // blocks do, such as the early-exit hint); the prediction may not.
+                let a = my - b * mx;
+                (a + b * n).max(0.0)
+            }
         }
-        mt * (1.0 + n) / (1.0 + mn)
     }
 
     /// Uplink time of a block of `gamma` drafts, ms (frame ≤ 12 + 7γ bytes: varint ids of
@@ -229,6 +249,39 @@ mod tests {
         // 200 ms of RTT: drafting pays.
         p.rtt_ms = 200.0;
         assert!(p.choose(16, false, None) >= 3);
+    }
+
+    #[test]
+    fn a_run_of_short_blocks_does_not_erase_what_long_blocks_cost() {
+        // A CPU verifier: 65 ms for one token, +90 ms per extra token; drafting 57 ms.
+        let mut p = policy((30, 4), 0.0);
+        p.draft_ms = 57.0;
+        let cost = |n: usize| 65.0 + 90.0 * (n as f64 - 1.0);
+        for n in [5, 5, 2] {
+            p.observe_verify(n, cost(n));
+        }
+        // Fifty rounds of cloud decoding later, drafting is still known not to pay.
+        for _ in 0..50 {
+            p.observe_verify(1, cost(1));
+            assert_eq!(p.choose(16, true, None), 0);
+        }
+        assert!(
+            (p.verify_time(2) - cost(2)).abs() < 1e-6,
+            "{}",
+            p.verify_time(2)
+        );
+        // A verifier swapped for a flat-cost one is learned as its rounds come in.
+        for _ in 0..60 {
+            for n in [1, 2, 5] {
+                p.observe_verify(n, 65.0);
+            }
+        }
+        assert!(
+            (p.verify_time(5) - 65.0).abs() < 3.0,
+            "{}",
+            p.verify_time(5)
+        );
+        assert!(p.choose(16, true, None) > 0);
     }
 
     #[test]

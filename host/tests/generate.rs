@@ -253,7 +253,10 @@ fn greedy_output_equals_target_only_for_every_strategy() {
 #[test]
 fn over_a_slow_link_drafting_overlaps_verification_and_hints_are_used() {
     let wasm = guest(false);
-    let (v, _shaper) = verifier(Some(27), 80);
+    // Hints from block 29 of SmolLM2's 30 are right more often than the 26-block drafter,
+    // so once contested hints have proved it the drafter follows them (an exit that is
+    // wrong more often than the drafter is not followed: the guest's unit tests).
+    let (v, _shaper) = verifier(Some(29), 80);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("stats.json");
     let prompt = PROMPTS[2];

@@ -71,13 +71,40 @@ impl Logits {
     }
 }
 
-/// The logits read at an intermediate layer during a forward.
-#[derive(Debug, Clone)]
-pub struct ExitLogits {
+/// An intermediate layer's output during a forward. Its logits are computed on demand,
+/// all rows or one at a time (the output head is a large share of a step, so a caller that
+/// can stop early, such as a hint that ends at the first disagreement, pays for less).
+pub struct ExitLogits<'a> {
     /// Number of blocks computed before the exit (1..=n_layer); `n_layer` is the final output.
     pub layer: usize,
-    /// Logits for the positions of the forward (as selected by [`Rows`]).
-    pub logits: Logits,
+    /// Hidden states of the selected positions (after the exit adapter, if any).
+    hidden: Vec<f32>,
+    model: &'a Model,
+}
+
+impl ExitLogits<'_> {
+    /// Number of positions (as selected by [`Rows`]).
+    pub fn rows(&self) -> usize {
+        self.hidden.len() / self.model.config.n_embd
+    }
+
+    /// Logits of every position.
+    pub fn logits(&self) -> Result<Logits> {
+        self.model.head(&self.hidden)
+    }
+
+    /// Logits of position `i` alone: bitwise the same as row `i` of [`ExitLogits::logits`]
+    /// (the kernels are batch-invariant).
+    pub fn row_logits(&self, i: usize) -> Result<Vec<f32>> {
+        let d = self.model.config.n_embd;
+        if i >= self.rows() {
+            return Err(Error::InvalidArgument(format!(
+                "exit row {i} of {} rows",
+                self.rows()
+            )));
+        }
+        Ok(self.model.head(&self.hidden[i * d..(i + 1) * d])?.data)
+    }
 }
 
 /// Which positions of a forward produce logits.
@@ -410,7 +437,8 @@ impl Model {
                 };
                 on_exit(ExitLogits {
                     layer,
-                    logits: self.head(&hidden)?,
+                    hidden,
+                    model: self,
                 });
             }
         }

@@ -66,9 +66,15 @@ fn exit_at_the_last_layer_is_the_final_output_and_exits_arrive_in_order() {
     let fin = m
         .forward_with_exits(&ids, 0, &mut c, Rows::All, &[10, 22, n], &mut |e| {
             seen.push(e.layer);
-            assert_eq!(e.logits.rows(), ids.len());
+            assert_eq!(e.rows(), ids.len());
+            let all = e.logits().unwrap();
+            // One row at a time is the same as all rows at once.
+            for i in [0, ids.len() - 1] {
+                assert_eq!(e.row_logits(i).unwrap(), all.row(i));
+            }
+            assert!(e.row_logits(ids.len()).is_err());
             if e.layer == n {
-                last_exit = Some(e.logits);
+                last_exit = Some(all);
             }
         })
         .unwrap();
@@ -104,7 +110,7 @@ fn split_drafter_equals_the_early_exit_and_shares_the_backbone_fingerprint() {
     let mut exit = None;
     let mut c = full.new_cache();
     full.forward_with_exits(&ids, 0, &mut c, Rows::All, &[k], &mut |e| {
-        exit = Some(e.logits)
+        exit = Some(e.logits().unwrap())
     })
     .unwrap();
     let mut c2 = drafter.new_cache();
@@ -204,7 +210,7 @@ fn exit_adapter_from_the_gguf_plugs_into_the_exit() {
         let mut c = m.new_cache();
         let fin = m
             .forward_with_exits(&ids, 0, &mut c, Rows::All, &[layer], &mut |e| {
-                out = Some(e.logits)
+                out = Some(e.logits().unwrap())
             })
             .unwrap();
         (out.unwrap(), fin)

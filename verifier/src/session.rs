@@ -269,9 +269,18 @@ impl Session {
                 Rows::All,
                 exits,
                 &mut |e| {
-                    let tokens = (0..e.logits.rows())
-                        .map(|i| argmax(e.logits.row(i)))
-                        .collect();
+                    // The exit's prediction up to its first disagreement with the drafts
+                    // (or through the bonus position): all the client uses, and each row
+                    // costs an output-head product.
+                    let mut tokens = Vec::with_capacity(input.len());
+                    for i in 0..e.rows() {
+                        let Ok(row) = e.row_logits(i) else { return };
+                        let t = argmax(&row);
+                        tokens.push(t);
+                        if v.tokens.get(i) != Some(&t) {
+                            break;
+                        }
+                    }
                     hint(ServerMsg::Hint { round, tokens });
                 },
             )

@@ -127,7 +127,8 @@ pub struct Run {
     pub rounds: usize,
     /// Draft tokens accepted over all rounds.
     pub accepted_drafts: usize,
-    /// Hints received, and whether each came before its round's result with γ+1 tokens.
+    /// Hints received, and whether each came before its round's result, well formed (γ+1
+    /// tokens, or fewer ending at the first disagreement with the drafts).
     pub hints: usize,
     /// Hints that broke the rules above.
     pub bad_hints: usize,
@@ -205,7 +206,13 @@ pub async fn speculative(
             match c.recv().await? {
                 Some(ServerMsg::Hint { round: r, tokens }) => {
                     run.hints += 1;
-                    if r != round || tokens.len() != gamma + 1 {
+                    // The exit's tokens up to its first disagreement with the drafts, or
+                    // through the bonus position.
+                    let k = tokens.len();
+                    let well_formed = (1..=gamma + 1).contains(&k)
+                        && tokens[..k - 1] == drafts[..k - 1]
+                        && (k == gamma + 1 || tokens[k - 1] != drafts[k - 1]);
+                    if r != round || !well_formed {
                         run.bad_hints += 1;
                     }
                 }
