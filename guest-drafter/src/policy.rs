@@ -23,7 +23,14 @@ pub struct Policy {
     pub bandwidth_bps: f64,
     /// Energy per draft step, joules (0 = unknown).
     pub step_joules: f64,
+    /// Rounds without drafts since the last round with drafts.
+    idle_rounds: u32,
+    /// Idle rounds after which a one-draft probe refreshes α (see [`Policy::choose`]).
+    probe_after: u32,
 }
+
+/// Idle rounds before the first probe; doubled after each probe that is rejected.
+const PROBE_AFTER: u32 = 8;
 
 /// How much one round's evidence weighs against older rounds.
 const DECAY: f64 = 0.95;
@@ -43,6 +50,8 @@ impl Default for Policy {
             verify_by_n: Vec::new(),
             bandwidth_bps: 0.0,
             step_joules: 0.0,
+            idle_rounds: 0,
+            probe_after: PROBE_AFTER,
         }
     }
 }
@@ -64,8 +73,18 @@ impl Policy {
     /// Records a round: `accepted` of `gamma` drafts.
     pub fn observe_round(&mut self, gamma: usize, accepted: usize) {
         if gamma == 0 {
+            self.idle_rounds = self.idle_rounds.saturating_add(1);
             return;
         }
+        if self.idle_rounds >= self.probe_after {
+            // This round was a probe: back off while probes keep failing.
+            self.probe_after = if accepted == 0 {
+                self.probe_after.saturating_mul(2)
+            } else {
+                PROBE_AFTER
+            };
+        }
+        self.idle_rounds = 0;
         // Positions judged: the accepted ones, plus the rejected one if any.
         let trials = accepted + usize::from(accepted < gamma);
         self.accepted = self.accepted * DECAY + accepted as f64;
@@ -151,7 +170,27 @@ impl Policy {
 
     /// The γ in 0..=max_draft with the best expected throughput whose energy per token is
     /// within `budget`; 0 (plain cloud decoding) when no drafting pays.
+    ///
+    /// Rounds without drafts teach nothing about α, so one unlucky early block could keep
+    /// drafting off for good. When γ = 0 has been chosen for `probe_after` rounds and only
+    /// the α estimate stands in the way (with the prior α drafting would pay), one draft
+    /// is sent as a probe; failed probes double the wait.
     pub fn choose(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
+        let g = self.best(max_draft, pipelined, budget);
+        if g == 0 && self.idle_rounds >= self.probe_after && max_draft > 0 {
+            let prior = Policy {
+                accepted: 0.0,
+                trials: 0.0,
+                ..self.clone()
+            };
+            if prior.best(max_draft, pipelined, budget) > 0 {
+                return 1;
+            }
+        }
+        g
+    }
+
+    fn best(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
         let mut best = (0, self.throughput(0, pipelined));
         for g in 1..=max_draft {
             if let Some(b) = budget
@@ -282,6 +321,58 @@ mod tests {
             p.verify_time(5)
         );
         assert!(p.choose(16, true, None) > 0);
+    }
+
+    #[test]
+    fn one_unlucky_block_does_not_turn_drafting_off_for_good() {
+        // 100 ms of RTT, a CPU verifier, a good drafter whose very first block was rejected.
+        let mut p = policy((0, 0), 100.0);
+        p.draft_ms = 60.0;
+        for n in [1, 5] {
+            p.observe_verify(n, -10.0 + 85.0 * n as f64);
+        }
+        p.observe_round(4, 0);
+        assert_eq!(p.choose(16, true, None), 0, "alpha {}", p.alpha());
+        // Cloud rounds follow; after a while a one-draft probe goes out.
+        let mut waited = 0;
+        while p.choose(16, true, None) == 0 {
+            p.observe_round(0, 0);
+            waited += 1;
+            assert!(waited <= PROBE_AFTER, "no probe after {waited} rounds");
+        }
+        assert_eq!(p.choose(16, true, None), 1);
+        // The probe and the rounds after it are accepted: drafting comes back for real.
+        p.observe_round(1, 1);
+        for _ in 0..6 {
+            let g = p.choose(16, true, None).max(1);
+            p.observe_round(g, g);
+        }
+        assert!(p.choose(16, true, None) > 0, "alpha {}", p.alpha());
+        // At RTT 0 the same verifier makes cloud decoding right whatever α is: no probes.
+        let mut q = policy((0, 0), 0.0);
+        q.draft_ms = 60.0;
+        for n in [1, 5] {
+            q.observe_verify(n, -10.0 + 85.0 * n as f64);
+        }
+        q.observe_round(4, 0);
+        for _ in 0..100 {
+            assert_eq!(q.choose(16, true, None), 0);
+            q.observe_round(0, 0);
+        }
+        // A drafter whose probes keep failing is probed less and less often.
+        let mut r = p.clone();
+        for _ in 0..30 {
+            r.observe_round(4, 0);
+        }
+        let mut probes = 0;
+        for _ in 0..200 {
+            let g = r.choose(16, true, None);
+            if g > 0 {
+                probes += 1;
+            }
+            r.observe_round(g, 0);
+        }
+        assert!((1..=5).contains(&probes), "{probes} probes in 200 rounds");
     }
 
     #[test]
