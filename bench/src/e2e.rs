@@ -85,16 +85,13 @@ pub struct Args {
 }
 
 /// One generation's result: the host's `--stats-json` plus where it ran.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Run {
     /// Strategy name of this sweep (not the host's).
-    #[serde(default)]
     pub sweep_strategy: String,
     /// Nominal RTT of the link, ms.
-    #[serde(default)]
     pub link_rtt_ms: f64,
     /// Prompt index.
-    #[serde(default)]
     pub prompt: usize,
     /// The host's statistics.
     #[serde(flatten)]

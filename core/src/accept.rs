@@ -9,7 +9,7 @@
 //! (after top-p); otherwise the correction ignores the mass of p beyond the top K.
 
 use crate::protocol::Outcome;
-use crate::sampling::{Rng, SamplingParams, argmax, distribution, sample_from};
+use crate::sampling::{Rng, SamplingParams, argmax, distribution, prob_of, sample_from};
 
 /// The probability with which a draft token is accepted: min(1, p(x)/q(x)).
 pub fn acceptance_probability(p_x: f32, q_x: f32) -> f64 {
@@ -85,7 +85,7 @@ pub fn judge<'a>(
             continue;
         }
         let p = distribution(row, params);
-        let p_x = p.binary_search_by_key(&x, |e| e.0).map_or(0.0, |j| p[j].1);
+        let p_x = prob_of(&p, x);
         let u = rng.uniform();
         if u >= acceptance_probability(p_x, q.get(i).copied().unwrap_or(1.0)) {
             return Verdict {

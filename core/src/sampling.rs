@@ -144,6 +144,13 @@ pub fn distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> 
     probs
 }
 
+/// The probability of `id` in a distribution sorted by id (as [`distribution`] returns
+/// it); 0 when absent.
+pub fn prob_of(dist: &[(u32, f32)], id: u32) -> f32 {
+    dist.binary_search_by_key(&id, |e| e.0)
+        .map_or(0.0, |i| dist[i].1)
+}
+
 /// Draws one id from a distribution of `(id, probability)` pairs.
 pub fn sample_from(dist: &[(u32, f32)], rng: &mut Rng) -> u32 {
     let total: f64 = dist.iter().map(|p| p.1 as f64).sum();

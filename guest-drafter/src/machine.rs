@@ -3,7 +3,7 @@
 //! host delivers events and carries out actions.
 
 use tandem_core::accept::sample_correction;
-use tandem_core::sampling::{Rng, SamplingParams, distribution, sample_from};
+use tandem_core::sampling::{Rng, SamplingParams, distribution, prob_of, sample_from};
 
 use crate::policy::Policy;
 
@@ -309,12 +309,8 @@ impl<M: DraftModel> Machine<M> {
         if f.round != round || self.cfg.strategy != Strategy::Tandem {
             return;
         }
-        if !self.cfg.hints {
-            self.stats.hints += 1;
-            return;
-        }
         self.stats.hints += 1;
-        if next_gamma == 0 {
+        if !self.cfg.hints || next_gamma == 0 {
             return;
         }
         // The hint runs up to its first disagreement with the drafts, or through the bonus
@@ -384,10 +380,7 @@ impl<M: DraftModel> Machine<M> {
                     return Err("a result with neither a token nor a residual".into());
                 }
                 let dist = f.drafts.get(n).and_then(|d| d.dist.as_ref());
-                let q = |id: u32| {
-                    dist.and_then(|d| d.iter().find(|e| e.0 == id))
-                        .map_or(0.0, |e| e.1)
-                };
+                let q = |id: u32| dist.map_or(0.0, |d| prob_of(d, id));
                 sample_correction(&v.residual, q, &mut self.rng)
             }
         };
@@ -478,9 +471,7 @@ impl<M: DraftModel> Machine<M> {
             let logits = logits.ok_or("the draft model returned no logits")?;
             let dist = distribution(&logits, &self.cfg.params);
             let token = sample_from(&dist, &mut self.rng);
-            let q = dist
-                .binary_search_by_key(&token, |e| e.0)
-                .map_or(0.0, |i| dist[i].1);
+            let q = prob_of(&dist, token);
             Draft {
                 token,
                 q,

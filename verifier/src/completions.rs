@@ -10,7 +10,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tandem_core::accept::{judge, sample_correction};
 use tandem_core::protocol::Outcome;
-use tandem_core::sampling::{Rng, SamplingParams, argmax, distribution, sample, sample_from};
+use tandem_core::sampling::{
+    Rng, SamplingParams, argmax, distribution, prob_of, sample, sample_from,
+};
 use tandem_models::{IncrementalDecoder, Model};
 use tokio::sync::mpsc;
 
@@ -134,9 +136,7 @@ fn decode(
                 } else {
                     let dist = distribution(l.last(), params);
                     let x = sample_from(&dist, &mut draft_rng);
-                    let q = dist
-                        .binary_search_by_key(&x, |e| e.0)
-                        .map_or(0.0, |i| dist[i].1);
+                    let q = prob_of(&dist, x);
                     (x, q, dist)
                 };
                 drafts.push(x);
@@ -156,14 +156,7 @@ fn decode(
             Outcome::Token(t) => t,
             Outcome::Residual(top) => {
                 let dist = &dists[n];
-                sample_correction(
-                    &top,
-                    |id| {
-                        dist.binary_search_by_key(&id, |e| e.0)
-                            .map_or(0.0, |i| dist[i].1)
-                    },
-                    &mut draft_rng,
-                )
+                sample_correction(&top, |id| prob_of(dist, id), &mut draft_rng)
             }
         };
         cache.truncate(pos0 + n);
