@@ -105,6 +105,13 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The softmax probability of the largest logit (a prediction's confidence).
+pub fn top_probability(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    (1.0 / sum) as f32
+}
+
 /// The sampling distribution over token ids that `params` defines on `logits`: softmax at
 /// the temperature, restricted to the smallest set of most likely tokens whose mass reaches
 /// top-p, renormalised. Greedy gives all mass to the argmax. Returned sorted by id.
@@ -178,6 +185,15 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn top_probability_is_the_softmax_maximum() {
+        assert!((top_probability(&[0.0, 0.0]) - 0.5).abs() < 1e-6);
+        let p = top_probability(&[2.0, 1.0, 0.0]);
+        let z = 1.0 + (-1f32).exp() + (-2f32).exp();
+        assert!((p - 1.0 / z).abs() < 1e-6);
+    }
+
     use super::*;
 
     #[test]

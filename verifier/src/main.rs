@@ -38,6 +38,11 @@ struct Serve {
     /// (default: the layer of an exit adapter in the target file, else no hints).
     #[arg(long)]
     early_exit_layer: Option<usize>,
+    /// Send a hint only when the exit's top probability exceeds this at every position it
+    /// covers (0..1; 0 sends every hint). With a trained exit adapter a threshold keeps its
+    /// unsure guesses off the wire.
+    #[arg(long, default_value_t = 0.0)]
+    hint_confidence: f32,
     /// Entries of the target distribution sent when a sampled draft is rejected.
     #[arg(long, default_value_t = 32)]
     top_k: usize,
@@ -90,6 +95,12 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
+    if !(0.0..1.0).contains(&args.hint_confidence) {
+        bail!(
+            "--hint-confidence must be in [0, 1) (a probability; 0 sends every hint), got {}",
+            args.hint_confidence
+        );
+    }
     let config = ServerConfig {
         listen: args.listen,
         limits: Limits {
@@ -99,6 +110,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             max_draft: args.max_draft,
             top_k: args.top_k,
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            hint_confidence: args.hint_confidence,
             ..Limits::default()
         },
         early_exit_layer: args.early_exit_layer,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tandem_core::accept::judge;
 use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult};
-use tandem_core::sampling::{Rng, SamplingParams, argmax, sample};
+use tandem_core::sampling::{Rng, SamplingParams, argmax, sample, top_probability};
 use tandem_models::{KvCache, Rows};
 
 use crate::metrics::Metrics;
@@ -30,6 +30,9 @@ pub struct Limits {
     pub max_frame: usize,
     /// A session with no message for this long is closed.
     pub idle_timeout: std::time::Duration,
+    /// A hint is sent only when the exit's top probability exceeds this at every position
+    /// the hint covers (0 sends every hint).
+    pub hint_confidence: f32,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             top_k: 32,
             max_frame: tandem_core::protocol::MAX_FRAME,
             idle_timeout: std::time::Duration::from_secs(300),
+            hint_confidence: 0.0,
         }
     }
 }
@@ -261,6 +265,7 @@ impl Session {
         // head would cost time.
         let exits: &[usize] = if exit > 0 && gamma > 0 { &[exit] } else { &[] };
         let round = v.round;
+        let confidence = self.limits.hint_confidence;
         let logits = model
             .forward_with_exits(
                 &input,
@@ -272,9 +277,14 @@ impl Session {
                     // The exit's prediction up to its first disagreement with the drafts
                     // (or through the bonus position): all the client uses, and each row
                     // costs an output-head product.
+                    // With a confidence threshold the hint is sent only when the exit is
+                    // sure of every token in it.
                     let mut tokens = Vec::with_capacity(input.len());
                     for i in 0..e.rows() {
                         let Ok(row) = e.row_logits(i) else { return };
+                        if confidence > 0.0 && top_probability(&row) <= confidence {
+                            return;
+                        }
                         let t = argmax(&row);
                         tokens.push(t);
                         if v.tokens.get(i) != Some(&t) {

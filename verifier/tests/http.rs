@@ -246,6 +246,13 @@ fn binary_reports_bad_arguments_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("early-exit layer 30"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem-verifier"))
+        .args(["serve", "--target", SMOL, "--hint-confidence", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--hint-confidence must be in [0, 1)"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,43 @@ async fn speculative_greedy_output_equals_target_only() {
     assert!(metrics.contains("tandem_rounds_total"), "{metrics}");
 }
 
+/// With a confidence threshold a hint is sent only when the exit is sure of all of it: on
+/// the untrained lens at block 24 fewer rounds then get one (each still well formed), and
+/// the output stays the target's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hint_confidence_threshold_withholds_unsure_hints() {
+    let mut strict = config_with_exit(24);
+    strict.limits.hint_confidence = 0.9;
+    let srv = server(strict, &[SMOL]).await;
+    let open = server(config_with_exit(24), &[SMOL]).await;
+    let (mut sure, mut all, mut rounds) = (0, 0, 0);
+    for prompt in PROMPTS {
+        let ids = tokenizer().encode(prompt).unwrap();
+        let want = target_only(&ids, 24);
+        let ep = Endpoint::plain(srv.addr.to_string());
+        let run = speculative(&ep, hello(greedy(), 64), &ids, 24, 4, None)
+            .await
+            .unwrap();
+        assert_eq!(run.tokens, want, "output changed with a hint threshold");
+        assert_eq!(run.bad_hints, 0);
+        sure += run.hints;
+        rounds += run.rounds;
+        let ep = Endpoint::plain(open.addr.to_string());
+        let run = speculative(&ep, hello(greedy(), 64), &ids, 24, 4, None)
+            .await
+            .unwrap();
+        all += run.hints;
+    }
+    assert_eq!(
+        all, rounds,
+        "without a threshold every round with drafts has a hint"
+    );
+    assert!(
+        sure < all,
+        "a threshold of 0.9 withheld no hint ({sure} of {all})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampled_sessions_are_reproducible_for_a_seed() {
     let srv = server(ServerConfig::default(), &[SMOL]).await;
