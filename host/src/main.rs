@@ -8,6 +8,7 @@ mod generate;
 mod models_cmd;
 mod nn;
 mod serve;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,12 @@ enum Command {
     /// Generate text with speculative decoding: the drafter component drafts on this
     /// device, a verifier checks the drafts.
     Generate(generate::GenerateArgs),
+    /// Train exit adapters and shared-backbone drafter heads (CPU, distillation from the
+    /// model's own final layer).
+    Train {
+        #[command(subcommand)]
+        command: train_cmd::TrainCommand,
+    },
     /// Model catalog, fetching, backbone split, fingerprints and local generation.
     Models {
         #[command(subcommand)]
@@ -76,6 +83,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models { command } => models_cmd::run(command),
+        Command::Train { command } => train_cmd::run(command),
         Command::Demo(args) => demo::run(&args),
         Command::Generate(args) => generate::run(&args, &mut std::io::stdout()).map(|s| {
             if !args.quiet {

@@ -206,10 +206,27 @@ pub fn fingerprints(path: impl AsRef<Path>, layers: Option<usize>) -> Result<Fin
 /// norm and the output head of the model at `src` (plus any exit adapters at or below
 /// `layers`). The result loads as a model of its own.
 pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path>) -> Result<()> {
+    write_model(src, out, Some(layers), Vec::new(), Vec::new())
+}
+
+/// Writes a copy of the model at `src` to `out` with `extra` tensors added (replacing
+/// tensors of the same name) and `metadata` entries added or replaced. With `layers` the
+/// copy is the backbone split at that depth, as [`split_backbone`] writes it (extra
+/// `exit.{k}.*` tensors are kept whatever `k`). The file is written beside `out` and renamed
+/// into place, so an interrupted write leaves no half file under the final name.
+pub fn write_model(
+    src: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    layers: Option<usize>,
+    extra: Vec<(String, candle_core::quantized::QTensor)>,
+    metadata: Vec<(String, Value)>,
+) -> Result<()> {
     let (src, out) = (src.as_ref(), out.as_ref());
     let (content, mut reader) = open(src)?;
     let config = Config::from_gguf(&content, src)?;
-    if layers == 0 || layers > config.n_layer {
+    if let Some(layers) = layers
+        && (layers == 0 || layers > config.n_layer)
+    {
         return Err(Error::InvalidArgument(format!(
             "--layers must be between 1 and {} (the blocks of {}), got {layers}",
             config.n_layer,
@@ -217,6 +234,7 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
         )));
     }
     let keep = |name: &str| {
+        let Some(layers) = layers else { return true };
         if is_backbone_tensor(name, layers)
             || name == "output_norm.weight"
             || name == "output.weight"
@@ -228,9 +246,14 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
             .and_then(|k| k.parse::<usize>().ok())
             .is_some_and(|k| k <= layers)
     };
-    let mut names: Vec<&String> = content.tensor_infos.keys().filter(|n| keep(n)).collect();
+    let replaced = |name: &str| extra.iter().any(|(n, _)| n == name);
+    let mut names: Vec<&String> = content
+        .tensor_infos
+        .keys()
+        .filter(|n| keep(n) && !replaced(n))
+        .collect();
     names.sort();
-    let mut tensors = Vec::with_capacity(names.len());
+    let mut tensors = Vec::with_capacity(names.len() + extra.len());
     for name in &names {
         let t = content
             .tensor(&mut reader, name, &Device::Cpu)
@@ -238,30 +261,39 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
                 path: src.to_owned(),
                 reason: format!("tensor `{name}`: {e}"),
             })?;
-        tensors.push((name.as_str(), t));
+        tensors.push((name.to_string(), t));
     }
+    tensors.extend(extra);
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let arch = config.arch.as_str();
     let block_key = format!("{arch}.block_count");
-    let mut metadata: Vec<(String, Value)> = content
+    let mut md: Vec<(String, Value)> = content
         .metadata
         .iter()
-        .filter(|(k, _)| *k != BACKBONE_LAYERS_KEY)
+        .filter(|(k, _)| {
+            let split_key = layers.is_some() && *k == BACKBONE_LAYERS_KEY;
+            let replaced = metadata.iter().any(|(m, _)| m == *k);
+            !split_key && !replaced
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    for (k, v) in metadata.iter_mut() {
-        if *k == block_key {
-            *v = Value::U32(layers as u32);
+    if let Some(layers) = layers {
+        for (k, v) in md.iter_mut() {
+            if *k == block_key {
+                *v = Value::U32(layers as u32);
+            }
         }
+        md.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(layers as u32)));
+        md.push((
+            "tandem.backbone.source_blocks".to_string(),
+            Value::U32(config.n_layer as u32),
+        ));
     }
-    metadata.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(layers as u32)));
-    metadata.push((
-        "tandem.backbone.source_blocks".to_string(),
-        Value::U32(config.n_layer as u32),
-    ));
-    metadata.sort_by(|a, b| a.0.cmp(&b.0));
-    let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    md.extend(metadata);
+    md.sort_by(|a, b| a.0.cmp(&b.0));
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
-        tensors.iter().map(|(n, t)| (*n, t)).collect();
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
 
     let tmp = out.with_extension("gguf.partial");
     let io_err = |source| Error::Io {

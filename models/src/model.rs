@@ -88,6 +88,12 @@ impl ExitLogits<'_> {
         self.hidden.len() / self.model.config.n_embd
     }
 
+    /// Hidden states of the selected positions, row-major (after the exit adapter, if
+    /// any): what the final norm and output head read.
+    pub fn hidden(&self) -> &[f32] {
+        &self.hidden
+    }
+
     /// Logits of every position.
     pub fn logits(&self) -> Result<Logits> {
         self.model.head(&self.hidden)
@@ -284,6 +290,18 @@ impl Model {
         self.adapters.iter().map(|(k, a)| (*k, a.describe()))
     }
 
+    /// Removes the exit adapter at `layer`, if any, so that exit is the plain logit lens
+    /// (training reads the raw hidden states there). Returns whether there was one.
+    pub fn remove_exit_adapter(&mut self, layer: usize) -> bool {
+        self.adapters.remove(&layer).is_some()
+    }
+
+    /// The final norm's weight and the output head as an f32 matrix `[vocab, hidden]`
+    /// (dequantized; for training heads against the frozen output layer).
+    pub fn head_weights(&self) -> Result<(Vec<f32>, candle_core::Tensor)> {
+        Ok((self.output_norm.clone(), self.output.dequantize()?))
+    }
+
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.n_layer, self.config.kv_dim())
@@ -430,19 +448,24 @@ impl Model {
 
             let layer = i + 1;
             if exits.contains(&layer) {
-                let hidden = select_rows(&h, d, rows);
-                let hidden = match self.adapters.get(&layer) {
-                    Some(a) => a.apply(hidden, hidden.len() / d)?,
-                    None => hidden.to_vec(),
-                };
                 on_exit(ExitLogits {
                     layer,
-                    hidden,
+                    hidden: self.adapted(layer, select_rows(&h, d, rows))?,
                     model: self,
                 });
             }
         }
-        self.head(select_rows(&h, d, rows))
+        // A drafter split at a trained exit carries that exit's adapter at its last block.
+        self.head(&self.adapted(c.n_layer, select_rows(&h, d, rows))?)
+    }
+
+    /// Hidden states after block `layer` as the output head should read them: through the
+    /// layer's exit adapter when the file has one.
+    fn adapted(&self, layer: usize, hidden: &[f32]) -> Result<Vec<f32>> {
+        match self.adapters.get(&layer) {
+            Some(a) => a.apply(hidden, hidden.len() / self.config.n_embd),
+            None => Ok(hidden.to_vec()),
+        }
     }
 
     /// Final norm and output head over rows of hidden states.

@@ -27,6 +27,11 @@ impl Linear {
         })
     }
 
+    /// The matrix as f32, `[out_dim, in_dim]`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(self.tensor.dequantize(&Device::Cpu)?)
+    }
+
     /// Applies the layer to `n` rows of `in_dim` values.
     ///
     /// Each output element must be computed the same way whatever `n` is (batch

@@ -1,0 +1,250 @@
+//! `tandem train` end to end on the real SmolLM2-135M: a tiny exit adapter trained for a
+//! few steps on the default corpus (the Python standard library), its held-out loss, the
+//! written file's effect on the exit, resumption, the drafter, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tandem_models::{Model, Rows};
+
+fn smol() -> PathBuf {
+    tandem_models::fetch::resolve("smollm2-135m")
+        .expect("run `bash ci/test`, which fetches the test models")
+}
+
+/// Runs `tandem` with the training cache inside `dir`.
+fn tandem(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .env("TANDEM_MODEL_DIR", dir.join("models"))
+        .output()
+        .expect("run tandem")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A short run's options: 2048 training and 512 held-out positions, rank 64.
+fn train(kind: &str, out: &Path, dir: &Path, extra: &[&str]) -> Output {
+    let model = smol();
+    let layer_flag = if kind == "drafter" {
+        "--layers"
+    } else {
+        "--layer"
+    };
+    let mut args = vec![
+        "train",
+        kind,
+        "--model",
+        model.to_str().unwrap(),
+        layer_flag,
+        "15",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--rank",
+        "64",
+        "--batch",
+        "64",
+        "--seed",
+        "1",
+        "--train-tokens",
+        "2048",
+        "--heldout-tokens",
+        "512",
+    ];
+    args.extend_from_slice(extra);
+    tandem(&args, dir)
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Exit-15 logits and final logits of `model` over `tokens`.
+fn exit_and_final(model: &Model, tokens: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut cache = model.new_cache();
+    let mut exit = Vec::new();
+    let fin = model
+        .forward_with_exits(tokens, 0, &mut cache, Rows::All, &[15], &mut |e| {
+            exit = e.logits().unwrap().data;
+        })
+        .unwrap();
+    (exit, fin.data)
+}
+
+fn argmaxes(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits
+        .chunks(vocab)
+        .map(tandem_core::sampling::argmax)
+        .collect()
+}
+
+#[test]
+fn a_tiny_adapter_learns_changes_the_exit_resumes_exactly_and_makes_a_drafter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // 1. Train: the held-out loss falls below the plain lens's.
+    let a = d.join("a.gguf");
+    let o = train(
+        "exit-head",
+        &a,
+        d,
+        &["--report-json", d.join("a.json").to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Python standard library"), "{}", text(&o));
+    let r = report(&d.join("a.json"));
+    let lens = r["lens"]["loss"].as_f64().unwrap();
+    let history = r["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    let first = history[0]["heldout"]["loss"].as_f64().unwrap();
+    let last = history[1]["heldout"]["loss"].as_f64().unwrap();
+    assert!(
+        first < lens && last < first,
+        "held-out loss did not fall: lens {lens}, step 20 {first}, step 40 {last}"
+    );
+    assert_eq!(r["data_cached"], false);
+    assert_eq!(r["heldout_positions"], 512);
+
+    // 2. The file loads with the adapter, which changes the exit and nothing else.
+    let base = Model::load(smol()).unwrap();
+    let trained = Model::load(&a).unwrap();
+    let adapters: Vec<_> = trained.exit_adapters().collect();
+    assert_eq!(adapters.len(), 1);
+    assert_eq!(adapters[0].0, 15);
+    assert!(adapters[0].1.contains("rank 64"), "{adapters:?}");
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let prompt = tok
+        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n")
+        .unwrap();
+    let (lens_exit, base_final) = exit_and_final(&base, &prompt);
+    let (adapted_exit, trained_final) = exit_and_final(&trained, &prompt);
+    assert_eq!(
+        base_final, trained_final,
+        "the adapter must not touch the final output"
+    );
+    let vocab = base.config().vocab_size;
+    let (before, after) = (argmaxes(&lens_exit, vocab), argmaxes(&adapted_exit, vocab));
+    assert_ne!(
+        before, after,
+        "the adapter did not change any exit prediction"
+    );
+
+    // The verifier's hints use the adapter's layer when the file has one.
+    let target = tandem_verifier::Target::load(
+        &tandem_verifier::TargetSpec {
+            family: None,
+            version: None,
+            model: a.to_str().unwrap().to_string(),
+            early_exit_layer: None,
+        },
+        "smol".into(),
+        "1".into(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(target.early_exit_layer, 15);
+
+    // 3. Paused at step 15 and resumed: the same file, byte for byte, from cached data.
+    let b = d.join("b.gguf");
+    let o = train("exit-head", &b, d, &["--pause-after", "15"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("paused at step 15 of 40"), "{}", text(&o));
+    assert!(!b.exists());
+    let o = train(
+        "exit-head",
+        &b,
+        d,
+        &[
+            "--resume",
+            "--report-json",
+            d.join("b.json").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resuming from"), "{}", text(&o));
+    let rb = report(&d.join("b.json"));
+    assert_eq!(rb["resumed_from"], 15);
+    assert_eq!(rb["data_cached"], true);
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "a resumed run wrote a different file than an uninterrupted one"
+    );
+    // Resuming with other options is refused with what to do.
+    let o = train("exit-head", &b, d, &["--resume", "--lr", "0.01"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("other options"), "{}", text(&o));
+
+    // 4. The drafter: the backbone fingerprint of the model at 15, and its output is the
+    // full model's adapted exit at 15.
+    let dr = d.join("drafter.gguf");
+    let o = train("drafter", &dr, d, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let fp = tandem_models::backbone::fingerprints(&dr, None).unwrap();
+    let want = tandem_models::backbone::fingerprints(smol(), Some(15)).unwrap();
+    assert_eq!(fp.backbone, want.backbone);
+    assert_eq!(fp.backbone_layers, 15);
+    let drafter = Model::load(&dr).unwrap();
+    assert_eq!(drafter.config().n_layer, 15);
+    let mut cache = drafter.new_cache();
+    let out = drafter.forward(&prompt, 0, &mut cache).unwrap();
+    assert_eq!(
+        out.data, adapted_exit,
+        "drafter head differs from the exit adapter"
+    );
+}
+
+#[test]
+fn bad_training_input_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("x.gguf");
+    let o = train("exit-head", &out, d, &["--corpus", "/nonexistent/corpus"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot be read"), "{}", text(&o));
+    let model = smol();
+    let o = tandem(
+        &[
+            "train",
+            "exit-head",
+            "--model",
+            model.to_str().unwrap(),
+            "--layer",
+            "30",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("outside 1..30"), "{}", text(&o));
+    let o = train("exit-head", &out, d, &["--lr", "0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--lr must be a positive"), "{}", text(&o));
+    let o = tandem(
+        &[
+            "train",
+            "drafter",
+            "--model",
+            "no-such-model",
+            "--layers",
+            "3",
+            "--out",
+            "x",
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no-such-model"), "{}", text(&o));
+    assert!(!out.exists());
+}
