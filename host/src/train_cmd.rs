@@ -71,6 +71,10 @@ pub struct Common {
     /// Teacher entries kept per position.
     #[arg(long, default_value_t = 32)]
     top_k: usize,
+    /// Greedy tokens the model generates after each training window; their positions are
+    /// trained on too (the positions a drafter meets while the model generates).
+    #[arg(long, default_value_t = 0)]
+    generate: usize,
     /// Steps between held-out evaluations and checkpoints.
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
@@ -103,6 +107,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
     o.heldout_tokens = c.heldout_tokens;
     o.seq_len = c.seq_len;
     o.top_k = c.top_k;
+    o.generate = c.generate;
     o.eval_every = c.eval_every.max(1);
     o.pause_after = c.pause_after;
     let r = tandem_train::train(&o)?;

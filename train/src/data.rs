@@ -82,6 +82,47 @@ impl Dataset {
         Ok(())
     }
 
+    /// Like [`Dataset::push_sequence`] over all of `prompt`, then continues it greedily for
+    /// `n` tokens and appends those positions too: the positions a drafter or an exit meets
+    /// when the model generates, which teacher-forced text alone under-represents. One
+    /// prefill and one step per generated token (the exit rides along each forward).
+    pub fn push_generated(
+        &mut self,
+        model: &Model,
+        layer: usize,
+        prompt: &[u32],
+        n: usize,
+    ) -> Result<()> {
+        let mut cache = model.new_cache();
+        let mut last = Vec::new();
+        let mut feed = prompt.to_vec();
+        let mut pos = 0;
+        for step in 0..=n {
+            let mut hidden = Vec::new();
+            let rows = if step == 0 { Rows::All } else { Rows::Last };
+            let logits =
+                model.forward_with_exits(&feed, pos, &mut cache, rows, &[layer], &mut |e| {
+                    hidden = e.hidden().to_vec();
+                })?;
+            pos += feed.len();
+            let scored: Vec<(Vec<u32>, Vec<f32>)> = (0..logits.rows())
+                .into_par_iter()
+                .map(|i| top_k_softmax(logits.row(i), self.top_k))
+                .collect();
+            self.hidden.extend_from_slice(&hidden);
+            for (ids, probs) in scored {
+                last = ids.clone();
+                self.ids.extend(ids);
+                self.probs.extend(probs);
+            }
+            if step == n || pos >= model.config().context_length {
+                break;
+            }
+            feed = vec![last[0]];
+        }
+        Ok(())
+    }
+
     /// The teacher's most probable token at position `i`.
     pub fn teacher_top1(&self, i: usize) -> u32 {
         self.ids[i * self.top_k]
@@ -190,6 +231,8 @@ pub struct Windows {
     pub per_file: usize,
     /// Positions to collect.
     pub budget: usize,
+    /// Greedy tokens generated after each window (their positions count in the budget).
+    pub generate: usize,
 }
 
 /// Token windows from `files` in order until `budget` positions: `(file key, tokens)`.
@@ -222,7 +265,7 @@ pub fn windows(
             }
             let take = chunk.len().min(w.budget - total);
             out.push((f.key.clone(), chunk[..take].to_vec()));
-            total += take;
+            total += take + w.generate.min(w.budget - total - take);
         }
     }
     Ok(out)
@@ -259,7 +302,7 @@ pub fn cache_path(
     for f in files {
         stamp(&f.path)?;
     }
-    for v in [layer, top_k, w.seq_len, w.per_file, w.budget] {
+    for v in [layer, top_k, w.seq_len, w.per_file, w.budget, w.generate] {
         h.update((v as u64).to_le_bytes());
     }
     h.update(what.as_bytes());

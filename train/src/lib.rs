@@ -71,6 +71,9 @@ pub struct Options {
     pub heldout_tokens: usize,
     /// Teacher entries kept per position.
     pub top_k: usize,
+    /// Greedy tokens the model generates after each training window, whose positions are
+    /// trained on too (0: text only).
+    pub generate: usize,
     /// Steps between held-out evaluations (and checkpoints).
     pub eval_every: usize,
     /// Stop after this many steps of this run, with a checkpoint, without writing the
@@ -97,6 +100,7 @@ impl Options {
             train_tokens: 65_536,
             heldout_tokens: 8192,
             top_k: 32,
+            generate: 0,
             eval_every: 100,
             pause_after: None,
         }
@@ -204,10 +208,13 @@ fn build_data(
     budget: usize,
     what: &str,
 ) -> Result<(Dataset, usize, bool)> {
+    // Held-out positions stay teacher-forced text, comparable between runs.
+    let generate = if what == "train" { opts.generate } else { 0 };
     let w = Windows {
         seq_len: opts.seq_len,
         per_file: 2,
         budget,
+        generate,
     };
     let wins = data::windows(tokenizer, files, w)?;
     let used_files = {
@@ -229,22 +236,34 @@ fn build_data(
         );
         return Ok((ds, used_files, true));
     }
-    let total: usize = wins.iter().map(|(_, t)| t.len()).sum();
+    let total = budget.min(wins.iter().map(|(_, t)| t.len() + generate).sum());
     let b = bar(total as u64, what);
     say(
         &b,
         format!(
-            "{what}: running the model over {total} tokens of {used_files} files (hidden states \
-             at block {} and the final layer's top-{})",
-            opts.layer, opts.top_k
+            "{what}: running the model over {total} positions of {used_files} files{} (hidden \
+             states at block {} and the final layer's top-{})",
+            if generate > 0 {
+                format!(", {generate} generated tokens after each window")
+            } else {
+                String::new()
+            },
+            opts.layer,
+            opts.top_k
         ),
     );
     let mut ds = Dataset::new(model.config().n_embd, opts.top_k);
     let started = Instant::now();
     let mut next_line = total / 10;
     for (_, tokens) in &wins {
-        ds.push_sequence(model, opts.layer, tokens, 0)?;
-        b.inc(tokens.len() as u64);
+        let before = ds.len();
+        let room = budget.saturating_sub(before + tokens.len());
+        if generate > 0 && room > 0 {
+            ds.push_generated(model, opts.layer, tokens, generate.min(room))?;
+        } else {
+            ds.push_sequence(model, opts.layer, tokens, 0)?;
+        }
+        b.inc((ds.len() - before) as u64);
         let rate = ds.len() as f64 / started.elapsed().as_secs_f64();
         b.set_message(format!("{rate:.0} tok/s"));
         // Without a terminal the bar is hidden: a line every tenth instead.
@@ -355,7 +374,7 @@ pub fn train(opts: &Options) -> Result<Report> {
         "model": std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone()),
         "kind": opts.kind, "layer": opts.layer, "rank": opts.rank, "steps": opts.steps,
         "lr": opts.lr, "seed": opts.seed, "batch": opts.batch, "top_k": opts.top_k,
-        "seq_len": opts.seq_len, "train_tokens": opts.train_tokens,
+        "seq_len": opts.seq_len, "train_tokens": opts.train_tokens, "generate": opts.generate,
         "train_positions": train_data.len(),
     })
     .to_string();
