@@ -2,6 +2,7 @@
 //! `target/bench/`.
 
 mod e2e;
+mod heads;
 mod link;
 mod model;
 mod report;
@@ -23,12 +24,18 @@ enum Command {
     /// markdown table, speedup.svg and bytes.svg. Fails if any strategy's text differs
     /// from cloud-ar's.
     E2e(e2e::Args),
+    /// Trains exit adapters and shared-backbone drafter heads and measures them against the
+    /// plain logit lens: held-out and HumanEval agreement, drafter acceptance at γ = 4;
+    /// writes heads.json and heads.md.
+    Heads(heads::Args),
 }
 
 fn main() {
+    tandem_models::init_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::E2e(args) => e2e::run(&args),
+        Command::Heads(args) => heads::run(&args),
     };
     if let Err(e) = result {
         eprintln!("tandem-bench: error: {e:#}");
