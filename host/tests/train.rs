@@ -202,6 +202,30 @@ fn a_tiny_adapter_learns_changes_the_exit_resumes_exactly_and_makes_a_drafter() 
         out.data, adapted_exit,
         "drafter head differs from the exit adapter"
     );
+
+    // 5. With generated continuations: the same budget of positions, a new cache entry.
+    let g = d.join("g.gguf");
+    let o = train(
+        "exit-head",
+        &g,
+        d,
+        &[
+            "--generate",
+            "32",
+            "--report-json",
+            d.join("g.json").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("32 generated tokens after each window"),
+        "{}",
+        text(&o)
+    );
+    let rg = report(&d.join("g.json"));
+    assert_eq!(rg["train_positions"], 2048);
+    assert_eq!(rg["data_cached"], false);
+    assert!(rg["trained"]["loss"].as_f64().unwrap() < rg["lens"]["loss"].as_f64().unwrap());
 }
 
 #[test]
