@@ -543,7 +543,7 @@ fn write_head(opts: &Options, head: &Head, trained: &Metrics, lens: &Metrics) ->
     Ok(())
 }
 
-/// Where a report is written when asked: `OUT.json` by convention of the CLI.
+/// Writes `report` as pretty JSON to `path` (`--report-json`).
 pub fn write_report(report: &Report, path: &Path) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
