@@ -53,53 +53,25 @@ impl Dataset {
         self.ids.is_empty()
     }
 
-    /// Runs `tokens` through `model` (a fresh cache at position 0) and appends positions
-    /// `from..`: the hidden state after block `layer` and the final layer's top-K. The model
-    /// must have no adapter at `layer` (see [`Model::remove_exit_adapter`]).
+    /// Runs `tokens` through `model` (a fresh cache at position 0) and appends every
+    /// position: the hidden state after block `layer` and the final layer's top-K. Then
+    /// continues greedily for `generate` tokens and appends those positions too: the
+    /// positions a drafter or an exit meets when the model generates, which teacher-forced
+    /// text alone under-represents (one step per generated token; the exit rides along each
+    /// forward). The model must have no adapter at `layer` (see
+    /// [`Model::remove_exit_adapter`]).
     pub fn push_sequence(
         &mut self,
         model: &Model,
         layer: usize,
         tokens: &[u32],
-        from: usize,
-    ) -> Result<()> {
-        let d = self.d;
-        let mut hidden = Vec::new();
-        let mut cache = model.new_cache();
-        let logits =
-            model.forward_with_exits(tokens, 0, &mut cache, Rows::All, &[layer], &mut |e| {
-                hidden = e.hidden()[from * d..].to_vec();
-            })?;
-        let rows: Vec<(Vec<u32>, Vec<f32>)> = (from..tokens.len())
-            .into_par_iter()
-            .map(|i| top_k_softmax(logits.row(i), self.top_k))
-            .collect();
-        self.hidden.extend_from_slice(&hidden);
-        for (ids, probs) in rows {
-            self.ids.extend(ids);
-            self.probs.extend(probs);
-        }
-        Ok(())
-    }
-
-    /// Like [`Dataset::push_sequence`] over all of `prompt`, then continues it greedily for
-    /// `n` tokens and appends those positions too: the positions a drafter or an exit meets
-    /// when the model generates, which teacher-forced text alone under-represents. One
-    /// prefill and one step per generated token (the exit rides along each forward).
-    pub fn push_generated(
-        &mut self,
-        model: &Model,
-        layer: usize,
-        prompt: &[u32],
-        n: usize,
+        generate: usize,
     ) -> Result<()> {
         let mut cache = model.new_cache();
-        let mut last = Vec::new();
-        let mut feed = prompt.to_vec();
-        let mut pos = 0;
-        for step in 0..=n {
+        let mut feed = tokens.to_vec();
+        let (mut pos, mut rows) = (0, Rows::All);
+        for step in 0..=generate {
             let mut hidden = Vec::new();
-            let rows = if step == 0 { Rows::All } else { Rows::Last };
             let logits =
                 model.forward_with_exits(&feed, pos, &mut cache, rows, &[layer], &mut |e| {
                     hidden = e.hidden().to_vec();
@@ -111,14 +83,14 @@ impl Dataset {
                 .collect();
             self.hidden.extend_from_slice(&hidden);
             for (ids, probs) in scored {
-                last = ids.clone();
                 self.ids.extend(ids);
                 self.probs.extend(probs);
             }
-            if step == n || pos >= model.config().context_length {
+            if step == generate || pos >= model.config().context_length {
                 break;
             }
-            feed = vec![last[0]];
+            feed = vec![self.teacher_top1(self.len() - 1)];
+            rows = Rows::Last;
         }
         Ok(())
     }

@@ -217,16 +217,12 @@ fn build_data(
         generate,
     };
     let wins = data::windows(tokenizer, files, w)?;
-    let used_files = {
-        let mut keys: Vec<&String> = wins.iter().map(|(k, _)| k).collect();
-        keys.dedup();
-        keys.len()
-    };
     let used: Vec<corpus::CorpusFile> = files
         .iter()
         .filter(|f| wins.iter().any(|(k, _)| *k == f.key))
         .cloned()
         .collect();
+    let used_files = used.len();
     let path = data::cache_path(&opts.model, opts.layer, opts.top_k, w, &used, what)?;
     if let Ok(ds) = Dataset::load(&path) {
         eprintln!(
@@ -258,11 +254,7 @@ fn build_data(
     for (_, tokens) in &wins {
         let before = ds.len();
         let room = budget.saturating_sub(before + tokens.len());
-        if generate > 0 && room > 0 {
-            ds.push_generated(model, opts.layer, tokens, generate.min(room))?;
-        } else {
-            ds.push_sequence(model, opts.layer, tokens, 0)?;
-        }
+        ds.push_sequence(model, opts.layer, tokens, generate.min(room))?;
         b.inc((ds.len() - before) as u64);
         let rate = ds.len() as f64 / started.elapsed().as_secs_f64();
         b.set_message(format!("{rate:.0} tok/s"));
