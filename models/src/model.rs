@@ -172,9 +172,7 @@ impl Model {
     /// Loads a `llama` or `qwen2` GGUF, keeping quantized tensors quantized.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let (content, mut reader) = open(path)?;
-        let config = Config::from_gguf(&content, path)?;
-        let tensors = read_tensors(&content, &mut reader, path)?;
+        let (config, tensors) = load_tensors(path)?;
         Self::from_parts(config, tensors, path)
     }
 
@@ -478,6 +476,15 @@ impl Model {
             data: self.output.forward(&x, n)?,
         })
     }
+}
+
+/// Reads a `llama` or `qwen2` GGUF's hyper-parameters and every tensor, quantized tensors
+/// kept in their block format (for other engines of the same model, such as the GPU one).
+pub fn load_tensors(path: &Path) -> Result<(Config, BTreeMap<String, Arc<QTensor>>)> {
+    let (content, mut reader) = open(path)?;
+    let config = Config::from_gguf(&content, path)?;
+    let tensors = read_tensors(&content, &mut reader, path)?;
+    Ok((config, tensors))
 }
 
 fn select_rows(h: &[f32], d: usize, rows: Rows) -> &[f32] {
