@@ -1,0 +1,1142 @@
+//! Weights on the device, the kernels' pipelines, and a session's buffers and dispatch plan.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor};
+use tandem_models::{Architecture, Config};
+use wgpu::util::DeviceExt;
+
+use crate::{Error, Gpu, Result};
+
+const SRC: &str = include_str!("shaders.wgsl");
+/// Tokens per submission: longer forwards (prefills) run in chunks of this many.
+const MAX_CHUNK: usize = 32;
+/// Bytes between two dispatches' parameter slots (the uniform offset alignment).
+const SLOT: u64 = 256;
+/// First KV capacity, in positions; doubled when a forward needs more.
+const FIRST_CAPACITY: usize = 256;
+
+/// The GGUF block formats the matrix kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Format {
+    Q8_0,
+    Q5_0,
+    Q4_1,
+    Q4K,
+    Q6K,
+}
+
+impl Format {
+    fn of(d: GgmlDType) -> Option<Self> {
+        Some(match d {
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q4K => Format::Q4K,
+            GgmlDType::Q6K => Format::Q6K,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Format::Q8_0 => "q8_0",
+            Format::Q5_0 => "q5_0",
+            Format::Q4_1 => "q4_1",
+            Format::Q4K => "q4_k",
+            Format::Q6K => "q6_k",
+        }
+    }
+    /// Values per block.
+    fn block(self) -> usize {
+        match self {
+            Format::Q4K | Format::Q6K => 256,
+            _ => 32,
+        }
+    }
+    /// Bytes per block in the file.
+    fn bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 34,
+            Format::Q5_0 => 22,
+            Format::Q4_1 => 20,
+            Format::Q4K => 144,
+            Format::Q6K => 210,
+        }
+    }
+    /// 32-bit words per block on the device (blocks padded to whole words).
+    fn words(self) -> usize {
+        self.bytes().div_ceil(4)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kernel {
+    Matmul(Format),
+    Embed(Format),
+    Quant,
+    RmsNorm,
+    Rope,
+    Attention,
+    Swiglu,
+    Argmax,
+}
+
+impl Kernel {
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Matmul(_) => "matmul",
+            Kernel::Embed(_) => "embed",
+            Kernel::Quant => "quant",
+            Kernel::RmsNorm => "rmsnorm",
+            Kernel::Rope => "rope",
+            Kernel::Attention => "attention",
+            Kernel::Swiglu => "swiglu",
+            Kernel::Argmax => "argmax",
+        }
+    }
+    /// Storage bindings from 2 on: `true` = read-only.
+    fn storage(self) -> &'static [bool] {
+        match self {
+            Kernel::Matmul(_) => &[true, true, true, true, false],
+            Kernel::Embed(_) => &[true, true, false],
+            Kernel::Quant => &[true, false, false],
+            Kernel::RmsNorm => &[true, true, false],
+            Kernel::Rope => &[false, true],
+            Kernel::Attention => &[true, true, true, false],
+            Kernel::Swiglu => &[false, true],
+            Kernel::Argmax => &[true, false],
+        }
+    }
+}
+
+/// `shaders.wgsl` cut at its `//!KERNEL` and `//!FORMAT` markers.
+struct Sources {
+    prelude: String,
+    sections: HashMap<String, String>,
+}
+
+fn sources() -> Sources {
+    let mut prelude = String::new();
+    let mut sections: HashMap<String, String> = HashMap::new();
+    let mut current: Option<String> = None;
+    for line in SRC.lines() {
+        if let Some(rest) = line
+            .strip_prefix("//!KERNEL ")
+            .or_else(|| line.strip_prefix("//!FORMAT "))
+        {
+            current = Some(rest.trim().to_string());
+            continue;
+        }
+        let dst = match &current {
+            Some(name) => sections.entry(name.clone()).or_default(),
+            None => &mut prelude,
+        };
+        dst.push_str(line);
+        dst.push('\n');
+    }
+    Sources { prelude, sections }
+}
+
+impl Sources {
+    fn module(&self, k: Kernel) -> String {
+        let mut s = self.prelude.clone();
+        if let Kernel::Matmul(f) | Kernel::Embed(f) = k {
+            s += &self.sections["formats"];
+            s += &self.sections[f.name()];
+        }
+        s += &self.sections[k.name()];
+        s
+    }
+}
+
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+fn make_pipeline(device: &wgpu::Device, src: &Sources, k: Kernel) -> Pipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(k.name()),
+        source: wgpu::ShaderSource::Wgsl(src.module(k).into()),
+    });
+    let uniform = |binding, dynamic: bool, size: u64| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: dynamic,
+            min_binding_size: wgpu::BufferSize::new(size),
+        },
+        count: None,
+    };
+    let mut entries = vec![uniform(0, true, 64), uniform(1, false, 16)];
+    for (i, &read_only) in k.storage().iter().enumerate() {
+        entries.push(wgpu::BindGroupLayoutEntry {
+            binding: 2 + i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        });
+    }
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(k.name()),
+        entries: &entries,
+    });
+    let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(k.name()),
+        bind_group_layouts: &[Some(&layout)],
+        ..Default::default()
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(k.name()),
+        layout: Some(&pl),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    Pipeline { pipeline, layout }
+}
+
+/// A quantized matrix `[rows, k]` on the device, cut by rows into buffers that each fit one
+/// storage binding.
+struct Matrix {
+    format: Format,
+    k: usize,
+    /// (buffer, first row, rows)
+    chunks: Vec<(wgpu::Buffer, usize, usize)>,
+}
+
+struct Layer {
+    attn_norm: wgpu::Buffer,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    bq: Option<wgpu::Buffer>,
+    bk: Option<wgpu::Buffer>,
+    bv: Option<wgpu::Buffer>,
+    wo: Matrix,
+    ffn_norm: wgpu::Buffer,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+/// A draft model on a GPU: weights uploaded once, kernels compiled. Share it behind an `Arc`;
+/// each sequence runs in its own [`GpuSession`].
+pub struct GpuModel {
+    gpu: Gpu,
+    config: Config,
+    pipelines: HashMap<Kernel, Pipeline>,
+    embed: Matrix,
+    /// `None`: tied to the embedding.
+    output: Option<Matrix>,
+    output_norm: wgpu::Buffer,
+    layers: Vec<Layer>,
+    rope: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    weight_bytes: u64,
+}
+
+impl GpuModel {
+    /// Uploads a `llama`/`qwen2` GGUF to `gpu`. Refused (with a reason, so the caller can use
+    /// the CPU backend): matrices in formats the kernels do not read, heads wider than 256,
+    /// and a trained exit adapter at the last block.
+    pub fn load(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
+        let (config, tensors) = tandem_models::load_tensors(path)?;
+        let unsupported = |what: String| Error::Unsupported {
+            path: path.display().to_string(),
+            what,
+        };
+        let c = &config;
+        let last_exit = format!("exit.{}.", c.n_layer);
+        if tensors.keys().any(|n| n.starts_with(&last_exit)) {
+            return Err(unsupported(format!(
+                "it carries a trained exit adapter at its last block ({}), which the GPU \
+                 kernels do not implement",
+                last_exit.trim_end_matches('.')
+            )));
+        }
+        if c.head_dim > 256 || c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 {
+            return Err(unsupported(format!(
+                "head size {} (rotary {}): the attention kernel takes heads of at most 256",
+                c.head_dim, c.rope_dim
+            )));
+        }
+        let src = sources();
+        let mut up = Uploader {
+            gpu: &gpu,
+            tensors: &tensors,
+            path,
+            bytes: 0,
+        };
+        let d = c.n_embd;
+        let kv = c.kv_dim();
+        let embed = up.matrix("token_embd.weight", c.vocab_size, d)?;
+        let output = match tensors.contains_key("output.weight") {
+            true => Some(up.matrix("output.weight", c.vocab_size, d)?),
+            false => None,
+        };
+        let output_norm = up.vector("output_norm.weight", d)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let bias = |up: &mut Uploader, s: &str, n: usize| -> Result<Option<wgpu::Buffer>> {
+                match tensors.contains_key(&p(s)) {
+                    true => up.vector(&p(s), n).map(Some),
+                    false => Ok(None),
+                }
+            };
+            layers.push(Layer {
+                attn_norm: up.vector(&p("attn_norm.weight"), d)?,
+                wq: up.matrix(&p("attn_q.weight"), d, d)?,
+                wk: up.matrix(&p("attn_k.weight"), kv, d)?,
+                wv: up.matrix(&p("attn_v.weight"), kv, d)?,
+                bq: bias(&mut up, "attn_q.bias", d)?,
+                bk: bias(&mut up, "attn_k.bias", kv)?,
+                bv: bias(&mut up, "attn_v.bias", kv)?,
+                wo: up.matrix(&p("attn_output.weight"), d, d)?,
+                ffn_norm: up.vector(&p("ffn_norm.weight"), d)?,
+                gate: up.matrix(&p("ffn_gate.weight"), c.n_ff, d)?,
+                up: up.matrix(&p("ffn_up.weight"), c.n_ff, d)?,
+                down: up.matrix(&p("ffn_down.weight"), d, c.n_ff)?,
+            });
+        }
+        let weight_bytes = up.bytes;
+        // cos/sin of every position, with the CPU engine's formula (so both rotate alike).
+        let half = c.rope_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / c.rope_base.powf((2 * i) as f32 / c.rope_dim as f32))
+            .collect();
+        let mut table = Vec::with_capacity(c.context_length * half * 2);
+        for p in 0..c.context_length {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                table.push(a.cos());
+                table.push(a.sin());
+            }
+        }
+        let rope = storage_init(&gpu.device, "rope", bytes_of(&table));
+        let dummy = storage_init(&gpu.device, "dummy", &[0u8; 16]);
+        let mut kernels = vec![
+            Kernel::Quant,
+            Kernel::RmsNorm,
+            Kernel::Rope,
+            Kernel::Attention,
+            Kernel::Swiglu,
+            Kernel::Argmax,
+            Kernel::Embed(embed.format),
+        ];
+        let mats = layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .chain(output.as_ref())
+            .chain([&embed]);
+        for m in mats {
+            kernels.push(Kernel::Matmul(m.format));
+        }
+        let mut pipelines = HashMap::new();
+        for k in kernels {
+            pipelines
+                .entry(k)
+                .or_insert_with(|| make_pipeline(&gpu.device, &src, k));
+        }
+        Ok(Arc::new(GpuModel {
+            gpu,
+            config,
+            pipelines,
+            embed,
+            output,
+            output_norm,
+            layers,
+            rope,
+            dummy,
+            weight_bytes,
+        }))
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The adapter it runs on.
+    pub fn adapter(&self) -> &crate::AdapterInfo {
+        &self.gpu.info
+    }
+
+    /// Bytes of weights on the device (quantized, blocks padded to whole words).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn head(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+struct Uploader<'a> {
+    gpu: &'a Gpu,
+    tensors: &'a BTreeMap<String, Arc<QTensor>>,
+    path: &'a Path,
+    bytes: u64,
+}
+
+impl Uploader<'_> {
+    fn get(&self, name: &str) -> Result<&Arc<QTensor>> {
+        self.tensors.get(name).ok_or_else(|| Error::Unsupported {
+            path: self.path.display().to_string(),
+            what: format!("tensor `{name}` is missing"),
+        })
+    }
+
+    fn malformed(&self, what: String) -> Error {
+        Error::Unsupported {
+            path: self.path.display().to_string(),
+            what,
+        }
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<wgpu::Buffer> {
+        let t = self.get(name)?;
+        let v: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| self.malformed(format!("tensor `{name}`: {e}")))?;
+        if v.len() != len {
+            return Err(self.malformed(format!(
+                "tensor `{name}` has {} values, expected {len}",
+                v.len()
+            )));
+        }
+        self.bytes += 4 * len as u64;
+        Ok(storage_init(&self.gpu.device, name, bytes_of(&v)))
+    }
+
+    fn matrix(&mut self, name: &str, rows: usize, k: usize) -> Result<Matrix> {
+        let t = self.get(name)?.clone();
+        let dims = t.shape().dims().to_vec();
+        if dims != [rows, k] {
+            return Err(self.malformed(format!(
+                "tensor `{name}` is {dims:?}, expected [{rows}, {k}]"
+            )));
+        }
+        let format = Format::of(t.dtype()).ok_or_else(|| {
+            self.malformed(format!(
+                "tensor `{name}` is {:?}; the GPU kernels read Q4_1, Q5_0, Q8_0, Q4_K and Q6_K",
+                t.dtype()
+            ))
+        })?;
+        if !k.is_multiple_of(format.block()) {
+            return Err(self.malformed(format!("tensor `{name}`: {k} columns")));
+        }
+        let data = t
+            .data()
+            .map_err(|e| self.malformed(format!("tensor `{name}`: {e}")))?;
+        let nb = k / format.block();
+        let (row_in, row_out) = (nb * format.bytes(), nb * format.words() * 4);
+        if data.len() != rows * row_in {
+            return Err(self.malformed(format!("tensor `{name}` has a short data section")));
+        }
+        let l = &self.gpu.limits;
+        let max = l.max_storage_buffer_binding_size.min(l.max_buffer_size) as usize;
+        let per = (max / row_out).max(1);
+        let mut chunks = Vec::new();
+        let mut row0 = 0;
+        while row0 < rows {
+            let n = per.min(rows - row0);
+            let mut buf = vec![0u8; n * row_out];
+            for (b, dst) in buf.chunks_exact_mut(format.words() * 4).enumerate() {
+                let s = row0 * row_in + b * format.bytes();
+                dst[..format.bytes()].copy_from_slice(&data[s..s + format.bytes()]);
+            }
+            self.bytes += buf.len() as u64;
+            chunks.push((storage_init(&self.gpu.device, name, &buf), row0, n));
+            row0 += n;
+        }
+        Ok(Matrix { format, k, chunks })
+    }
+}
+
+fn bytes_of(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte is a valid u8; the slice covers exactly the
+    // floats' memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn storage_init(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    })
+}
+
+fn buffer(
+    device: &wgpu::Device,
+    label: &str,
+    size: usize,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: (size.max(4) as u64).next_multiple_of(4),
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
+/// What a forward reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// The last position's argmax and its logit (8 bytes).
+    Argmax,
+    /// And the last position's logits.
+    LastLogits,
+    /// And every position's logits (tests, verification-style blocks).
+    AllLogits,
+}
+
+/// What a forward returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Argmax of the last position's logits (lowest index among equal maxima).
+    pub argmax: u32,
+    /// Its logit.
+    pub max_logit: f32,
+    /// Logits as asked: empty, the last row, or every row (row-major, `vocab` wide).
+    pub logits: Vec<f32>,
+}
+
+/// Counters of a session's traffic with the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Forward calls.
+    pub forwards: u64,
+    /// Tokens run.
+    pub tokens: u64,
+    /// Queue submissions.
+    pub submissions: u64,
+    /// Bytes copied back from the device.
+    pub bytes_read: u64,
+    /// Bytes written to the device per forward (token ids and the step's position).
+    pub bytes_written: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Rows {
+    Tokens,
+    One,
+}
+
+struct Dispatch {
+    kernel: Kernel,
+    group: wgpu::BindGroup,
+    slot: u32,
+    x: u32,
+    rows: Rows,
+}
+
+struct Pending {
+    kernel: Kernel,
+    buffers: Vec<wgpu::Buffer>,
+    params: [u32; 16],
+    x: u32,
+    rows: Rows,
+}
+
+struct Buffers {
+    tok: wgpu::Buffer,
+    h: wgpu::Buffer,
+    x: wgpu::Buffer,
+    q: wgpu::Buffer,
+    att: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
+    xq: wgpu::Buffer,
+    xs: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    res: wgpu::Buffer,
+    res_read: wgpu::Buffer,
+    logits_read: wgpu::Buffer,
+    step: wgpu::Buffer,
+}
+
+/// One sequence on the device: its KV cache (grown as needed, truncated for rollback) and
+/// the recorded dispatches of a forward.
+pub struct GpuSession {
+    model: Arc<GpuModel>,
+    b: Buffers,
+    kv: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    capacity: usize,
+    params: Option<wgpu::Buffer>,
+    body: Vec<Dispatch>,
+    tail_last: Vec<Dispatch>,
+    tail_all: Vec<Dispatch>,
+    len: usize,
+    stats: Stats,
+}
+
+impl GpuSession {
+    /// A new, empty sequence.
+    pub fn new(model: Arc<GpuModel>) -> Result<Self> {
+        let c = model.config.clone();
+        let dev = &model.gpu.device;
+        use wgpu::BufferUsages as U;
+        let st = U::STORAGE;
+        let widest = c.n_embd.max(c.n_ff);
+        let m = MAX_CHUNK;
+        let b = Buffers {
+            tok: buffer(dev, "tokens", m * 4, st | U::COPY_DST),
+            h: buffer(dev, "h", m * c.n_embd * 4, st),
+            x: buffer(dev, "x", m * c.n_embd * 4, st),
+            q: buffer(dev, "q", m * c.n_embd * 4, st),
+            att: buffer(dev, "att", m * c.n_embd * 4, st),
+            g: buffer(dev, "gate", m * c.n_ff * 4, st),
+            u: buffer(dev, "up", m * c.n_ff * 4, st),
+            xq: buffer(dev, "xq", m * widest * 4, st),
+            xs: buffer(dev, "xs", m * widest / 32 * 2 * 4, st),
+            logits: buffer(dev, "logits", m * c.vocab_size * 4, st | U::COPY_SRC),
+            res: buffer(dev, "argmax", 8, st | U::COPY_SRC),
+            res_read: buffer(dev, "argmax-read", 8, U::MAP_READ | U::COPY_DST),
+            logits_read: buffer(
+                dev,
+                "logits-read",
+                m * c.vocab_size * 4,
+                U::MAP_READ | U::COPY_DST,
+            ),
+            step: buffer(dev, "step", 16, U::UNIFORM | U::COPY_DST),
+        };
+        let mut s = GpuSession {
+            model,
+            b,
+            kv: Vec::new(),
+            capacity: 0,
+            params: None,
+            body: Vec::new(),
+            tail_last: Vec::new(),
+            tail_all: Vec::new(),
+            len: 0,
+            stats: Stats::default(),
+        };
+        s.grow(FIRST_CAPACITY.min(c.context_length))?;
+        Ok(s)
+    }
+
+    /// Positions in the KV cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops every position at or after `len` (rollback of speculative tokens).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Traffic so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<GpuModel> {
+        &self.model
+    }
+
+    /// Runs `tokens` at positions `pos..` (`pos <= len()`; a lower `pos` rolls back first)
+    /// and reads back what `want` asks for.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Output> {
+        let c = self.model.config.clone();
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "forward needs at least one token".into(),
+            ));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        if pos > self.len {
+            return Err(Error::InvalidArgument(format!(
+                "position {pos} is past the {} cached positions",
+                self.len
+            )));
+        }
+        if pos + n > c.context_length {
+            return Err(Error::InvalidArgument(format!(
+                "positions {pos}..{} exceed the context length {}",
+                pos + n,
+                c.context_length
+            )));
+        }
+        self.len = pos;
+        if pos + n > self.capacity {
+            let mut cap = self.capacity.max(1);
+            while cap < pos + n {
+                cap *= 2;
+            }
+            self.grow(cap.min(c.context_length))?;
+        }
+        let chunks: Vec<&[u32]> = tokens.chunks(MAX_CHUNK).collect();
+        let mut out = Output {
+            argmax: 0,
+            max_logit: 0.0,
+            logits: Vec::new(),
+        };
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let p = pos + ci * MAX_CHUNK;
+            let last = ci + 1 == chunks.len();
+            let tail = match want {
+                Want::AllLogits => Some(&self.tail_all),
+                _ if last => Some(&self.tail_last),
+                _ => None,
+            };
+            let q = &self.model.gpu.queue;
+            let ids: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
+            q.write_buffer(&self.b.tok, 0, &ids);
+            let step: Vec<u8> = [chunk.len() as u32, p as u32, 0, 0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            q.write_buffer(&self.b.step, 0, &step);
+            self.stats.bytes_written += (ids.len() + step.len()) as u64;
+            let dev = &self.model.gpu.device;
+            let mut enc = dev.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for d in self.body.iter().chain(tail.into_iter().flatten()) {
+                    pass.set_pipeline(&self.model.pipelines[&d.kernel].pipeline);
+                    pass.set_bind_group(0, &d.group, &[d.slot * SLOT as u32]);
+                    let y = match d.rows {
+                        Rows::Tokens => chunk.len() as u32,
+                        Rows::One => 1,
+                    };
+                    pass.dispatch_workgroups(d.x, y, 1);
+                }
+            }
+            let logit_rows = match want {
+                Want::Argmax => 0,
+                Want::LastLogits => 1,
+                Want::AllLogits => chunk.len(),
+            };
+            let logit_bytes = (logit_rows * c.vocab_size * 4) as u64;
+            if tail.is_some() {
+                enc.copy_buffer_to_buffer(&self.b.res, 0, &self.b.res_read, 0, 8);
+                if logit_bytes > 0 {
+                    enc.copy_buffer_to_buffer(
+                        &self.b.logits,
+                        0,
+                        &self.b.logits_read,
+                        0,
+                        logit_bytes,
+                    );
+                }
+            }
+            q.submit([enc.finish()]);
+            self.stats.submissions += 1;
+            if tail.is_some() {
+                let res = self.read(&self.b.res_read, 8)?;
+                out.argmax = u32::from_le_bytes(res[0..4].try_into().unwrap());
+                out.max_logit = f32::from_le_bytes(res[4..8].try_into().unwrap());
+                if logit_bytes > 0 {
+                    let raw = self.read(&self.b.logits_read, logit_bytes)?;
+                    out.logits.extend(
+                        raw.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
+                    );
+                }
+                self.stats.bytes_read += 8 + logit_bytes;
+            }
+        }
+        self.len = pos + n;
+        self.stats.forwards += 1;
+        self.stats.tokens += n as u64;
+        Ok(out)
+    }
+
+    fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let slice = buf.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.model
+            .gpu
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Device("the read-back was dropped".into()))?
+            .map_err(|e| Error::Device(format!("reading back: {e}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("reading back: {e}")))?
+            .to_vec();
+        buf.unmap();
+        Ok(data)
+    }
+
+    /// Makes the KV cache hold `cap` positions (keeping what it holds) and records the plan
+    /// against the new buffers.
+    fn grow(&mut self, cap: usize) -> Result<()> {
+        let c = self.model.config.clone();
+        let dev = &self.model.gpu.device;
+        let bytes = cap * c.kv_dim() * 4;
+        let max = self.model.gpu.limits.max_storage_buffer_binding_size as usize;
+        if bytes > max {
+            return Err(Error::Device(format!(
+                "a KV cache of {cap} positions needs {bytes} bytes per layer, over this \
+                 adapter's {max}-byte binding limit"
+            )));
+        }
+        use wgpu::BufferUsages as U;
+        let usage = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let kv: Vec<(wgpu::Buffer, wgpu::Buffer)> = (0..c.n_layer)
+            .map(|_| {
+                (
+                    buffer(dev, "k", bytes, usage),
+                    buffer(dev, "v", bytes, usage),
+                )
+            })
+            .collect();
+        if self.len > 0 {
+            let keep = (self.len * c.kv_dim() * 4) as u64;
+            let mut enc = dev.create_command_encoder(&Default::default());
+            for ((ok, ov), (nk, nv)) in self.kv.iter().zip(&kv) {
+                enc.copy_buffer_to_buffer(ok, 0, nk, 0, keep);
+                enc.copy_buffer_to_buffer(ov, 0, nv, 0, keep);
+            }
+            self.model.gpu.queue.submit([enc.finish()]);
+            self.stats.submissions += 1;
+        }
+        self.kv = kv;
+        self.capacity = cap;
+        self.plan();
+        Ok(())
+    }
+
+    /// Records every dispatch of a forward (bind groups and static parameters).
+    fn plan(&mut self) {
+        let m = self.model.clone();
+        let c = &m.config;
+        let b = &self.b;
+        let (d, kvd, ff) = (c.n_embd as u32, c.kv_dim() as u32, c.n_ff as u32);
+        let eps = c.rms_eps.to_bits();
+        let mut body: Vec<Pending> = Vec::new();
+        let wg = |n: u32| n.div_ceil(64);
+        for (buf, row0, rows) in &m.embed.chunks {
+            body.push(Pending {
+                kernel: Kernel::Embed(m.embed.format),
+                buffers: vec![buf.clone(), b.tok.clone(), b.h.clone()],
+                params: p(&[d, *row0 as u32, *rows as u32]),
+                x: wg(d),
+                rows: Rows::Tokens,
+            });
+        }
+        let half = (c.rope_dim / 2) as u32;
+        let neox = (c.arch == Architecture::Qwen2) as u32;
+        for (i, l) in m.layers.iter().enumerate() {
+            let (kc, vc) = &self.kv[i];
+            let mut quant = Quantized::default();
+            body.push(norm(&b.h, &l.attn_norm, &b.x, d, eps, false));
+            let qkv = [
+                (&l.wq, &b.q, l.bq.as_ref(), d, 0),
+                (&l.wk, kc, l.bk.as_ref(), kvd, kvd),
+                (&l.wv, vc, l.bv.as_ref(), kvd, kvd),
+            ];
+            for (w, out, bias, stride, pos_mult) in qkv {
+                quant.ensure(&mut body, b, &b.x, w, Rows::Tokens);
+                matmul(
+                    &mut body,
+                    b,
+                    &m,
+                    w,
+                    out,
+                    bias,
+                    [stride, 0, pos_mult],
+                    0,
+                    Rows::Tokens,
+                );
+            }
+            for (buf, heads, stride, pos_mult) in [
+                (&b.q, c.n_head as u32, d, 0),
+                (kc, c.n_head_kv as u32, kvd, kvd),
+            ] {
+                body.push(Pending {
+                    kernel: Kernel::Rope,
+                    buffers: vec![buf.clone(), m.rope.clone()],
+                    params: p(&[
+                        heads,
+                        c.head_dim as u32,
+                        c.rope_dim as u32,
+                        neox,
+                        stride,
+                        0,
+                        pos_mult,
+                    ]),
+                    x: wg(heads * half),
+                    rows: Rows::Tokens,
+                });
+            }
+            body.push(Pending {
+                kernel: Kernel::Attention,
+                buffers: vec![b.q.clone(), kc.clone(), vc.clone(), b.att.clone()],
+                params: p(&[
+                    c.n_head as u32,
+                    c.n_head_kv as u32,
+                    c.head_dim as u32,
+                    (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
+                ]),
+                x: c.n_head as u32,
+                rows: Rows::Tokens,
+            });
+            let mut quant = Quantized::default();
+            quant.ensure(&mut body, b, &b.att, &l.wo, Rows::Tokens);
+            matmul(
+                &mut body,
+                b,
+                &m,
+                &l.wo,
+                &b.h,
+                None,
+                [d, 0, 0],
+                1,
+                Rows::Tokens,
+            );
+            body.push(norm(&b.h, &l.ffn_norm, &b.x, d, eps, false));
+            let mut quant = Quantized::default();
+            quant.ensure(&mut body, b, &b.x, &l.gate, Rows::Tokens);
+            matmul(
+                &mut body,
+                b,
+                &m,
+                &l.gate,
+                &b.g,
+                None,
+                [ff, 0, 0],
+                0,
+                Rows::Tokens,
+            );
+            quant.ensure(&mut body, b, &b.x, &l.up, Rows::Tokens);
+            matmul(
+                &mut body,
+                b,
+                &m,
+                &l.up,
+                &b.u,
+                None,
+                [ff, 0, 0],
+                0,
+                Rows::Tokens,
+            );
+            body.push(Pending {
+                kernel: Kernel::Swiglu,
+                buffers: vec![b.g.clone(), b.u.clone()],
+                params: p(&[ff]),
+                x: wg(ff),
+                rows: Rows::Tokens,
+            });
+            let mut quant = Quantized::default();
+            quant.ensure(&mut body, b, &b.g, &l.down, Rows::Tokens);
+            matmul(
+                &mut body,
+                b,
+                &m,
+                &l.down,
+                &b.h,
+                None,
+                [d, 0, 0],
+                1,
+                Rows::Tokens,
+            );
+        }
+        let tail = |last: bool| -> Vec<Pending> {
+            let rows = if last { Rows::One } else { Rows::Tokens };
+            let mut t = vec![norm(&b.h, &m.output_norm, &b.x, d, eps, last)];
+            let head = m.head();
+            Quantized::default().ensure(&mut t, b, &b.x, head, rows);
+            let v = c.vocab_size as u32;
+            matmul(&mut t, b, &m, head, &b.logits, None, [v, 0, 0], 0, rows);
+            t.push(Pending {
+                kernel: Kernel::Argmax,
+                buffers: vec![b.logits.clone(), b.res.clone()],
+                params: p(&[v, (!last) as u32]),
+                x: 1,
+                rows: Rows::One,
+            });
+            t
+        };
+        let (tail_last, tail_all) = (tail(true), tail(false));
+        let total = body.len() + tail_last.len() + tail_all.len();
+        let dev = &m.gpu.device;
+        let params = buffer(
+            dev,
+            "params",
+            total * SLOT as usize,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut bytes = vec![0u8; total * SLOT as usize];
+        let mut slot = 0u32;
+        let mut finish = |list: Vec<Pending>| -> Vec<Dispatch> {
+            list.into_iter()
+                .map(|pd| {
+                    let at = slot as usize * SLOT as usize;
+                    for (j, v) in pd.params.iter().enumerate() {
+                        bytes[at + 4 * j..at + 4 * j + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                    let mut entries = vec![
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &params,
+                                offset: 0,
+                                size: wgpu::BufferSize::new(64),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: b.step.as_entire_binding(),
+                        },
+                    ];
+                    for (j, buf) in pd.buffers.iter().enumerate() {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: 2 + j as u32,
+                            resource: buf.as_entire_binding(),
+                        });
+                    }
+                    let group = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(pd.kernel.name()),
+                        layout: &m.pipelines[&pd.kernel].layout,
+                        entries: &entries,
+                    });
+                    slot += 1;
+                    Dispatch {
+                        kernel: pd.kernel,
+                        group,
+                        slot: slot - 1,
+                        x: pd.x,
+                        rows: pd.rows,
+                    }
+                })
+                .collect()
+        };
+        self.body = finish(body);
+        self.tail_last = finish(tail_last);
+        self.tail_all = finish(tail_all);
+        m.gpu.queue.write_buffer(&params, 0, &bytes);
+        self.params = Some(params);
+    }
+}
+
+/// Up to 16 parameters of one dispatch.
+fn p(v: &[u32]) -> [u32; 16] {
+    let mut a = [0u32; 16];
+    a[..v.len()].copy_from_slice(v);
+    a
+}
+
+fn norm(
+    x: &wgpu::Buffer,
+    w: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    d: u32,
+    eps: u32,
+    last: bool,
+) -> Pending {
+    Pending {
+        kernel: Kernel::RmsNorm,
+        buffers: vec![x.clone(), w.clone(), out.clone()],
+        params: p(&[d, eps, last as u32]),
+        x: 1,
+        rows: if last { Rows::One } else { Rows::Tokens },
+    }
+}
+
+/// Which activations `xq`/`xs` hold, so a matrix reading the same input at the same block
+/// size does not quantize it again.
+#[derive(Default)]
+struct Quantized {
+    done: Option<(wgpu::Buffer, usize)>,
+}
+
+impl Quantized {
+    fn ensure(
+        &mut self,
+        list: &mut Vec<Pending>,
+        b: &Buffers,
+        src: &wgpu::Buffer,
+        w: &Matrix,
+        rows: Rows,
+    ) {
+        let bs = w.format.block();
+        if let Some((s, size)) = &self.done
+            && s == src
+            && *size == bs
+        {
+            return;
+        }
+        list.push(Pending {
+            kernel: Kernel::Quant,
+            buffers: vec![src.clone(), b.xq.clone(), b.xs.clone()],
+            params: p(&[w.k as u32, bs as u32]),
+            x: ((w.k / bs) as u32).div_ceil(64),
+            rows,
+        });
+        self.done = Some((src.clone(), bs));
+    }
+}
+
+/// `out[t, stride-wide rows] (+)= w · xq[t]`: `[stride, offset, per-position offset]` place
+/// the output; `flags` 1 accumulates into it.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    list: &mut Vec<Pending>,
+    b: &Buffers,
+    m: &GpuModel,
+    w: &Matrix,
+    out: &wgpu::Buffer,
+    bias: Option<&wgpu::Buffer>,
+    place: [u32; 3],
+    flags: u32,
+    rows: Rows,
+) {
+    let flags = flags | if bias.is_some() { 2 } else { 0 };
+    for (buf, row0, n) in &w.chunks {
+        list.push(Pending {
+            kernel: Kernel::Matmul(w.format),
+            buffers: vec![
+                buf.clone(),
+                b.xq.clone(),
+                b.xs.clone(),
+                bias.unwrap_or(&m.dummy).clone(),
+                out.clone(),
+            ],
+            params: p(&[
+                *n as u32,
+                w.k as u32,
+                *row0 as u32,
+                place[0],
+                place[1],
+                place[2],
+                flags,
+            ]),
+            x: (*n as u32).div_ceil(64),
+            rows,
+        });
+    }
+}
