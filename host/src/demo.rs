@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// The drafter component (.wasm).
     #[arg(long, default_value_os_t = default_drafter())]
     pub drafter: PathBuf,
+    /// Where the draft model runs: auto, off, or part of an adapter's name (`tandem gpu
+    /// list`).
+    #[arg(long, default_value = "auto")]
+    pub gpu: tandem_gpu::GpuChoice,
 }
 
 const PROMPT: &str = "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n";
@@ -92,6 +96,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         guest_timeout: 60.0,
         stats_json: None,
         quiet: false,
+        gpu: args.gpu.clone(),
     };
     let stats = crate::generate::run(&generate_args, &mut std::io::stdout())
         .context("the demo run failed")?;

@@ -13,11 +13,11 @@ use tandem_core::protocol::{
     BackboneClaim, ClientMsg, Hello, Outcome, ServerMsg, Verify, WireSampling,
 };
 use tandem_core::sampling::SamplingParams;
-use tandem_models::{IncrementalDecoder, Model, Tokenizer};
+use tandem_models::{IncrementalDecoder, Tokenizer};
 use tandem_verifier::{Endpoint, SessionClient};
 
 use crate::component::{Drafter, GuestLimits, Runtime, api};
-use crate::nn::{ComputeMeter, CpuGraph, NamedGraphs};
+use crate::nn::{ComputeMeter, DraftModel, NamedGraphs};
 
 /// How to work with the verifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -105,6 +105,10 @@ pub struct GenerateArgs {
     /// Do not print the generated text (statistics only).
     #[arg(long)]
     pub quiet: bool,
+    /// Where the draft model runs: auto (the first hardware GPU, else the CPU), off (the
+    /// CPU), or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
+    #[arg(long, default_value = "auto")]
+    pub gpu: tandem_gpu::GpuChoice,
 }
 
 /// `target/wasm32-wasip2/wasm/tandem_guest_drafter.wasm` beside the running binary's target
@@ -127,6 +131,8 @@ pub fn default_drafter() -> PathBuf {
 pub struct RunStats {
     /// Strategy.
     pub strategy: String,
+    /// Where the draft model ran: `cpu` or the GPU adapter's name (`-` for cloud strategies).
+    pub draft_backend: String,
     /// Target family@version that verified.
     pub target: String,
     /// Generated tokens.
@@ -299,7 +305,7 @@ impl RunStats {
             .map(|(g, c)| format!("{g}×{c}"))
             .collect();
         format!(
-            "[{}] {} tokens in {:.2} s: {:.1} tok/s, first token {:.0} ms | {:.2} tokens/round over {} rounds, {}/{} drafts accepted | γ {} | hints {} ({} used) | up {:.1} B/token, down {:.1} B/token | rtt ≈ {:.0} ms, draft step {:.1} ms",
+            "[{}] {} tokens in {:.2} s: {:.1} tok/s, first token {:.0} ms | {:.2} tokens/round over {} rounds, {}/{} drafts accepted | γ {} | hints {} ({} used) | up {:.1} B/token, down {:.1} B/token | rtt ≈ {:.0} ms, draft step {:.1} ms ({})",
             self.strategy,
             self.tokens,
             self.seconds,
@@ -320,6 +326,7 @@ impl RunStats {
             self.down_bytes_per_token,
             self.rtt_ms,
             self.draft_ms,
+            self.draft_backend,
         )
     }
 }
@@ -387,7 +394,7 @@ enum Incoming {
 /// component, the draft model, its tokenizer and fingerprints.
 pub struct Prepared {
     runtime: Runtime,
-    model: Option<Arc<Model>>,
+    model: Option<DraftModel>,
     /// The draft model's tokenizer (the target's, by fingerprint).
     pub tokenizer: Tokenizer,
     tok_fp: [u8; 32],
@@ -413,9 +420,7 @@ impl Prepared {
             None => None,
         };
         let model = if args.strategy != StrategyArg::CloudAr {
-            Some(Arc::new(Model::load(&draft_path).with_context(|| {
-                format!("loading the draft model {}", draft_path.display())
-            })?))
+            Some(DraftModel::load(&draft_path, &args.gpu)?)
         } else {
             None
         };
@@ -462,12 +467,9 @@ pub fn run_prepared(
     if args.strategy != StrategyArg::CloudAr {
         let model = prepared
             .model
-            .clone()
+            .as_ref()
             .context("the draft model was not loaded (prepared for cloud-ar)")?;
-        graphs.insert(
-            args.graph_name.clone(),
-            Box::new(CpuGraph::new(model, meter.clone())),
-        );
+        graphs.insert(args.graph_name.clone(), model.graph(meter.clone()));
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -641,6 +643,10 @@ pub fn run_prepared(
     std::thread::sleep(Duration::from_millis(5));
     let stats = RunStats {
         strategy: strategy_name(args),
+        draft_backend: prepared
+            .model
+            .as_ref()
+            .map_or_else(|| "-".to_string(), DraftModel::backend),
         target: format!("{}@{}", accepted.family, accepted.version),
         tokens: ids.len(),
         token_ids: ids.clone(),
@@ -772,6 +778,7 @@ fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunS
         let n = tokens.max(1) as f64;
         let stats = RunStats {
             strategy: "cloud-sd".into(),
+            draft_backend: "-".into(),
             target,
             tokens,
             token_ids: Vec::new(),

@@ -40,11 +40,54 @@ enum Command {
         #[command(subcommand)]
         command: train_cmd::TrainCommand,
     },
+    /// GPU adapters for drafting (wgpu: Vulkan, Metal, DX12, GL).
+    Gpu {
+        #[command(subcommand)]
+        command: GpuCommand,
+    },
     /// Model catalog, fetching, backbone split, fingerprints and local generation.
     Models {
         #[command(subcommand)]
         command: models_cmd::ModelsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum GpuCommand {
+    /// The adapters wgpu finds: name, backend, device type, driver, and which `--gpu auto`
+    /// picks.
+    List,
+}
+
+fn gpu_list() -> anyhow::Result<()> {
+    let found = tandem_gpu::list_adapters();
+    if found.is_empty() {
+        println!(
+            "wgpu finds no adapter: drafting runs on the CPU. Install a Vulkan driver (on \
+             Debian: apt-get install mesa-vulkan-drivers libvulkan1) to use a GPU."
+        );
+        return Ok(());
+    }
+    let auto = found.iter().position(|a| !a.is_software());
+    println!("{:<40} {:<8} {:<14} driver", "name", "backend", "type");
+    for (i, a) in found.iter().enumerate() {
+        let mark = if Some(i) == auto {
+            "  ← --gpu auto"
+        } else {
+            ""
+        };
+        println!(
+            "{:<40} {:<8} {:<14} {}{mark}",
+            a.name, a.backend, a.device_type, a.driver
+        );
+    }
+    if auto.is_none() {
+        println!(
+            "only software adapters: --gpu auto drafts on the CPU; name one to use it anyway \
+             (e.g. --gpu llvmpipe)"
+        );
+    }
+    Ok(())
 }
 
 /// Options of `tandem link-shaper`.
@@ -79,11 +122,16 @@ fn link_shaper(args: &LinkShaperArgs) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { tandem_gpu::skip_device_select_layer() };
     tandem_models::init_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models { command } => models_cmd::run(command),
         Command::Train { command } => train_cmd::run(command),
+        Command::Gpu {
+            command: GpuCommand::List,
+        } => gpu_list(),
         Command::Demo(args) => demo::run(&args),
         Command::Generate(args) => generate::run(&args, &mut std::io::stdout()).map(|s| {
             if !args.quiet {

@@ -13,6 +13,8 @@ use tandem_models::catalog::catalog;
 use tandem_models::fetch::{CacheState, FetchEvent, cache_state, fetch, resolve};
 use tandem_models::{IncrementalDecoder, Model, Tokenizer};
 
+use crate::nn::DraftModel;
+
 /// `tandem models` subcommands.
 #[derive(Subcommand)]
 pub enum ModelsCommand {
@@ -42,7 +44,8 @@ pub enum ModelsCommand {
         #[arg(long)]
         layers: Option<usize>,
     },
-    /// Generate text on the local CPU (greedy by default), streaming it.
+    /// Generate text locally (greedy by default), streaming it: on the CPU, or on a GPU
+    /// with --gpu.
     Generate {
         /// Catalog name or path.
         model: String,
@@ -64,6 +67,10 @@ pub enum ModelsCommand {
         /// Use this tokenizer.json instead of the tokenizer in the GGUF metadata.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Where the model runs: auto (the first hardware GPU, else the CPU), off (the CPU),
+        /// or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
+        #[arg(long, default_value = "auto")]
+        gpu: tandem_gpu::GpuChoice,
     },
 }
 
@@ -101,6 +108,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             top_p,
             seed,
             tokenizer,
+            gpu,
         } => {
             let params = SamplingParams {
                 temperature,
@@ -108,7 +116,14 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                 seed,
             };
             params.validate()?;
-            generate(&model, tokenizer.as_deref(), &prompt, max_tokens, &params)
+            generate(
+                &model,
+                tokenizer.as_deref(),
+                &prompt,
+                max_tokens,
+                &params,
+                &gpu,
+            )
         }
     }
 }
@@ -201,20 +216,21 @@ fn generate(
     prompt: &str,
     max_tokens: usize,
     params: &SamplingParams,
+    gpu: &tandem_gpu::GpuChoice,
 ) -> Result<()> {
     let path = resolve(model)?;
     let t0 = Instant::now();
-    let model = Model::load(&path)?;
+    let mut engine = Engine::new(DraftModel::load(&path, gpu)?)?;
     let tok = match tokenizer {
         Some(json) => Tokenizer::from_json_file(json, &["<|im_end|>", "<|endoftext|>", "</s>"])
             .with_context(|| format!("loading tokenizer {}", json.display()))?,
         None => Tokenizer::from_gguf(&path)?,
     };
-    if tok.vocab_size() > model.config().vocab_size {
+    if tok.vocab_size() > engine.vocab_size() {
         bail!(
             "the tokenizer has {} tokens but the model only {}; use the model's own tokenizer",
             tok.vocab_size(),
-            model.config().vocab_size
+            engine.vocab_size()
         );
     }
     eprintln!(
@@ -226,16 +242,14 @@ fn generate(
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
-    let mut cache = model.new_cache();
     let mut rng = Rng::new(params.seed);
     let mut dec = IncrementalDecoder::new();
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;
     out.flush()?;
     let t1 = Instant::now();
-    let logits = model.forward_last(&ids, 0, &mut cache)?;
+    let mut next = engine.next(&ids, 0, params, &mut rng)?;
     let prefill = t1.elapsed();
-    let mut next = sample(logits.last(), params, &mut rng);
     let t2 = Instant::now();
     let mut generated = 0;
     for _ in 0..max_tokens {
@@ -248,9 +262,8 @@ fn generate(
         if generated == max_tokens {
             break;
         }
-        let pos = cache.len();
-        let logits = model.forward(&[next], pos, &mut cache)?;
-        next = sample(logits.last(), params, &mut rng);
+        let pos = ids.len() + generated - 1;
+        next = engine.next(&[next], pos, params, &mut rng)?;
     }
     writeln!(out, "{}", dec.finish(&tok)?)?;
     let decode = t2.elapsed().as_secs_f64();
@@ -265,4 +278,53 @@ fn generate(
         }
     );
     Ok(())
+}
+
+/// `tandem models generate`'s model on the backend `--gpu` chose.
+enum Engine {
+    Cpu(std::sync::Arc<Model>, tandem_models::KvCache),
+    Gpu(Box<tandem_gpu::GpuSession>),
+}
+
+impl Engine {
+    fn new(m: DraftModel) -> Result<Self> {
+        Ok(match m {
+            DraftModel::Cpu(m) => {
+                let cache = m.new_cache();
+                Engine::Cpu(m, cache)
+            }
+            DraftModel::Gpu(m) => Engine::Gpu(Box::new(tandem_gpu::GpuSession::new(m)?)),
+        })
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Engine::Cpu(m, _) => m.config().vocab_size,
+            Engine::Gpu(s) => s.model().config().vocab_size,
+        }
+    }
+
+    /// Runs `tokens` at `pos..` and samples the next token (greedy on the GPU reads back
+    /// only the argmax).
+    fn next(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<u32> {
+        Ok(match self {
+            Engine::Cpu(m, cache) => {
+                sample(m.forward_last(tokens, pos, cache)?.last(), params, rng)
+            }
+            Engine::Gpu(s) if params.temperature == 0.0 => {
+                s.forward(tokens, pos, tandem_gpu::Want::Argmax)?.argmax
+            }
+            Engine::Gpu(s) => sample(
+                &s.forward(tokens, pos, tandem_gpu::Want::LastLogits)?.logits,
+                params,
+                rng,
+            ),
+        })
+    }
 }

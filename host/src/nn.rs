@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_gpu::{GpuChoice, GpuModel, GpuSession, Want};
 use tandem_models::{KvCache, Model};
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
@@ -163,9 +164,9 @@ pub fn decode_inputs(inputs: &[NamedTensor]) -> Result<DraftInputs, BackendError
     })
 }
 
-/// The named outputs for one row of logits.
-pub fn encode_outputs(last: &[f32], want_logits: bool) -> Vec<NamedTensor> {
-    let argmax = tandem_core::sampling::argmax(last) as i32;
+/// The named outputs: the argmax and, when asked, the last row of logits.
+pub fn encode_outputs(argmax: u32, last: Option<&[f32]>) -> Vec<NamedTensor> {
+    let argmax = argmax as i32;
     let mut out = vec![NamedTensor {
         name: "argmax".into(),
         tensor: Tensor {
@@ -174,7 +175,7 @@ pub fn encode_outputs(last: &[f32], want_logits: bool) -> Vec<NamedTensor> {
             data: argmax.to_le_bytes().to_vec(),
         },
     }];
-    if want_logits {
+    if let Some(last) = last {
         out.push(NamedTensor {
             name: "logits".into(),
             tensor: Tensor {
@@ -212,7 +213,136 @@ impl BackendExecutionContext for CpuContext {
             .forward_last(&d.tokens, d.pos, &mut self.cache)
             .map_err(|e| err(format!("draft model: {e}")))?;
         self.meter.record(started.elapsed(), d.tokens.len());
-        Ok(Some(encode_outputs(logits.last(), d.want_logits)))
+        let last = logits.last();
+        let argmax = tandem_core::sampling::argmax(last);
+        Ok(Some(encode_outputs(argmax, d.want_logits.then_some(last))))
+    }
+}
+
+/// A draft model on a GPU (tandem-gpu): the same graph interface as [`CpuGraph`]; each
+/// execution context holds its KV cache on the device and reads back only the argmax, or
+/// the last row of logits when the guest asks for them.
+pub struct GpuGraph {
+    model: Arc<GpuModel>,
+    meter: Arc<ComputeMeter>,
+}
+
+impl GpuGraph {
+    /// Wraps an uploaded model.
+    pub fn new(model: Arc<GpuModel>, meter: Arc<ComputeMeter>) -> Self {
+        GpuGraph { model, meter }
+    }
+}
+
+impl BackendGraph for GpuGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        let session = GpuSession::new(self.model.clone()).map_err(|e| err(e.to_string()))?;
+        let ctx: Box<dyn BackendExecutionContext> = Box::new(GpuContext {
+            session,
+            meter: self.meter.clone(),
+        });
+        Ok(ctx.into())
+    }
+}
+
+struct GpuContext {
+    session: GpuSession,
+    meter: Arc<ComputeMeter>,
+}
+
+impl BackendExecutionContext for GpuContext {
+    fn set_input(&mut self, _: Id, _: &Tensor) -> Result<(), BackendError> {
+        Err(err(
+            "set-input is not supported: pass named tensors to compute",
+        ))
+    }
+
+    fn get_output(&mut self, _: Id) -> Result<Tensor, BackendError> {
+        Err(err(
+            "get-output is not supported: compute returns named tensors",
+        ))
+    }
+
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
+        let d = decode_inputs(&inputs)?;
+        let started = Instant::now();
+        let want = if d.want_logits {
+            Want::LastLogits
+        } else {
+            Want::Argmax
+        };
+        let out = self
+            .session
+            .forward(&d.tokens, d.pos, want)
+            .map_err(|e| err(format!("draft model (GPU): {e}")))?;
+        self.meter.record(started.elapsed(), d.tokens.len());
+        Ok(Some(encode_outputs(
+            out.argmax,
+            d.want_logits.then_some(&out.logits[..]),
+        )))
+    }
+}
+
+/// A loaded draft model on the backend `--gpu` chose.
+pub enum DraftModel {
+    /// tandem-models on the CPU.
+    Cpu(Arc<Model>),
+    /// tandem-gpu on a wgpu adapter.
+    Gpu(Arc<GpuModel>),
+}
+
+impl DraftModel {
+    /// Loads the model at `path` on the GPU `choice` names, or on the CPU: with `off`, when
+    /// `auto` finds no hardware adapter, or when the GPU backend cannot run this model (said
+    /// once per process on stderr). A name that matches no adapter is an error.
+    pub fn load(path: &std::path::Path, choice: &GpuChoice) -> anyhow::Result<DraftModel> {
+        use anyhow::Context;
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let say = |msg: String| SAID.call_once(|| eprintln!("{msg}"));
+        match tandem_gpu::Gpu::open(choice)? {
+            Some(gpu) => {
+                let name = gpu.info.to_string();
+                match GpuModel::load(gpu, path) {
+                    Ok(m) => {
+                        say(format!("drafting on the GPU: {name}"));
+                        return Ok(DraftModel::Gpu(m));
+                    }
+                    Err(e @ tandem_gpu::Error::Unsupported { .. }) => {
+                        say(format!("{e}; drafting on the CPU"))
+                    }
+                    Err(e) => return Err(e).context(format!("loading the draft model on {name}")),
+                }
+            }
+            None if *choice == GpuChoice::Auto => say(
+                "no hardware GPU adapter found (`tandem gpu list` shows what wgpu sees; a \
+                 software one is used only when named, e.g. --gpu llvmpipe): drafting on the CPU"
+                    .into(),
+            ),
+            None => {}
+        }
+        Ok(DraftModel::Cpu(Arc::new(Model::load(path).with_context(
+            || format!("loading the draft model {}", path.display()),
+        )?)))
+    }
+
+    /// The wasi:nn graph that runs it.
+    pub fn graph(&self, meter: Arc<ComputeMeter>) -> Box<dyn BackendGraph> {
+        match self {
+            DraftModel::Cpu(m) => Box::new(CpuGraph::new(m.clone(), meter)),
+            DraftModel::Gpu(m) => Box::new(GpuGraph::new(m.clone(), meter)),
+        }
+    }
+
+    /// `cpu`, or the adapter's name.
+    pub fn backend(&self) -> String {
+        match self {
+            DraftModel::Cpu(_) => "cpu".into(),
+            DraftModel::Gpu(m) => m.adapter().name.clone(),
+        }
     }
 }
 

@@ -534,3 +534,113 @@ impl Drop for Guard {
         let _ = self.0.wait();
     }
 }
+
+/// The adapter the GPU tests name: `TANDEM_TEST_GPU`, else the first that wgpu finds (on CI
+/// Mesa's llvmpipe, which `--gpu auto` skips as a software rasterizer).
+fn test_adapter() -> String {
+    if let Ok(name) = std::env::var("TANDEM_TEST_GPU") {
+        return name;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["gpu", "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "tandem gpu list failed: {text}");
+    let first = text.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.contains("Vulkan") || first.contains("Gl") || first.contains("Metal"),
+        "no adapter listed (install mesa-vulkan-drivers: `ci/setup` does):\n{text}"
+    );
+    // The name is the first column, up to its run of padding.
+    first.split("  ").next().unwrap().trim().to_string()
+}
+
+#[test]
+fn the_gpu_backend_drafts_losslessly() {
+    let wasm = guest(false);
+    let adapter = test_adapter();
+    let (v, _) = verifier(Some(27), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let n = 24;
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let run = |prompt: &str, extra: &[&str]| {
+        let n = n.to_string();
+        let mut args = vec![
+            "--verifier",
+            &v.url,
+            "--drafter",
+            wasm.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &n,
+            "--gpu",
+            &adapter,
+            "--stats-json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = generate(&args, dir.path());
+        (
+            stats(&o, &json),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    for prompt in PROMPTS {
+        let want = target_only(prompt, n);
+        for strategy in ["tandem", "sync"] {
+            let (s, stderr) = run(prompt, &["--strategy", strategy, "--gamma", "4"]);
+            assert_eq!(ids(&s), want, "{strategy} on {prompt:?}");
+            assert_eq!(s["text"], tok.decode(&want).unwrap().as_str());
+            assert!(s["drafted"].as_u64().unwrap() > 0, "{s}");
+            let backend = s["draft_backend"].as_str().unwrap();
+            assert!(
+                backend.to_lowercase().contains(&adapter.to_lowercase()),
+                "drafted on {backend}, not {adapter}"
+            );
+            assert!(stderr.contains("drafting on the GPU"), "{stderr}");
+        }
+    }
+    // Sampling: the guest asks for logits, which come back for the last position only.
+    let (s, _) = run(
+        PROMPTS[1],
+        &[
+            "--temperature",
+            "0.8",
+            "--seed",
+            "7",
+            "--strategy",
+            "sync",
+            "--gamma",
+            "3",
+        ],
+    );
+    assert_eq!(s["tokens"].as_u64().unwrap(), n as u64, "{s}");
+    assert!(s["drafted"].as_u64().unwrap() > 0, "{s}");
+    // A name that matches no adapter is an error that lists the adapters.
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--drafter",
+            wasm.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--gpu",
+            "no-such-adapter",
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no GPU adapter's name contains `no-such-adapter`") && err.contains(&adapter),
+        "{err}"
+    );
+}
