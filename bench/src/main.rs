@@ -2,6 +2,7 @@
 //! `target/bench/`.
 
 mod e2e;
+mod gpu;
 mod heads;
 mod link;
 mod model;
@@ -28,14 +29,20 @@ enum Command {
     /// plain logit lens: held-out and HumanEval agreement, drafter acceptance at γ = 4;
     /// writes heads.json and heads.md.
     Heads(heads::Args),
+    /// Draft-model decode speed on every wgpu adapter found and on the CPU engine, with
+    /// GPU submissions and bytes moved per token; writes gpu.json.
+    Gpu(gpu::Args),
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { tandem_gpu::skip_device_select_layer() };
     tandem_models::init_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::E2e(args) => e2e::run(&args),
         Command::Heads(args) => heads::run(&args),
+        Command::Gpu(args) => gpu::run(&args),
     };
     if let Err(e) = result {
         eprintln!("tandem-bench: error: {e:#}");
