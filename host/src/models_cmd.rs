@@ -11,9 +11,9 @@ use tandem_core::sampling::{Rng, SamplingParams, sample};
 use tandem_models::backbone::{fingerprints, split_backbone};
 use tandem_models::catalog::catalog;
 use tandem_models::fetch::{CacheState, FetchEvent, cache_state, fetch, resolve};
-use tandem_models::{IncrementalDecoder, Model, Tokenizer};
+use tandem_models::{IncrementalDecoder, Tokenizer};
 
-use crate::nn::DraftModel;
+use crate::nn::{DraftModel, DraftSession};
 
 /// `tandem models` subcommands.
 #[derive(Subcommand)]
@@ -220,17 +220,17 @@ fn generate(
 ) -> Result<()> {
     let path = resolve(model)?;
     let t0 = Instant::now();
-    let mut engine = Engine::new(DraftModel::load(&path, gpu)?)?;
+    let mut session = DraftSession::new(&DraftModel::load(&path, gpu)?)?;
     let tok = match tokenizer {
         Some(json) => Tokenizer::from_json_file(json, &["<|im_end|>", "<|endoftext|>", "</s>"])
             .with_context(|| format!("loading tokenizer {}", json.display()))?,
         None => Tokenizer::from_gguf(&path)?,
     };
-    if tok.vocab_size() > engine.vocab_size() {
+    if tok.vocab_size() > session.vocab_size() {
         bail!(
             "the tokenizer has {} tokens but the model only {}; use the model's own tokenizer",
             tok.vocab_size(),
-            engine.vocab_size()
+            session.vocab_size()
         );
     }
     eprintln!(
@@ -248,7 +248,7 @@ fn generate(
     write!(out, "{prompt}")?;
     out.flush()?;
     let t1 = Instant::now();
-    let mut next = engine.next(&ids, 0, params, &mut rng)?;
+    let mut next = step(&mut session, &ids, 0, params, &mut rng)?;
     let prefill = t1.elapsed();
     let t2 = Instant::now();
     let mut generated = 0;
@@ -263,7 +263,7 @@ fn generate(
             break;
         }
         let pos = ids.len() + generated - 1;
-        next = engine.next(&[next], pos, params, &mut rng)?;
+        next = step(&mut session, &[next], pos, params, &mut rng)?;
     }
     writeln!(out, "{}", dec.finish(&tok)?)?;
     let decode = t2.elapsed().as_secs_f64();
@@ -280,51 +280,16 @@ fn generate(
     Ok(())
 }
 
-/// `tandem models generate`'s model on the backend `--gpu` chose.
-enum Engine {
-    Cpu(std::sync::Arc<Model>, tandem_models::KvCache),
-    Gpu(Box<tandem_gpu::GpuSession>),
-}
-
-impl Engine {
-    fn new(m: DraftModel) -> Result<Self> {
-        Ok(match m {
-            DraftModel::Cpu(m) => {
-                let cache = m.new_cache();
-                Engine::Cpu(m, cache)
-            }
-            DraftModel::Gpu(m) => Engine::Gpu(Box::new(tandem_gpu::GpuSession::new(m)?)),
-        })
-    }
-
-    fn vocab_size(&self) -> usize {
-        match self {
-            Engine::Cpu(m, _) => m.config().vocab_size,
-            Engine::Gpu(s) => s.model().config().vocab_size,
-        }
-    }
-
-    /// Runs `tokens` at `pos..` and samples the next token (greedy on the GPU reads back
-    /// only the argmax).
-    fn next(
-        &mut self,
-        tokens: &[u32],
-        pos: usize,
-        params: &SamplingParams,
-        rng: &mut Rng,
-    ) -> Result<u32> {
-        Ok(match self {
-            Engine::Cpu(m, cache) => {
-                sample(m.forward_last(tokens, pos, cache)?.last(), params, rng)
-            }
-            Engine::Gpu(s) if params.temperature == 0.0 => {
-                s.forward(tokens, pos, tandem_gpu::Want::Argmax)?.argmax
-            }
-            Engine::Gpu(s) => sample(
-                &s.forward(tokens, pos, tandem_gpu::Want::LastLogits)?.logits,
-                params,
-                rng,
-            ),
-        })
-    }
+/// Runs `tokens` at `pos..` and samples the next token (greedy reads back only the argmax).
+fn step(
+    session: &mut DraftSession,
+    tokens: &[u32],
+    pos: usize,
+    params: &SamplingParams,
+    rng: &mut Rng,
+) -> Result<u32> {
+    Ok(match session.forward(tokens, pos, !params.is_greedy())? {
+        (_, Some(logits)) => sample(&logits, params, rng),
+        (argmax, None) => argmax,
+    })
 }

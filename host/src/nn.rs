@@ -1,6 +1,7 @@
 //! The host's wasi:nn backends for graph encoding `ggml`, in the shape of wasmtime-wasi-nn's
 //! backend traits (`BackendInner` loads graphs, `BackendGraph` makes execution contexts,
-//! `BackendExecutionContext` computes), so a GPU backend registers beside the CPU one.
+//! `BackendExecutionContext` computes). A graph runs on the CPU (tandem-models) or on the
+//! wgpu adapter `--gpu` chose (tandem-gpu); the guest cannot tell which.
 //!
 //! Named tensors (see `wit/drafter.wit`): inputs `tokens` (I32 [n]), `pos` (I64 [1]),
 //! optional `logits` (U8 [1] = 1); outputs `argmax` (I32 [1]) and, when asked, `logits`
@@ -85,33 +86,25 @@ impl BackendInner for CpuBackend {
     }
 }
 
-/// A draft model on the CPU.
-pub struct CpuGraph {
-    model: Arc<Model>,
+/// A draft model as a wasi:nn graph: each execution context is one sequence with its own
+/// KV cache, on the CPU or on the GPU the model was loaded on.
+pub struct DraftGraph {
+    model: DraftModel,
     meter: Arc<ComputeMeter>,
 }
 
-impl CpuGraph {
-    /// Wraps a loaded model.
-    pub fn new(model: Arc<Model>, meter: Arc<ComputeMeter>) -> Self {
-        CpuGraph { model, meter }
-    }
-}
-
-impl BackendGraph for CpuGraph {
+impl BackendGraph for DraftGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        let ctx: Box<dyn BackendExecutionContext> = Box::new(CpuContext {
-            model: self.model.clone(),
-            cache: self.model.new_cache(),
+        let ctx: Box<dyn BackendExecutionContext> = Box::new(DraftContext {
+            session: DraftSession::new(&self.model).map_err(|e| err(format!("{e:#}")))?,
             meter: self.meter.clone(),
         });
         Ok(ctx.into())
     }
 }
 
-struct CpuContext {
-    model: Arc<Model>,
-    cache: KvCache,
+struct DraftContext {
+    session: DraftSession,
     meter: Arc<ComputeMeter>,
 }
 
@@ -188,7 +181,7 @@ pub fn encode_outputs(argmax: u32, last: Option<&[f32]>) -> Vec<NamedTensor> {
     out
 }
 
-impl BackendExecutionContext for CpuContext {
+impl BackendExecutionContext for DraftContext {
     fn set_input(&mut self, _: Id, _: &Tensor) -> Result<(), BackendError> {
         Err(err(
             "set-input is not supported: pass named tensors to compute",
@@ -208,86 +201,71 @@ impl BackendExecutionContext for CpuContext {
         let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
         let d = decode_inputs(&inputs)?;
         let started = Instant::now();
-        let logits = self
-            .model
-            .forward_last(&d.tokens, d.pos, &mut self.cache)
-            .map_err(|e| err(format!("draft model: {e}")))?;
-        self.meter.record(started.elapsed(), d.tokens.len());
-        let last = logits.last();
-        let argmax = tandem_core::sampling::argmax(last);
-        Ok(Some(encode_outputs(argmax, d.want_logits.then_some(last))))
-    }
-}
-
-/// A draft model on a GPU (tandem-gpu): the same graph interface as [`CpuGraph`]; each
-/// execution context holds its KV cache on the device and reads back only the argmax, or
-/// the last row of logits when the guest asks for them.
-pub struct GpuGraph {
-    model: Arc<GpuModel>,
-    meter: Arc<ComputeMeter>,
-}
-
-impl GpuGraph {
-    /// Wraps an uploaded model.
-    pub fn new(model: Arc<GpuModel>, meter: Arc<ComputeMeter>) -> Self {
-        GpuGraph { model, meter }
-    }
-}
-
-impl BackendGraph for GpuGraph {
-    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        let session = GpuSession::new(self.model.clone()).map_err(|e| err(e.to_string()))?;
-        let ctx: Box<dyn BackendExecutionContext> = Box::new(GpuContext {
-            session,
-            meter: self.meter.clone(),
-        });
-        Ok(ctx.into())
-    }
-}
-
-struct GpuContext {
-    session: GpuSession,
-    meter: Arc<ComputeMeter>,
-}
-
-impl BackendExecutionContext for GpuContext {
-    fn set_input(&mut self, _: Id, _: &Tensor) -> Result<(), BackendError> {
-        Err(err(
-            "set-input is not supported: pass named tensors to compute",
-        ))
-    }
-
-    fn get_output(&mut self, _: Id) -> Result<Tensor, BackendError> {
-        Err(err(
-            "get-output is not supported: compute returns named tensors",
-        ))
-    }
-
-    fn compute(
-        &mut self,
-        inputs: Option<Vec<NamedTensor>>,
-    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
-        let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
-        let d = decode_inputs(&inputs)?;
-        let started = Instant::now();
-        let want = if d.want_logits {
-            Want::LastLogits
-        } else {
-            Want::Argmax
-        };
-        let out = self
+        let (argmax, logits) = self
             .session
-            .forward(&d.tokens, d.pos, want)
-            .map_err(|e| err(format!("draft model (GPU): {e}")))?;
+            .forward(&d.tokens, d.pos, d.want_logits)
+            .map_err(|e| err(format!("draft model: {e:#}")))?;
         self.meter.record(started.elapsed(), d.tokens.len());
-        Ok(Some(encode_outputs(
-            out.argmax,
-            d.want_logits.then_some(&out.logits[..]),
-        )))
+        Ok(Some(encode_outputs(argmax, logits.as_deref())))
+    }
+}
+
+/// One sequence of a draft model (its KV cache) on the backend the model was loaded on.
+pub enum DraftSession {
+    /// tandem-models on the CPU.
+    Cpu(Arc<Model>, KvCache),
+    /// tandem-gpu: the cache lives on the device.
+    Gpu(Box<GpuSession>),
+}
+
+impl DraftSession {
+    /// A new, empty sequence of `model`.
+    pub fn new(model: &DraftModel) -> anyhow::Result<Self> {
+        Ok(match model {
+            DraftModel::Cpu(m) => DraftSession::Cpu(m.clone(), m.new_cache()),
+            DraftModel::Gpu(m) => DraftSession::Gpu(Box::new(GpuSession::new(m.clone())?)),
+        })
+    }
+
+    /// The model's vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            DraftSession::Cpu(m, _) => m.config().vocab_size,
+            DraftSession::Gpu(s) => s.model().config().vocab_size,
+        }
+    }
+
+    /// Runs `tokens` at positions `pos..` (rolling back what lies at or after `pos`) and
+    /// returns the last position's argmax and, with `want_logits`, its logits (the GPU reads
+    /// back only what is returned).
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want_logits: bool,
+    ) -> anyhow::Result<(u32, Option<Vec<f32>>)> {
+        Ok(match self {
+            DraftSession::Cpu(m, cache) => {
+                let logits = m.forward_last(tokens, pos, cache)?;
+                let last = logits.last();
+                let argmax = tandem_core::sampling::argmax(last);
+                (argmax, want_logits.then(|| last.to_vec()))
+            }
+            DraftSession::Gpu(s) => {
+                let want = if want_logits {
+                    Want::LastLogits
+                } else {
+                    Want::Argmax
+                };
+                let out = s.forward(tokens, pos, want)?;
+                (out.argmax, want_logits.then_some(out.logits))
+            }
+        })
     }
 }
 
 /// A loaded draft model on the backend `--gpu` chose.
+#[derive(Clone)]
 pub enum DraftModel {
     /// tandem-models on the CPU.
     Cpu(Arc<Model>),
@@ -331,10 +309,10 @@ impl DraftModel {
 
     /// The wasi:nn graph that runs it.
     pub fn graph(&self, meter: Arc<ComputeMeter>) -> Box<dyn BackendGraph> {
-        match self {
-            DraftModel::Cpu(m) => Box::new(CpuGraph::new(m.clone(), meter)),
-            DraftModel::Gpu(m) => Box::new(GpuGraph::new(m.clone(), meter)),
-        }
+        Box::new(DraftGraph {
+            model: self.clone(),
+            meter,
+        })
     }
 
     /// `cpu`, or the adapter's name.
