@@ -112,7 +112,7 @@ impl Worst {
 
 /// Tolerances: measured on llvmpipe against the CPU engine (x86-64): SmolLM2 largest
 /// |difference| 2.21, worst per-position mean 0.63 (both at the rollback block of unusual
-/// tokens); Qwen 0.5B 0.68 and 0.08.
+/// tokens); Qwen 0.5B 0.64 and 0.08.
 ///
 /// Prefill, single steps, a multi-token block, a rollback and a different block after it:
 /// logits against the CPU engine, and each GPU row bitwise equal to the same position run
