@@ -1,17 +1,19 @@
 //! The GPU forward against tandem-models on the CPU, on a real adapter (CI: Mesa's llvmpipe
 //! Vulkan driver, which `ci/setup` installs).
 //!
-//! Why the logit tolerance is not 1e-5: both engines quantize activations to 8 bits before
-//! every quantized matrix product, identically, but their float sums run in different orders
-//! (and the GPU's exp/sqrt round differently), so an activation that sits near a rounding
-//! boundary can land one quantization step apart, and that step propagates. One layer of
-//! SmolLM2 agrees to 2e-5 at every position where no such flip happens; over the whole
-//! model the largest differences are of the same order as between the CPU engine and
-//! candle's reference implementation (models/tests/reference.rs). What is exact: the GPU
-//! forward is batch-invariant (a position's logits are bitwise the same in a prefill, a
-//! block or a single step), which the tests check bit for bit.
+//! Why the tolerances are not 1e-5: both engines quantize activations to 8 bits before every
+//! quantized matrix product, identically, but their float sums run in different orders (and
+//! the GPU's exp/sqrt round differently), so an activation that sits near a rounding
+//! boundary can land one quantization step apart, and that step propagates through the later
+//! layers. With one block most positions see no flip and agree to 1e-3, which a wrong kernel
+//! could not do (`one_block_logits_match_cpu_tightly`); through a whole model the differences
+//! are of the order of those between the CPU engine and candle's reference implementation
+//! (models/tests/reference.rs). Positions are compared as distributions — log-probabilities
+//! and total variation — because a flip often shifts a whole row of logits, which softmax
+//! ignores. What is exact: the GPU forward is batch-invariant (a position's logits are
+//! bitwise the same in a prefill, a block or a single step), checked bit for bit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession, Want};
@@ -48,16 +50,36 @@ fn gpu() -> Gpu {
     gpu
 }
 
-/// Largest and mean |a - b|.
-fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
-    assert_eq!(a.len(), b.len());
-    let max = a
+/// Log-probabilities of a row of logits.
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z = v.iter().map(|x| (x - m).exp()).sum::<f32>().ln() + m;
+    v.iter().map(|x| x - z).collect()
+}
+
+/// How far two rows of logits are apart: the largest |difference| of the logits, the largest
+/// |difference| of their log-probabilities (blind to a shift of the whole row, which softmax
+/// ignores), and the total-variation distance of the two distributions (what acceptance
+/// rates depend on).
+fn distance(g: &[f32], c: &[f32]) -> (f32, f32, f32) {
+    let raw = g
         .iter()
-        .zip(b)
+        .zip(c)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
-    let mean = a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
-    (max, mean)
+    let (lg, lc) = (log_softmax(g), log_softmax(c));
+    let logp = lg
+        .iter()
+        .zip(&lc)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let tv = lg
+        .iter()
+        .zip(&lc)
+        .map(|(x, y)| (x.exp() - y.exp()).abs())
+        .sum::<f32>()
+        / 2.0;
+    (raw, logp, tv)
 }
 
 /// Largest logit, its index and the gap to the second.
@@ -72,64 +94,86 @@ fn top2(v: &[f32]) -> (u32, f32) {
     (best as u32, v[best] - second)
 }
 
+/// Bounds per position, and the worst seen.
 struct Worst {
     name: &'static str,
-    max: f32,
-    mean: f32,
-    tol: f32,
-    mean_tol: f32,
+    /// Largest |Δ log-probability| allowed.
+    logp_tol: f32,
+    /// Largest total-variation distance allowed.
+    tv_tol: f32,
+    logp: f32,
+    tv: f32,
+    raw: f32,
+    rows: usize,
+    /// Positions whose logits agree within 1e-3 (no rounding flip on the way).
+    close_rows: usize,
 }
 
 impl Worst {
-    fn check(&mut self, what: &str, gpu: &[f32], cpu: &[f32]) {
-        let vocab = cpu.len() / gpu.len().max(1) * gpu.len().max(1);
+    fn new(name: &'static str, logp_tol: f32, tv_tol: f32) -> Self {
+        Worst {
+            name,
+            logp_tol,
+            tv_tol,
+            logp: 0.0,
+            tv: 0.0,
+            raw: 0.0,
+            rows: 0,
+            close_rows: 0,
+        }
+    }
+
+    /// Compares logits position by position (`vocab` per position).
+    fn check(&mut self, what: &str, gpu: &[f32], cpu: &[f32], vocab: usize) {
         assert_eq!(
             gpu.len(),
-            vocab,
+            cpu.len(),
             "{what}: {} logits, expected {}",
             gpu.len(),
             cpu.len()
         );
-        for (r, (g, c)) in gpu
-            .chunks(vocab.min(gpu.len()))
-            .zip(cpu.chunks(vocab))
-            .enumerate()
-        {
-            let (max, mean) = diff(g, c);
-            self.max = self.max.max(max);
-            self.mean = self.mean.max(mean);
+        for (r, (g, c)) in gpu.chunks(vocab).zip(cpu.chunks(vocab)).enumerate() {
+            let (raw, logp, tv) = distance(g, c);
+            self.raw = self.raw.max(raw);
+            self.logp = self.logp.max(logp);
+            self.tv = self.tv.max(tv);
+            self.rows += 1;
+            self.close_rows += usize::from(raw <= 1e-3);
             assert!(
-                max <= self.tol && mean <= self.mean_tol,
-                "{}: {what} row {r}: max |logit diff| {max} (tolerance {}), mean {mean} \
-                 (tolerance {})",
+                logp <= self.logp_tol && tv <= self.tv_tol,
+                "{}: {what} row {r}: max |Δ log p| {logp} (tolerance {}), total variation \
+                 {tv} (tolerance {}), max |Δ logit| {raw}",
                 self.name,
-                self.tol,
-                self.mean_tol
+                self.logp_tol,
+                self.tv_tol
             );
         }
     }
 }
 
-/// Tolerances: measured on llvmpipe against the CPU engine (x86-64): SmolLM2 largest
-/// |difference| 2.21, worst per-position mean 0.63 (both at the rollback block of unusual
-/// tokens); Qwen 0.5B 0.64 and 0.08.
+/// Measured on llvmpipe against the CPU engine (x86-64), worst position: SmolLM2 |Δ log p|
+/// 1.64 and total variation 0.105 (in the block of unusual tokens; median total variation
+/// 0.02), largest |Δ logit| 2.2; Qwen 0.5B 0.67, 0.057 and 0.64.
 ///
 /// Prefill, single steps, a multi-token block, a rollback and a different block after it:
 /// logits against the CPU engine, and each GPU row bitwise equal to the same position run
 /// as a single step (batch invariance).
-fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
-    let path = model(name);
-    let cpu = Model::load(&path).unwrap();
-    let g = GpuModel::load(gpu(), &path).unwrap();
-    let tok = Tokenizer::from_gguf(&path).unwrap();
+fn logits_match(name: &'static str, prompts: &[&str], logp_tol: f32, tv_tol: f32) -> Worst {
+    logits_match_at(name, &model(name), prompts, logp_tol, tv_tol)
+}
+
+fn logits_match_at(
+    name: &'static str,
+    path: &Path,
+    prompts: &[&str],
+    logp_tol: f32,
+    tv_tol: f32,
+) -> Worst {
+    let cpu = Model::load(path).unwrap();
+    let g = GpuModel::load(gpu(), path).unwrap();
+    let tok = Tokenizer::from_gguf(path).unwrap();
     let v = cpu.config().vocab_size;
-    let mut w = Worst {
-        name,
-        max: 0.0,
-        mean: 0.0,
-        tol,
-        mean_tol,
-    };
+    let mut w = Worst::new(name, logp_tol, tv_tol);
     for prompt in prompts {
         let ids = tok.encode(prompt).unwrap();
         let mut cc = cpu.new_cache();
@@ -137,7 +181,7 @@ fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
         // Prefill: every row.
         let c = cpu.forward(&ids, 0, &mut cc).unwrap();
         let o = gs.forward(&ids, 0, Want::AllLogits).unwrap();
-        w.check("prefill", &o.logits, &c.data);
+        w.check("prefill", &o.logits, &c.data, v);
         assert_eq!(
             o.argmax,
             tandem_core::sampling::argmax(&o.logits[o.logits.len() - v..])
@@ -149,7 +193,7 @@ fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
         for _ in 0..4 {
             let c = cpu.forward(&[next], pos, &mut cc).unwrap();
             let o = gs.forward(&[next], pos, Want::LastLogits).unwrap();
-            w.check("step", &o.logits, &c.data);
+            w.check("step", &o.logits, &c.data, v);
             steps.push((next, o.logits));
             pos += 1;
             next = tandem_core::sampling::argmax(c.last());
@@ -158,7 +202,7 @@ fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
         let block = [next, 13, 260, 1000, 42];
         let c = cpu.forward(&block, pos, &mut cc).unwrap();
         let o = gs.forward(&block, pos, Want::AllLogits).unwrap();
-        w.check("block", &o.logits, &c.data);
+        w.check("block", &o.logits, &c.data, v);
         // Roll back 6 positions (into the single steps) and run another block from there.
         let back = pos - 2;
         gs.truncate(back + 1);
@@ -166,7 +210,7 @@ fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
         let other = [7, 8, 9];
         let c = cpu.forward(&other, back, &mut cc).unwrap();
         let o = gs.forward(&other, back, Want::AllLogits).unwrap();
-        w.check("after rollback", &o.logits, &c.data);
+        w.check("after rollback", &o.logits, &c.data, v);
         // Batch invariance: the same positions as one prefill, bit for bit.
         let mut seq = ids.clone();
         seq.extend(steps.iter().map(|s| s.0));
@@ -197,20 +241,46 @@ fn logits_match(name: &'static str, prompts: &[&str], tol: f32, mean_tol: f32) {
         );
     }
     eprintln!(
-        "{name}: max |logit diff| {:.4}, worst per-position mean {:.4}",
-        w.max, w.mean
+        "{name}: max |Δ log p| {:.4}, max total variation {:.4}, max |Δ logit| {:.4}; {} of {} \
+         positions within 1e-3",
+        w.logp, w.tv, w.raw, w.close_rows, w.rows
     );
+    w
 }
 
 #[test]
 fn smollm2_logits_match_cpu() {
-    logits_match("smollm2-135m", &PROMPTS[..3], 3.0, 1.0);
+    logits_match("smollm2-135m", &PROMPTS[..3], 2.5, 0.15);
+}
+
+/// The first block alone (embedding, one block, final norm, head): few float sums feed each
+/// 8-bit activation, so most positions see no rounding flip at all and agree to 1e-3 (a
+/// wrong kernel would show at every position), and the rest stay close.
+/// Measured: SmolLM2 15 of 17 positions within 1e-3, max |Δ log p| 0.15, total variation
+/// 0.0025; Qwen 8 of 17, 0.30, 0.024.
+#[test]
+fn one_block_logits_match_cpu_tightly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, logp_tol, tv_tol) in [
+        ("smollm2-135m", 0.25, 0.005),
+        ("qwen2.5-coder-0.5b", 0.45, 0.04),
+    ] {
+        let path = dir.path().join(format!("{name}-1.gguf"));
+        tandem_models::backbone::split_backbone(model(name), 1, &path).unwrap();
+        let w = logits_match_at(name, &path, &PROMPTS[3..4], logp_tol, tv_tol);
+        assert!(
+            w.close_rows * 4 >= w.rows,
+            "{name}, one block: only {} of {} positions agree within 1e-3",
+            w.close_rows,
+            w.rows
+        );
+    }
 }
 
 #[test]
 fn qwen_0_5b_logits_match_cpu() {
     // One short prompt: a 0.5B prefill on llvmpipe takes about a second per token.
-    logits_match("qwen2.5-coder-0.5b", &PROMPTS[3..4], 1.5, 0.3);
+    logits_match("qwen2.5-coder-0.5b", &PROMPTS[3..4], 1.0, 0.09);
 }
 
 /// 32 greedy tokens on 5 prompts: the GPU's argmax is the CPU's, except at a near-tie of
