@@ -286,18 +286,18 @@ impl DraftModel {
                 let name = gpu.info.to_string();
                 match GpuModel::load(gpu, path) {
                     Ok(m) => {
-                        say(format!("drafting on the GPU: {name}"));
+                        say(format!("running the model on the GPU: {name}"));
                         return Ok(DraftModel::Gpu(m));
                     }
                     Err(e @ tandem_gpu::Error::Unsupported { .. }) => {
-                        say(format!("{e}; drafting on the CPU"))
+                        say(format!("{e}; running the model on the CPU"))
                     }
-                    Err(e) => return Err(e).context(format!("loading the draft model on {name}")),
+                    Err(e) => return Err(e).context(format!("loading the model on {name}")),
                 }
             }
             None if *choice == GpuChoice::Auto => say(
                 "no hardware GPU adapter found (`tandem gpu list` shows what wgpu sees; a \
-                 software one is used only when named, e.g. --gpu llvmpipe): drafting on the CPU"
+                 software one is used only when named, e.g. --gpu llvmpipe): running the model on the CPU"
                     .into(),
             ),
             None => {}

@@ -602,7 +602,7 @@ fn the_gpu_backend_drafts_losslessly() {
                 backend.to_lowercase().contains(&adapter.to_lowercase()),
                 "drafted on {backend}, not {adapter}"
             );
-            assert!(stderr.contains("drafting on the GPU"), "{stderr}");
+            assert!(stderr.contains("running the model on the GPU"), "{stderr}");
         }
     }
     // Sampling: the guest asks for logits, which come back for the last position only.
