@@ -250,6 +250,12 @@ impl GpuModel {
     /// the CPU backend): matrices in formats the kernels do not read, heads wider than 256,
     /// and a trained exit adapter at the last block.
     pub fn load(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
+        let device = gpu.device.clone();
+        let what = format!("uploading {} to {}", path.display(), gpu.info);
+        crate::captured(&device, &what, || Self::upload(gpu, path))
+    }
+
+    fn upload(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
         let (config, tensors) = tandem_models::load_tensors(path)?;
         let unsupported = |what: String| Error::Unsupported {
             path: path.display().to_string(),
@@ -587,6 +593,13 @@ pub struct GpuSession {
 impl GpuSession {
     /// A new, empty sequence.
     pub fn new(model: Arc<GpuModel>) -> Result<Self> {
+        let device = model.gpu.device.clone();
+        crate::captured(&device, "allocating a sequence's buffers", || {
+            Self::create(model)
+        })
+    }
+
+    fn create(model: Arc<GpuModel>) -> Result<Self> {
         let c = model.config.clone();
         let dev = &model.gpu.device;
         use wgpu::BufferUsages as U;
@@ -658,6 +671,11 @@ impl GpuSession {
     /// Runs `tokens` at positions `pos..` (`pos <= len()`; a lower `pos` rolls back first)
     /// and reads back what `want` asks for.
     pub fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Output> {
+        let device = self.model.gpu.device.clone();
+        crate::captured(&device, "running the model", || self.run(tokens, pos, want))
+    }
+
+    fn run(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Output> {
         let c = self.model.config.clone();
         let n = tokens.len();
         if n == 0 {

@@ -163,6 +163,27 @@ pub struct Gpu {
     pub info: AdapterInfo,
 }
 
+/// Runs `f` with the device's out-of-memory and validation errors captured (wgpu would
+/// otherwise panic on them) and returns the first as an [`Error::Device`] saying `what` failed.
+pub(crate) fn captured<T>(
+    device: &wgpu::Device,
+    what: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let r = f();
+    let invalid = pollster::block_on(invalid.pop());
+    let oom = pollster::block_on(oom.pop());
+    match oom.or(invalid) {
+        Some(wgpu::Error::OutOfMemory { .. }) => Err(Error::Device(format!(
+            "{what}: the GPU ran out of memory (use --gpu off to run on the CPU)"
+        ))),
+        Some(e) => Err(Error::Device(format!("{what}: {e}"))),
+        None => r,
+    }
+}
+
 impl Gpu {
     /// Opens the adapter `choice` names. `Ok(None)`: the CPU backend should be used (`off`,
     /// or `auto` without a hardware adapter). A name that matches nothing is an error that
