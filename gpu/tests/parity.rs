@@ -13,28 +13,20 @@
 //! ignores. What is exact: the GPU forward is batch-invariant (a position's logits are
 //! bitwise the same in a prefill, a block or a single step), checked bit for bit.
 
-use std::path::{Path, PathBuf};
+// The engine's test helpers: catalog models from the cache, the prompts, top-2.
+#[path = "../../models/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession, Want};
 use tandem_models::{Model, Tokenizer};
 
+use common::{PROMPTS, model, top2};
+
 /// Largest CPU top-2 gap at which a different greedy token counts as a near-tie.
 const TIE_TOL: f32 = 0.5;
-
-const PROMPTS: [&str; 5] = [
-    "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    \"\"\"\n",
-    "def truncate_number(number: float) -> float:\n    \"\"\" Given a positive floating point number, return its decimal part.\n    \"\"\"\n",
-    "def fib(n: int):\n    \"\"\"Return n-th Fibonacci number.\n    >>> fib(10)\n    55\n    \"\"\"\n",
-    "The capital of France is",
-    "def is_palindrome(text: str):\n    \"\"\"\n    Checks if given string is a palindrome\n    \"\"\"\n",
-];
-
-fn model(name: &str) -> PathBuf {
-    tandem_models::fetch::resolve(name).unwrap_or_else(|e| {
-        panic!("{e}\n(the README's test command fetches the test models: `bash ci/test`)")
-    })
-}
 
 /// The adapter the tests run on: `TANDEM_TEST_GPU` (part of a name), else the first found.
 fn gpu() -> Gpu {
@@ -80,18 +72,6 @@ fn distance(g: &[f32], c: &[f32]) -> (f32, f32, f32) {
         .sum::<f32>()
         / 2.0;
     (raw, logp, tv)
-}
-
-/// Largest logit, its index and the gap to the second.
-fn top2(v: &[f32]) -> (u32, f32) {
-    let best = tandem_core::sampling::argmax(v) as usize;
-    let second = v
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != best)
-        .map(|(_, x)| *x)
-        .fold(f32::NEG_INFINITY, f32::max);
-    (best as u32, v[best] - second)
 }
 
 /// Bounds per position, and the worst seen.
@@ -303,7 +283,8 @@ fn greedy_tokens_match_cpu() {
             "Want::Argmax must not read logits back"
         );
         for (step, pos) in (ids.len()..ids.len() + 32).enumerate() {
-            let (want, gap) = top2(c.last());
+            let (want, _, gap) = top2(c.last());
+            let want = want as u32;
             if o.argmax != want {
                 assert!(
                     gap < TIE_TOL,
