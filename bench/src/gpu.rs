@@ -56,36 +56,24 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         // CPU engine.
         let cpu = Model::load(&path)?;
         let mut cache = cpu.new_cache();
-        let t = Instant::now();
-        let mut next =
-            tandem_core::sampling::argmax(cpu.forward_last(&prompt, 0, &mut cache)?.last());
-        let prefill_s = t.elapsed().as_secs_f64();
-        let mut pos = prompt.len();
-        let mut tokens = vec![next];
-        next = tandem_core::sampling::argmax(cpu.forward_last(&[next], pos, &mut cache)?.last());
-        pos += 1;
-        let t = Instant::now();
-        for _ in 0..args.steps {
-            tokens.push(next);
-            next =
-                tandem_core::sampling::argmax(cpu.forward_last(&[next], pos, &mut cache)?.last());
-            pos += 1;
-        }
-        let secs = t.elapsed().as_secs_f64();
+        let t = greedy(&prompt, args.steps, |ids, pos| {
+            let logits = cpu.forward_last(ids, pos, &mut cache)?;
+            Ok(tandem_core::sampling::argmax(logits.last()))
+        })?;
         rows.push(Row {
             model: name.clone(),
             backend: "cpu (tandem-models)".into(),
             device_type: "Cpu".into(),
             prefill_tokens: prompt.len(),
-            prefill_s,
+            prefill_s: t.prefill_s,
             steps: args.steps,
-            draft_tokens_per_s: args.steps as f64 / secs,
-            step_ms: secs * 1000.0 / args.steps as f64,
+            draft_tokens_per_s: args.steps as f64 / t.steps_s,
+            step_ms: t.steps_s * 1000.0 / args.steps as f64,
             submissions_per_token: 0.0,
             bytes_read_per_token: 0.0,
             bytes_written_per_token: 0.0,
             weight_mib: 0.0,
-            tokens,
+            tokens: t.tokens,
         });
         print_row(rows.last().unwrap());
         drop(cpu);
@@ -95,37 +83,29 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let m = GpuModel::load(gpu, &path)?;
             let weight_mib = m.weight_bytes() as f64 / (1 << 20) as f64;
             let mut s = GpuSession::new(Arc::clone(&m))?;
-            let t = Instant::now();
-            let mut next = s.forward(&prompt, 0, Want::Argmax)?.argmax;
-            let prefill_s = t.elapsed().as_secs_f64();
-            let mut pos = prompt.len();
-            let mut tokens = vec![next];
-            next = s.forward(&[next], pos, Want::Argmax)?.argmax;
-            pos += 1;
-            let before = s.stats();
-            let t = Instant::now();
-            for _ in 0..args.steps {
-                tokens.push(next);
-                next = s.forward(&[next], pos, Want::Argmax)?.argmax;
-                pos += 1;
-            }
-            let secs = t.elapsed().as_secs_f64();
-            let after = s.stats();
+            let mut before = None;
+            let t = greedy(&prompt, args.steps, |ids, pos| {
+                if pos == prompt.len() + 1 {
+                    before = Some(s.stats()); // the timed steps start here
+                }
+                Ok(s.forward(ids, pos, Want::Argmax)?.argmax)
+            })?;
+            let (before, after) = (before.context("no timed step")?, s.stats());
             let per = |a: u64, b: u64| (a - b) as f64 / args.steps as f64;
             rows.push(Row {
                 model: name.clone(),
                 backend: format!("{} ({})", a.name, a.backend),
                 device_type: a.device_type.clone(),
                 prefill_tokens: prompt.len(),
-                prefill_s,
+                prefill_s: t.prefill_s,
                 steps: args.steps,
-                draft_tokens_per_s: args.steps as f64 / secs,
-                step_ms: secs * 1000.0 / args.steps as f64,
+                draft_tokens_per_s: args.steps as f64 / t.steps_s,
+                step_ms: t.steps_s * 1000.0 / args.steps as f64,
                 submissions_per_token: per(after.submissions, before.submissions),
                 bytes_read_per_token: per(after.bytes_read, before.bytes_read),
                 bytes_written_per_token: per(after.bytes_written, before.bytes_written),
                 weight_mib,
-                tokens,
+                tokens: t.tokens,
             });
             print_row(rows.last().unwrap());
         }
@@ -140,6 +120,40 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// Times of a greedy decode, and the tokens it produced.
+struct Timing {
+    prefill_s: f64,
+    steps_s: f64,
+    tokens: Vec<u32>,
+}
+
+/// Prefills `prompt`, takes one untimed warm-up step, then times `steps` single-token
+/// steps; `forward(tokens, pos)` returns the argmax after them.
+fn greedy(
+    prompt: &[u32],
+    steps: usize,
+    mut forward: impl FnMut(&[u32], usize) -> anyhow::Result<u32>,
+) -> anyhow::Result<Timing> {
+    let t = Instant::now();
+    let mut next = forward(prompt, 0)?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let mut tokens = vec![next];
+    let mut pos = prompt.len();
+    next = forward(&[next], pos)?;
+    pos += 1;
+    let t = Instant::now();
+    for _ in 0..steps {
+        tokens.push(next);
+        next = forward(&[next], pos)?;
+        pos += 1;
+    }
+    Ok(Timing {
+        prefill_s,
+        steps_s: t.elapsed().as_secs_f64(),
+        tokens,
+    })
 }
 
 fn print_row(r: &Row) {

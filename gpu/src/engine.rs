@@ -870,7 +870,6 @@ impl GpuSession {
         let neox = (c.arch == Architecture::Qwen2) as u32;
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = &self.kv[i];
-            let mut quant = Quantized::default();
             body.push(norm(&b.h, &l.attn_norm, &b.x, d, eps, false));
             let qkv = [
                 (&l.wq, &b.q, l.bq.as_ref(), d, 0),
@@ -878,11 +877,11 @@ impl GpuSession {
                 (&l.wv, vc, l.bv.as_ref(), kvd, kvd),
             ];
             for (w, out, bias, stride, pos_mult) in qkv {
-                quant.ensure(&mut body, b, &b.x, w, Rows::Tokens);
                 matmul(
                     &mut body,
                     b,
                     &m,
+                    &b.x,
                     w,
                     out,
                     bias,
@@ -923,12 +922,11 @@ impl GpuSession {
                 x: c.n_head as u32,
                 rows: Rows::Tokens,
             });
-            let mut quant = Quantized::default();
-            quant.ensure(&mut body, b, &b.att, &l.wo, Rows::Tokens);
             matmul(
                 &mut body,
                 b,
                 &m,
+                &b.att,
                 &l.wo,
                 &b.h,
                 None,
@@ -937,12 +935,11 @@ impl GpuSession {
                 Rows::Tokens,
             );
             body.push(norm(&b.h, &l.ffn_norm, &b.x, d, eps, false));
-            let mut quant = Quantized::default();
-            quant.ensure(&mut body, b, &b.x, &l.gate, Rows::Tokens);
             matmul(
                 &mut body,
                 b,
                 &m,
+                &b.x,
                 &l.gate,
                 &b.g,
                 None,
@@ -950,11 +947,11 @@ impl GpuSession {
                 0,
                 Rows::Tokens,
             );
-            quant.ensure(&mut body, b, &b.x, &l.up, Rows::Tokens);
             matmul(
                 &mut body,
                 b,
                 &m,
+                &b.x,
                 &l.up,
                 &b.u,
                 None,
@@ -969,12 +966,11 @@ impl GpuSession {
                 x: wg(ff),
                 rows: Rows::Tokens,
             });
-            let mut quant = Quantized::default();
-            quant.ensure(&mut body, b, &b.g, &l.down, Rows::Tokens);
             matmul(
                 &mut body,
                 b,
                 &m,
+                &b.g,
                 &l.down,
                 &b.h,
                 None,
@@ -987,9 +983,19 @@ impl GpuSession {
             let rows = if last { Rows::One } else { Rows::Tokens };
             let mut t = vec![norm(&b.h, &m.output_norm, &b.x, d, eps, last)];
             let head = m.head();
-            Quantized::default().ensure(&mut t, b, &b.x, head, rows);
             let v = c.vocab_size as u32;
-            matmul(&mut t, b, &m, head, &b.logits, None, [v, 0, 0], 0, rows);
+            matmul(
+                &mut t,
+                b,
+                &m,
+                &b.x,
+                head,
+                &b.logits,
+                None,
+                [v, 0, 0],
+                0,
+                rows,
+            );
             t.push(Pending {
                 kernel: Kernel::Argmax,
                 buffers: vec![b.logits.clone(), b.res.clone()],
@@ -1085,47 +1091,37 @@ fn norm(
     }
 }
 
-/// Which activations `xq`/`xs` hold, so a matrix reading the same input at the same block
-/// size does not quantize it again.
-#[derive(Default)]
-struct Quantized {
-    done: Option<(wgpu::Buffer, usize)>,
-}
-
-impl Quantized {
-    fn ensure(
-        &mut self,
-        list: &mut Vec<Pending>,
-        b: &Buffers,
-        src: &wgpu::Buffer,
-        w: &Matrix,
-        rows: Rows,
-    ) {
-        let bs = w.format.block();
-        if let Some((s, size)) = &self.done
-            && s == src
-            && *size == bs
-        {
-            return;
+/// Quantizes `src` into `xq`/`xs` for the matrix `w`, unless the dispatches since its last
+/// quantization are matrix products that left it alone and `w` reads the same block size
+/// (q, k and v share one quantized input, as do gate and up).
+fn quantize(list: &mut Vec<Pending>, b: &Buffers, src: &wgpu::Buffer, w: &Matrix, rows: Rows) {
+    let bs = w.format.block();
+    for d in list.iter().rev() {
+        match d.kernel {
+            Kernel::Matmul(_) if d.buffers[4] != *src => continue,
+            Kernel::Quant if d.buffers[0] == *src && d.params[..2] == [w.k as u32, bs as u32] => {
+                return;
+            }
+            _ => break,
         }
-        list.push(Pending {
-            kernel: Kernel::Quant,
-            buffers: vec![src.clone(), b.xq.clone(), b.xs.clone()],
-            params: p(&[w.k as u32, bs as u32]),
-            x: ((w.k / bs) as u32).div_ceil(64),
-            rows,
-        });
-        self.done = Some((src.clone(), bs));
     }
+    list.push(Pending {
+        kernel: Kernel::Quant,
+        buffers: vec![src.clone(), b.xq.clone(), b.xs.clone()],
+        params: p(&[w.k as u32, bs as u32]),
+        x: ((w.k / bs) as u32).div_ceil(64),
+        rows,
+    });
 }
 
-/// `out[t, stride-wide rows] (+)= w · xq[t]`: `[stride, offset, per-position offset]` place
-/// the output; `flags` 1 accumulates into it.
+/// `out[t, stride-wide rows] (+)= w · src[t]` (`src` quantized first, see [`quantize`]):
+/// `[stride, offset, per-position offset]` place the output; `flags` 1 accumulates into it.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     list: &mut Vec<Pending>,
     b: &Buffers,
     m: &GpuModel,
+    src: &wgpu::Buffer,
     w: &Matrix,
     out: &wgpu::Buffer,
     bias: Option<&wgpu::Buffer>,
@@ -1133,6 +1129,7 @@ fn matmul(
     flags: u32,
     rows: Rows,
 ) {
+    quantize(list, b, src, w, rows);
     let flags = flags | if bias.is_some() { 2 } else { 0 };
     for (buf, row0, n) in &w.chunks {
         list.push(Pending {
