@@ -82,8 +82,8 @@ pub(crate) fn load_adapters(
             )));
         }
         let norm = vector(&*get("norm.weight")?)?;
-        let down = Linear::new(get("down.weight")?)?;
-        let up = Linear::new(get("up.weight")?)?;
+        let down = Linear::new(&format!("exit.{k}.down.weight"), get("down.weight")?)?;
+        let up = Linear::new(&format!("exit.{k}.up.weight"), get("up.weight")?)?;
         if norm.len() != n_embd
             || down.in_dim != n_embd
             || up.out_dim != n_embd

@@ -43,6 +43,18 @@ pub enum Error {
         /// Its ggml type name (or number when unknown).
         dtype: String,
     },
+    /// A weight matrix is stored in a format the engine's kernels do not compute with.
+    #[error(
+        "tensor `{tensor}` is stored as {dtype}, for which tandem has no matrix kernel \
+         (kernels: F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K); \
+         re-quantize the model to one of these, e.g. with llama.cpp's llama-quantize"
+    )]
+    NoKernel {
+        /// Name of the tensor.
+        tensor: String,
+        /// Its ggml type name.
+        dtype: String,
+    },
     /// A required metadata key or tensor is missing, or has the wrong shape or type.
     #[error("{path}: {what}")]
     MissingOrMalformed {

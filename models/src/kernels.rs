@@ -4,7 +4,7 @@
 //! verifier's output identical to target-only decoding.
 
 /// Dot product with eight fixed lanes: the lane layout depends only on the vector length.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
@@ -22,54 +22,111 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// RMSNorm of each row of `x` (rows of `weight.len()`), written to `out`.
-pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let d = weight.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ms = dot(row, row) / d as f32;
-        let scale = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * scale * w;
+/// Whether the float kernels below run their AVX2 compilation. Both compilations perform
+/// the same IEEE operations in the same order (Rust never fuses a multiply and an add, and
+/// LLVM never reorders a float reduction), so they give the same bits; AVX2 only makes the
+/// eight-lane loops one instruction wide.
+#[inline]
+fn avx2() -> bool {
+    #[cfg(test)]
+    if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return crate::quant::kernel() != crate::quant::Kernel::Portable;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Tests: run the baseline compilation even where AVX2 is available.
+#[cfg(test)]
+static FORCE_BASELINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Defines `$name` as a function whose body is compiled twice, for the baseline CPU and for
+/// AVX2 + FMA, the latter chosen at run time.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn with_avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: `avx2()` is true only when the CPU has AVX2 and FMA.
+                return unsafe { with_avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// RMSNorm of each row of `x` (rows of `weight.len()`), written to `out`.
+    pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let d = weight.len();
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ms = dot(row, row) / d as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                *o = v * scale * w;
+            }
         }
     }
 }
 
-/// Rotary position embedding applied in place to `x`: `n` positions starting at `pos`,
-/// each holding `heads` heads of `head_dim`, of which the first `rope_dim` rotate.
-/// `neox` rotates split halves (Qwen2); otherwise adjacent pairs (Llama in GGUF layout).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rope(
-    x: &mut [f32],
-    pos: usize,
-    heads: usize,
-    head_dim: usize,
-    rope_dim: usize,
-    base: f32,
-    neox: bool,
-) {
-    let half = rope_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / base.powf((2 * i) as f32 / rope_dim as f32))
-        .collect();
-    let mut cos = vec![0f32; half];
-    let mut sin = vec![0f32; half];
-    for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-        let p = (pos + t) as f32;
-        for i in 0..half {
-            let f = p * inv_freq[i];
-            cos[i] = f.cos();
-            sin[i] = f.sin();
+/// Rotary-embedding angles of consecutive positions: `cos`/`sin` of `p · θ_i` for each
+/// position `p` of a forward and each of the `rope_dim / 2` frequencies, computed once per
+/// forward and shared by every layer's queries and keys.
+pub(crate) struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Angles for positions `pos..pos + n`.
+    pub fn new(pos: usize, n: usize, rope_dim: usize, base: f32) -> Self {
+        let half = rope_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / rope_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for t in 0..n {
+            let p = (pos + t) as f32;
+            for &f in &inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
         }
-        for h in row.chunks_exact_mut(head_dim) {
-            for i in 0..half {
-                let (a, b) = if neox {
-                    (i, i + half)
-                } else {
-                    (2 * i, 2 * i + 1)
-                };
-                let (x0, x1) = (h[a], h[b]);
-                h[a] = x0 * cos[i] - x1 * sin[i];
-                h[b] = x0 * sin[i] + x1 * cos[i];
+        RopeTable { half, cos, sin }
+    }
+
+    /// Rotates `x` in place: one row per position of the table, each holding `heads` heads
+    /// of `head_dim`, of which the first `rope_dim` rotate. `neox` rotates split halves
+    /// (Qwen2); otherwise adjacent pairs (Llama in GGUF layout).
+    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, neox: bool) {
+        let half = self.half;
+        for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let cos = &self.cos[t * half..(t + 1) * half];
+            let sin = &self.sin[t * half..(t + 1) * half];
+            for h in row.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = if neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (x0, x1) = (h[a], h[b]);
+                    h[a] = x0 * cos[i] - x1 * sin[i];
+                    h[b] = x0 * sin[i] + x1 * cos[i];
+                }
             }
         }
     }
@@ -93,25 +150,40 @@ pub(crate) fn attention(
     s: &AttnShape,
     out: &mut [f32],
 ) {
-    let hd = s.head_dim;
-    let kv_dim = s.n_head_kv * hd;
-    let group = s.n_head / s.n_head_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
     // One task per (query position, head); every task's arithmetic is independent of how
     // the tasks are split between threads.
-    let work = |(task, o): (usize, &mut [f32])| {
+    let work = |(task, o): (usize, &mut [f32])| attend(task, q, keys, values, pos, s, o);
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(s.head_dim).enumerate().for_each(work);
+    }
+    #[cfg(target_arch = "wasm32")]
+    out.chunks_mut(s.head_dim).enumerate().for_each(work);
+}
+
+multiversion! {
+    /// One query position and head of [`attention`].
+    fn attend(
+        task: usize,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        pos: usize,
+        s: &AttnShape,
+        o: &mut [f32],
+    ) {
+        let hd = s.head_dim;
+        let kv_dim = s.n_head_kv * hd;
+        let group = s.n_head / s.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
         let t = task / s.n_head;
         let h = task % s.n_head;
         let kvh = h / group;
         let qv = &q[task * hd..(task + 1) * hd];
         let len = pos + t + 1;
         let mut scores: Vec<f32> = (0..len)
-            .map(|j| {
-                dot(
-                    qv,
-                    &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd],
-                ) * scale
-            })
+            .map(|j| dot(qv, &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale)
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
@@ -130,27 +202,24 @@ pub(crate) fn attention(
         for o in o.iter_mut() {
             *o *= inv;
         }
-    };
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        out.par_chunks_mut(hd).enumerate().for_each(work);
-    }
-    #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(hd).enumerate().for_each(work);
-}
-
-/// SiLU(gate) * up, element-wise, into `gate`.
-pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 
-/// `x += y`, element-wise.
-pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
+multiversion! {
+    /// SiLU(gate) * up, element-wise, into `gate`.
+    pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// `x += y`, element-wise.
+    pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
+        for (a, &b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
     }
 }
 
@@ -189,7 +258,39 @@ mod tests {
     fn rope_at_position_zero_is_identity() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let orig = x.clone();
-        rope(&mut x, 0, 2, 8, 8, 10_000.0, true);
+        RopeTable::new(0, 1, 8, 10_000.0).apply(&mut x, 2, 8, true);
         assert_eq!(x, orig);
+    }
+
+    /// The AVX2 compilation of the float kernels gives the bits of the baseline one.
+    #[test]
+    fn avx2_float_kernels_match_the_baseline_bit_for_bit() {
+        let n = 3;
+        let d = 70;
+        let x: Vec<f32> = (0..n * d).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let w: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let s = AttnShape {
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 35,
+        };
+        let run = || {
+            let mut norm = vec![0f32; n * d];
+            rms_norm(&x, &w, 1e-6, &mut norm);
+            let mut g = x.clone();
+            swiglu(&mut g, &norm);
+            // keys/values for positions 0..6, 3 queries at position 3
+            let kv: Vec<f32> = (0..6 * d).map(|i| (i as f32 * 0.05).sin()).collect();
+            let q: Vec<f32> = (0..n * 140).map(|i| (i as f32 * 0.21).cos()).collect();
+            let mut att = vec![0f32; n * 140];
+            attention(&q, &kv[..6 * 70], &kv[..6 * 70], 3, &s, &mut att);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            (bits(&norm), bits(&g), bits(&att))
+        };
+        let dispatched = run();
+        FORCE_BASELINE.store(true, std::sync::atomic::Ordering::SeqCst);
+        let baseline = run();
+        FORCE_BASELINE.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(dispatched, baseline);
     }
 }

@@ -18,12 +18,7 @@ pub mod fetch;
 mod gguf;
 mod kernels;
 mod model;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-mod simd;
+pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
 mod tokenizer;
 mod weights;
@@ -36,16 +31,62 @@ pub use model::{ExitLogits, KvCache, Logits, Model, Rows, load_tensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
-/// Sizes the compute thread pools to the CPUs this process may run on, unless
-/// `RAYON_NUM_THREADS` is set. Without it a process pinned to fewer cores (`taskset`) gets
-/// as many compute threads as the machine has, which oversubscribe its cores and made
-/// decoding of Qwen2.5-Coder-0.5B 6× slower when pinned to one of two cores. Call at the
-/// start of `main`, before any other thread exists.
-pub fn init_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // SAFETY: called at the start of `main`, before the process starts other threads,
-        // so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
+/// Sizes the engine's compute thread pool (rayon's global pool) once per process: one
+/// thread per CPU this process may run on (its affinity mask, so `taskset` works), or
+/// `RAYON_NUM_THREADS` when set to fewer. A request for more threads than allowed CPUs is
+/// capped, with a warning: two spinning workers on one core made decoding of
+/// Qwen2.5-Coder-0.5B 5× slower. Returns the thread count. Idempotent; [`Model::load`]
+/// calls it, so a library user gets the same pool.
+///
+/// The environment is left untouched, so child processes (pinned elsewhere) size their own.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn init_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let asked = std::env::var("RAYON_NUM_THREADS").ok();
+        let n = match asked.as_deref().map(str::parse::<usize>) {
+            Some(Ok(w)) if w > cores => {
+                eprintln!(
+                    "warning: RAYON_NUM_THREADS={w}, but this process may run on {cores} \
+                     CPU(s): using {cores} compute thread(s) (more would spin on shared cores)"
+                );
+                cores
+            }
+            Some(Ok(w)) if w >= 1 => w,
+            Some(_) => {
+                eprintln!(
+                    "warning: RAYON_NUM_THREADS={:?} is not a positive number: using {cores} \
+                     compute thread(s)",
+                    asked.unwrap_or_default()
+                );
+                cores
+            }
+            None => cores,
+        };
+        if rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .is_err()
+        {
+            // Something used rayon first; say what it runs with.
+            let have = rayon::current_num_threads();
+            if have > cores {
+                eprintln!(
+                    "warning: the compute pool was started with {have} threads before tandem \
+                     could size it; this process may run on {cores} CPU(s)"
+                );
+            }
+            return have;
+        }
+        n
+    })
+}
+
+/// The number of threads the engine computes with.
+pub fn compute_threads() -> usize {
+    #[cfg(not(target_arch = "wasm32"))]
+    return init_threads();
+    #[cfg(target_arch = "wasm32")]
+    1
 }

@@ -17,7 +17,7 @@ use candle_core::quantized::QTensor;
 use crate::adapter::{ExitAdapter, load_adapters};
 use crate::config::{Architecture, Config};
 use crate::gguf::{open, read_tensors};
-use crate::kernels::{AttnShape, add_assign, attention, rms_norm, rope, swiglu};
+use crate::kernels::{AttnShape, RopeTable, add_assign, attention, rms_norm, swiglu};
 use crate::weights::{Embedding, Linear, vector};
 use crate::{Error, Result};
 
@@ -171,6 +171,7 @@ impl KvCache {
 impl Model {
     /// Loads a `llama` or `qwen2` GGUF, keeping quantized tensors quantized.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        crate::compute_threads();
         let path = path.as_ref();
         let (config, tensors) = load_tensors(path)?;
         Self::from_parts(config, tensors, path)
@@ -201,7 +202,7 @@ impl Model {
             }
         };
         let linear = |name: &str, out_dim: usize, in_dim: usize| -> Result<Linear> {
-            let l = Linear::new(get(name)?)?;
+            let l = Linear::new(name, get(name)?)?;
             if l.out_dim != out_dim || l.in_dim != in_dim {
                 return Err(Error::MissingOrMalformed {
                     path: path.to_owned(),
@@ -217,8 +218,8 @@ impl Model {
         let embd = get("token_embd.weight")?;
         let embedding = Embedding::new(embd.clone())?;
         let output = match tensors.get("output.weight") {
-            Some(t) => Linear::new(t.clone())?,
-            None => Linear::new(embd)?, // tied embeddings
+            Some(t) => Linear::new("output.weight", t.clone())?,
+            None => Linear::new("token_embd.weight", embd)?, // tied embeddings
         };
         if output.in_dim != c.n_embd || output.out_dim != c.vocab_size {
             return Err(Error::MissingOrMalformed {
@@ -298,6 +299,26 @@ impl Model {
     /// (dequantized; for training heads against the frozen output layer).
     pub fn head_weights(&self) -> Result<(Vec<f32>, candle_core::Tensor)> {
         Ok((self.output_norm.clone(), self.output.dequantize()?))
+    }
+
+    /// The formats of the model's weight matrices: for each, how many matrices and how
+    /// many bytes a forward reads (the output head included).
+    pub fn matrix_formats(&self) -> Vec<(crate::quant::Format, usize, usize)> {
+        let mut by: Vec<(crate::quant::Format, usize, usize)> = Vec::new();
+        let layers = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]);
+        for l in layers.chain([&self.output]) {
+            match by.iter_mut().find(|e| e.0 == l.format()) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += l.weight_bytes();
+                }
+                None => by.push((l.format(), 1, l.weight_bytes())),
+            }
+        }
+        by
     }
 
     /// An empty KV cache sized for this model.
@@ -405,6 +426,7 @@ impl Model {
             head_dim: c.head_dim,
         };
         let neox = c.arch == Architecture::Qwen2;
+        let rope = RopeTable::new(pos, n, c.rope_dim, c.rope_base);
         let mut x = vec![0f32; n * d];
         for (i, b) in self.blocks.iter().enumerate() {
             rms_norm(&h, &b.attn_norm, c.rms_eps, &mut x);
@@ -414,24 +436,8 @@ impl Model {
             add_bias(&mut q, b.bq.as_deref());
             add_bias(&mut k, b.bk.as_deref());
             add_bias(&mut v, b.bv.as_deref());
-            rope(
-                &mut q,
-                pos,
-                c.n_head,
-                c.head_dim,
-                c.rope_dim,
-                c.rope_base,
-                neox,
-            );
-            rope(
-                &mut k,
-                pos,
-                c.n_head_kv,
-                c.head_dim,
-                c.rope_dim,
-                c.rope_base,
-                neox,
-            );
+            rope.apply(&mut q, c.n_head, c.head_dim, neox);
+            rope.apply(&mut k, c.n_head_kv, c.head_dim, neox);
             cache.keys[i].extend_from_slice(&k);
             cache.values[i].extend_from_slice(&v);
             let mut att = vec![0f32; n * d];

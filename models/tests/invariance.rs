@@ -1,6 +1,9 @@
 //! Batch invariance on the real models: the logits of one multi-token forward are bitwise
-//! identical to those of the same tokens fed one at a time, in blocks of other sizes, and
-//! after truncate + re-forward. This is what keeps verification lossless.
+//! identical to those of the same tokens fed one at a time, in blocks of every size from 1
+//! to 16, inside a 128-token prefill, after truncate + re-forward, and with one compute
+//! thread or two. This is what keeps verification lossless. (The catalog models hold Q4_1,
+//! Q5_0, Q8_0, Q4_K and Q6_K matrices; Q4_0 and Q5_K are checked bit for bit at the kernel
+//! level in `quant::tests`.)
 
 mod common;
 
@@ -61,12 +64,79 @@ fn check(name: &str) {
     }
 }
 
+/// Every block size from 1 to 16 after a 3-token prefill, a 128-token prefill against
+/// 16-token blocks of the same tokens, and one thread against the process's pool.
+fn check_blocks_prefill_and_threads(name: &str) {
+    let path = model(name);
+    let m = Model::load(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    let ids = tok.encode(PROMPTS[0]).unwrap();
+    let ids = &ids[..ids.len().min(24)];
+    let mut c = m.new_cache();
+    let whole = m.forward(ids, 0, &mut c).unwrap();
+    for n in 1..=16 {
+        let mut c = m.new_cache();
+        m.forward(&ids[..3], 0, &mut c).unwrap();
+        let mut at = 3;
+        while at < ids.len() {
+            let end = (at + n).min(ids.len());
+            let got = m.forward(&ids[at..end], at, &mut c).unwrap();
+            for i in at..end {
+                assert_eq!(
+                    got.row(i - at),
+                    whole.row(i),
+                    "{name}: position {i} in a block of {n} differs from the whole forward"
+                );
+            }
+            at = end;
+        }
+    }
+
+    let long: Vec<u32> = PROMPTS
+        .iter()
+        .flat_map(|p| tok.encode(p).unwrap())
+        .cycle()
+        .take(128)
+        .collect();
+    let mut c = m.new_cache();
+    let prefill = m.forward(&long, 0, &mut c).unwrap();
+    let mut c = m.new_cache();
+    for (b, chunk) in long.chunks(16).enumerate() {
+        let got = m.forward(chunk, b * 16, &mut c).unwrap();
+        for i in 0..chunk.len() {
+            assert_eq!(
+                got.row(i),
+                prefill.row(b * 16 + i),
+                "{name}: position {} of a 128-token prefill differs from 16-token blocks",
+                b * 16 + i
+            );
+        }
+    }
+
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| {
+            let mut c = m.new_cache();
+            m.forward(ids, 0, &mut c).unwrap()
+        });
+    assert_eq!(
+        one_thread,
+        whole,
+        "{name}: one compute thread gives other logits than the pool of {}",
+        tandem_models::compute_threads()
+    );
+}
+
 #[test]
 fn smollm2_is_batch_invariant() {
     check("smollm2-135m");
+    check_blocks_prefill_and_threads("smollm2-135m");
 }
 
 #[test]
 fn qwen_coder_05b_is_batch_invariant() {
     check("qwen2.5-coder-0.5b");
+    check_blocks_prefill_and_threads("qwen2.5-coder-0.5b");
 }
