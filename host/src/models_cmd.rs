@@ -25,6 +25,12 @@ pub enum ModelsCommand {
         /// Catalog name (see `tandem models list`).
         name: String,
     },
+    /// Load a model and print its shape, weight formats, and the CPU kernel path and
+    /// compute threads this machine runs it with.
+    Info {
+        /// Catalog name or path.
+        model: String,
+    },
     /// Write a drafter GGUF: embedding, first K blocks, final norm and output head.
     Split {
         /// Catalog name or path of the source GGUF.
@@ -93,6 +99,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             println!("backbone {}", fp.backbone);
             Ok(())
         }
+        ModelsCommand::Info { model } => info(&model),
         ModelsCommand::Fingerprint { path, layers } => {
             let path = resolve(&path)?;
             let fp = fingerprints(&path, layers)?;
@@ -292,4 +299,25 @@ fn step(
         (_, Some(logits)) => sample(&logits, params, rng),
         (argmax, None) => argmax,
     })
+}
+
+fn info(model: &str) -> Result<()> {
+    let path = resolve(model)?;
+    let m =
+        tandem_models::Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let c = m.config();
+    println!("file        {}", path.display());
+    println!(
+        "model       {:?}, {} layers, hidden {}, {} heads / {} KV heads, ffn {}, vocab {}, context {}",
+        c.arch, c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.n_ff, c.vocab_size, c.context_length
+    );
+    for (format, count, bytes) in m.matrix_formats() {
+        println!(
+            "weights     {format}: {count} matrices, {:.1} MiB",
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    println!("kernel      {}", tandem_models::quant::kernel());
+    println!("threads     {}", tandem_models::compute_threads());
+    Ok(())
 }
