@@ -66,6 +66,27 @@ impl Linear {
         }
         Ok(self.matrix.matmul(x, n))
     }
+
+    /// Applies several layers of the same input width to the same rows (q/k/v, gate/up) in
+    /// one parallel region; each result is bitwise that of [`Linear::forward`].
+    pub fn forward_many<const N: usize>(
+        layers: [&Linear; N],
+        x: &[f32],
+        n: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        for l in layers {
+            if x.len() != n * l.in_dim {
+                return Err(Error::InvalidArgument(format!(
+                    "linear layer of width {} given {} values for {n} rows",
+                    l.in_dim,
+                    x.len()
+                )));
+            }
+        }
+        let mats = layers.map(|l| &l.matrix);
+        let out = crate::quant::matmul_many(crate::quant::kernel(), &mats, x, n);
+        Ok(out.try_into().expect("one result per layer"))
+    }
 }
 
 /// A token-embedding table, dequantized one row at a time.

@@ -194,7 +194,7 @@ impl Session {
     pub fn verify(
         &mut self,
         v: &Verify,
-        hint: &mut dyn FnMut(ServerMsg),
+        hint: &mut (dyn FnMut(ServerMsg) + Send),
     ) -> Result<VerifyResult, SessionError> {
         if !self.prefilled {
             return Err(bad("Verify before Prefill: send the prompt first"));

@@ -287,67 +287,39 @@ impl QMatrix {
     }
 
     pub(crate) fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.in_dim, "matmul input shape");
-        let acts = Activations::quantize(x, n, self.in_dim, self.format.act_block());
-        let bytes = self.bytes();
-        // Column tiles whose weights fit in L2 together with a row group's activations; the
-        // tile is the unit of work handed to a thread.
-        let tile = (64 * 1024 / self.row_bytes.max(1)).clamp(4, 256);
-        let tiles = self.out_dim.div_ceil(tile);
-        let run_tile = |t: usize, out_t: &mut [f32]| {
-            let cols = t * tile..((t + 1) * tile).min(self.out_dim);
-            let width = cols.len();
-            let w = &bytes[cols.start * self.row_bytes..cols.end * self.row_bytes];
-            let mut r0 = 0;
-            while r0 < n {
-                let rows = (n - r0).min(ROW_GROUP);
-                let out = &mut out_t[r0 * width..(r0 + rows) * width];
-                self.dot_tile(kernel, w, &acts, r0, rows, out);
-                r0 += rows;
-            }
-        };
-        // Each tile's results are laid out [rows][tile width]; scattered into `out` after.
-        let work = self.out_dim * self.row_bytes * n.min(ROW_GROUP);
-        let mut tmp = vec![0f32; n * self.out_dim];
-        let chunks: Vec<(usize, &mut [f32])> = {
-            let mut v = Vec::with_capacity(tiles);
-            let mut rest = tmp.as_mut_slice();
-            for t in 0..tiles {
-                let w = ((t + 1) * tile).min(self.out_dim) - t * tile;
-                let (a, b) = rest.split_at_mut(w * n);
-                v.push((t, a));
-                rest = b;
-            }
-            v
-        };
-        // Small products run on the calling thread: handing them to a pool costs more than
-        // they do. Which thread computes a column never changes its value.
+        matmul_many(kernel, &[self], x, n)
+            .pop()
+            .expect("one product")
+    }
+
+    /// Columns per tile: a tile's weights fit in L2 together with a row group's activations;
+    /// the tile is the unit of work handed to a thread, so the tiles are made equal and their
+    /// number a multiple of the thread count (a product of 4½ tiles on 2 threads would wait
+    /// for its last one). Tiling never changes a column's value.
+    fn tile(&self) -> usize {
+        let max = (64 * 1024 / self.row_bytes.max(1)).clamp(4, 256);
         #[cfg(not(target_arch = "wasm32"))]
-        if work >= 1 << 16 && tiles > 1 {
-            use rayon::prelude::*;
-            chunks.into_par_iter().for_each(|(t, o)| run_tile(t, o));
-        } else {
-            chunks.into_iter().for_each(|(t, o)| run_tile(t, o));
-        }
+        let threads = rayon::current_num_threads().max(1);
         #[cfg(target_arch = "wasm32")]
-        {
-            let _ = work;
-            chunks.into_iter().for_each(|(t, o)| run_tile(t, o));
+        let threads = 1;
+        let tiles = self.out_dim.div_ceil(max).next_multiple_of(threads);
+        self.out_dim.div_ceil(tiles).max(1)
+    }
+
+    /// Computes tile `t` for all `n` rows into `out_t`, laid out `[rows][tile width]`.
+    fn run_tile(&self, kernel: Kernel, acts: &Activations, n: usize, t: usize, out_t: &mut [f32]) {
+        let tile = self.tile();
+        let cols = t * tile..((t + 1) * tile).min(self.out_dim);
+        let width = cols.len();
+        let bytes = self.bytes();
+        let w = &bytes[cols.start * self.row_bytes..cols.end * self.row_bytes];
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = (n - r0).min(ROW_GROUP);
+            let out = &mut out_t[r0 * width..(r0 + rows) * width];
+            self.dot_tile(kernel, w, acts, r0, rows, out);
+            r0 += rows;
         }
-        if n == 1 {
-            return tmp;
-        }
-        let mut out = vec![0f32; n * self.out_dim];
-        for t in 0..tiles {
-            let c0 = t * tile;
-            let width = ((t + 1) * tile).min(self.out_dim) - c0;
-            let src = &tmp[c0 * n..(c0 + width) * n];
-            for r in 0..n {
-                out[r * self.out_dim + c0..r * self.out_dim + c0 + width]
-                    .copy_from_slice(&src[r * width..(r + 1) * width]);
-            }
-        }
-        out
     }
 
     /// Dot products of the weight rows in `w` (a tile of whole rows) with activation rows
@@ -385,6 +357,83 @@ impl QMatrix {
             _ => portable::dot_tile(self.format, w, rb, acts, r0, rows, out),
         }
     }
+}
+
+/// `n` rows of `x` times each of `mats` (all of the same input width), as one parallel
+/// region: the activations are quantized once per block size, and the tiles of every matrix
+/// are handed to the threads together (the q/k/v and gate/up products of a block). Each
+/// result is bitwise what [`QMatrix::matmul`] gives for that matrix alone.
+pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let k = mats.first().map_or(0, |m| m.in_dim);
+    assert!(
+        mats.iter().all(|m| m.in_dim == k),
+        "products of one input width"
+    );
+    assert_eq!(x.len(), n * k, "matmul input shape");
+    let mut acts: Vec<Activations> = Vec::new();
+    let act_of: Vec<usize> = mats
+        .iter()
+        .map(|m| {
+            let block = m.format.act_block();
+            match acts.iter().position(|a| a.block == block) {
+                Some(i) => i,
+                None => {
+                    acts.push(Activations::quantize(x, n, k, block));
+                    acts.len() - 1
+                }
+            }
+        })
+        .collect();
+    // Each tile's results are laid out [rows][tile width]; scattered into rows after.
+    let mut tmp: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.out_dim]).collect();
+    let mut work = 0;
+    let mut jobs: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (i, (m, out)) in mats.iter().zip(tmp.iter_mut()).enumerate() {
+        work += m.weight_bytes() * n.min(ROW_GROUP);
+        let tile = m.tile();
+        let mut rest = out.as_mut_slice();
+        for t in 0..m.out_dim.div_ceil(tile) {
+            let w = ((t + 1) * tile).min(m.out_dim) - t * tile;
+            let (a, b) = rest.split_at_mut(w * n);
+            jobs.push((i, t, a));
+            rest = b;
+        }
+    }
+    let run =
+        |(i, t, o): (usize, usize, &mut [f32])| mats[i].run_tile(kernel, &acts[act_of[i]], n, t, o);
+    // Small products run on the calling thread: handing them to a pool costs more than
+    // they do. Which thread computes a column never changes its value.
+    #[cfg(not(target_arch = "wasm32"))]
+    if work >= 1 << 16 && jobs.len() > 1 {
+        use rayon::prelude::*;
+        jobs.into_par_iter().for_each(run);
+    } else {
+        jobs.into_iter().for_each(run);
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = work;
+        jobs.into_iter().for_each(run);
+    }
+    if n == 1 {
+        return tmp;
+    }
+    mats.iter()
+        .zip(tmp)
+        .map(|(m, tmp)| {
+            let tile = m.tile();
+            let mut out = vec![0f32; n * m.out_dim];
+            for c0 in (0..m.out_dim).step_by(tile) {
+                let width = tile.min(m.out_dim - c0);
+                let src = &tmp[c0 * n..(c0 + width) * n];
+                for r in 0..n {
+                    out[r * m.out_dim + c0..r * m.out_dim + c0 + width]
+                        .copy_from_slice(&src[r * width..(r + 1) * width]);
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// Reinterprets little-endian f32 bytes (F32 matrices are stored so).

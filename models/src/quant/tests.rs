@@ -151,6 +151,41 @@ fn thread_count_does_not_change_results() {
     );
 }
 
+/// Products fused into one parallel region (q/k/v, gate/up) give each matrix's own bits,
+/// also when the formats (and so the activation block sizes) differ.
+#[test]
+fn fused_products_match_single_products() {
+    let k = 512;
+    let mats: Vec<QMatrix> = [
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8_0,
+        GgmlDType::F32,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &t)| matrix(t, 96 + 64 * i, k, 40 + i as u64).0)
+    .collect();
+    let refs: Vec<&QMatrix> = mats.iter().collect();
+    for n in [1, 3, 6] {
+        let x = values(n * k, 7 + n as u64);
+        for kernel in kernels() {
+            let fused = matmul_many(kernel, &refs, &x, n);
+            for (m, got) in mats.iter().zip(&fused) {
+                let want = m.matmul_with(kernel, &x, n);
+                assert_eq!(got.len(), want.len());
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{:?}: fused {n}-row product ({kernel}) differs from the single one",
+                    m.format
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn unsupported_shapes_are_errors() {
     let err = QMatrix::new(Format::Q4K, 2, 100, &[0; 10]).err().unwrap();
