@@ -7,6 +7,7 @@
 //!   context, n = 2, 3, 5, 8, 16 (`verify5_over_verify1` is n = 5); each time the minimum of
 //!   REPS, the cache rolled back after each;
 //! - `prefill_tok_s`: a 128-token prompt in one forward (median of 3);
+//! - `load_s`: seconds to load the model (weight matrices are mapped, not read);
 //! - `rss_mib_loaded`, `rss_mib_2048`: resident memory after loading and with a 2048-token
 //!   context in the KV cache;
 //! - `kernel`: the kernel path the engine chose for this CPU.
@@ -32,7 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reps: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
     let rss_context: usize = args.get(4).map_or(Ok(2048), |s| s.parse())?;
 
+    let t_load = Instant::now();
     let m = Model::load(path)?;
+    let load_s = t_load.elapsed().as_secs_f64();
     let rss_loaded = rss_mib();
     let tok = Tokenizer::from_gguf(path)?;
     let prompt = tok.encode(PROMPT)?;
@@ -107,7 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{{\"model\":{:?},\"threads\":{},\"kernel\":\"{}\",\"decode_tokens\":{n_decode},\"tok_s\":{tok_s:.3},\
          \"verify1_ms\":{:.3},\"verify_curve\":{{{}}},\"verify5_over_verify1\":{:.3},\
-         \"prefill_tok_s\":{prefill_tok_s:.2},\"rss_mib_loaded\":{rss_loaded:.1},\"rss_mib_2048\":{rss_2048},\
+         \"prefill_tok_s\":{prefill_tok_s:.2},\"load_s\":{load_s:.3},\"rss_mib_loaded\":{rss_loaded:.1},\"rss_mib_2048\":{rss_2048},\
          \"kv_mib\":{:.1}}}",
         std::path::Path::new(path)
             .file_name()

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
-use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::{Error, Result};
 
@@ -51,8 +51,21 @@ pub(crate) fn read_tensors<R: Read + Seek>(
     reader: &mut R,
     path: &Path,
 ) -> Result<BTreeMap<String, Arc<QTensor>>> {
+    read_tensors_except(content, reader, path, &BTreeMap::new())
+}
+
+/// Reads the tensors of the file that are not in `mapped`.
+pub(crate) fn read_tensors_except<R: Read + Seek>(
+    content: &Content,
+    reader: &mut R,
+    path: &Path,
+    mapped: &BTreeMap<String, MappedTensor>,
+) -> Result<BTreeMap<String, Arc<QTensor>>> {
     let mut out = BTreeMap::new();
     for name in content.tensor_infos.keys() {
+        if mapped.contains_key(name) {
+            continue;
+        }
         let t = content
             .tensor(reader, name, &Device::Cpu)
             .map_err(|e| Error::InvalidGguf {
@@ -62,6 +75,103 @@ pub(crate) fn read_tensors<R: Read + Seek>(
         out.insert(name.clone(), Arc::new(t));
     }
     Ok(out)
+}
+
+/// A tensor's bytes as they lie in the file, in its block format.
+#[derive(Clone)]
+pub(crate) struct MappedTensor {
+    /// The whole file, mapped read-only.
+    pub file: Arc<Mapping>,
+    /// Where the tensor's bytes are in `file`.
+    pub range: std::ops::Range<usize>,
+    pub dtype: GgmlDType,
+    pub dims: Vec<usize>,
+}
+
+impl MappedTensor {
+    /// The tensor's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.bytes()[self.range.clone()]
+    }
+}
+
+/// A file mapped into memory read-only.
+pub(crate) struct Mapping {
+    #[cfg(not(target_arch = "wasm32"))]
+    map: memmap2::Mmap,
+}
+
+impl Mapping {
+    fn bytes(&self) -> &[u8] {
+        #[cfg(not(target_arch = "wasm32"))]
+        return &self.map;
+        #[cfg(target_arch = "wasm32")]
+        unreachable!("nothing is mapped on wasm32")
+    }
+}
+
+/// Maps the file and locates the tensors `wanted` selects, so that they are used where they
+/// lie: loading costs no copy, the pages are shared with the page cache (and with other
+/// processes serving the same file), and only the pages a forward touches are read.
+/// `Ok(None)` where the file cannot be mapped (the caller reads it instead).
+///
+/// The file must not be changed while it is mapped: tandem's model cache only ever
+/// replaces files by renaming a new one over them, which leaves a mapping intact.
+pub(crate) fn map_tensors(
+    content: &Content,
+    path: &Path,
+    wanted: impl Fn(&str, GgmlDType, &[usize]) -> bool,
+) -> Result<Option<BTreeMap<String, MappedTensor>>> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (content, path, wanted);
+        Ok(None)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        // SAFETY: the mapping is read-only and private to this process's view of the file;
+        // the file is not modified while the model lives (see above). Reads of a file
+        // truncated by another process afterwards would fault, as with any mapped file.
+        let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+            return Ok(None);
+        };
+        let file = Arc::new(Mapping { map });
+        let len = file.bytes().len() as u64;
+        let mut out = BTreeMap::new();
+        for (name, info) in &content.tensor_infos {
+            let dims = info.shape.dims().to_vec();
+            if !wanted(name, info.ggml_dtype, &dims) {
+                continue;
+            }
+            let bs = info.ggml_dtype.block_size();
+            let elems: usize = dims.iter().product();
+            let size = (elems / bs * info.ggml_dtype.type_size()) as u64;
+            let start = content.tensor_data_offset.saturating_add(info.offset);
+            if !elems.is_multiple_of(bs) || start.saturating_add(size) > len {
+                return Err(Error::InvalidGguf {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "tensor `{name}`: needs {size} bytes at offset {start}, the file has \
+                         {len} (is the file truncated?)"
+                    ),
+                });
+            }
+            out.insert(
+                name.clone(),
+                MappedTensor {
+                    file: file.clone(),
+                    range: start as usize..(start + size) as usize,
+                    dtype: info.ggml_dtype,
+                    dims,
+                },
+            );
+        }
+        Ok(Some(out))
+    }
 }
 
 /// The ggml name of a tensor type code.

@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::adapter::{ExitAdapter, load_adapters};
 use crate::config::{Architecture, Config};
-use crate::gguf::{open, read_tensors};
+use crate::gguf::{MappedTensor, map_tensors, open, read_tensors, read_tensors_except};
 use crate::kernels::{AttnShape, RopeTable, add_assign, attention, rms_norm, swiglu};
-use crate::weights::{Embedding, Linear, vector};
+use crate::weights::{Embedding, Linear, Source, vector};
 use crate::{Error, Result};
 
 struct Block {
@@ -170,16 +170,27 @@ impl KvCache {
 
 impl Model {
     /// Loads a `llama` or `qwen2` GGUF, keeping quantized tensors quantized.
+    ///
+    /// The weight matrices are used where they lie in the file, mapped read-only (no copy;
+    /// pages shared with the page cache); small tensors are read. Where the file cannot be
+    /// mapped, everything is read.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         crate::compute_threads();
         let path = path.as_ref();
-        let (config, tensors) = load_tensors(path)?;
-        Self::from_parts(config, tensors, path)
+        let (content, mut reader) = open(path)?;
+        let config = Config::from_gguf(&content, path)?;
+        let mapped = map_tensors(&content, path, |name, dtype, dims| {
+            dims.len() == 2 && dtype != GgmlDType::F16 && is_layer_matrix(name)
+        })?
+        .unwrap_or_default();
+        let tensors = read_tensors_except(&content, &mut reader, path, &mapped)?;
+        Self::from_parts(config, tensors, mapped, path)
     }
 
     fn from_parts(
         config: Config,
         tensors: BTreeMap<String, Arc<QTensor>>,
+        mapped: BTreeMap<String, MappedTensor>,
         path: &Path,
     ) -> Result<Self> {
         let get = |name: &str| -> Result<Arc<QTensor>> {
@@ -190,6 +201,12 @@ impl Model {
                     path: path.to_owned(),
                     what: format!("tensor `{name}` is missing"),
                 })
+        };
+        let source = |name: &str| -> Result<Source> {
+            match mapped.get(name) {
+                Some(m) => Ok(Source::Mapped(m.clone())),
+                None => get(name).map(Source::Read),
+            }
         };
         let check_len = |name: &str, v: &Vec<f32>, want: usize| -> Result<()> {
             if v.len() == want {
@@ -202,7 +219,7 @@ impl Model {
             }
         };
         let linear = |name: &str, out_dim: usize, in_dim: usize| -> Result<Linear> {
-            let l = Linear::new(name, get(name)?)?;
+            let l = Linear::new(name, source(name)?)?;
             if l.out_dim != out_dim || l.in_dim != in_dim {
                 return Err(Error::MissingOrMalformed {
                     path: path.to_owned(),
@@ -215,11 +232,11 @@ impl Model {
             Ok(l)
         };
         let c = &config;
-        let embd = get("token_embd.weight")?;
+        let embd = source("token_embd.weight")?;
         let embedding = Embedding::new(embd.clone())?;
-        let output = match tensors.get("output.weight") {
-            Some(t) => Linear::new("output.weight", t.clone())?,
-            None => Linear::new("token_embd.weight", embd)?, // tied embeddings
+        let output = match source("output.weight") {
+            Ok(t) => Linear::new("output.weight", t)?,
+            Err(_) => Linear::new("token_embd.weight", embd)?, // tied embeddings
         };
         if output.in_dim != c.n_embd || output.out_dim != c.vocab_size {
             return Err(Error::MissingOrMalformed {
@@ -494,6 +511,27 @@ pub fn load_tensors(path: &Path) -> Result<(Config, BTreeMap<String, Arc<QTensor
     let config = Config::from_gguf(&content, path)?;
     let tensors = read_tensors(&content, &mut reader, path)?;
     Ok((config, tensors))
+}
+
+/// Whether a tensor is one of the weight matrices a forward streams through (mapped rather
+/// than read at load).
+fn is_layer_matrix(name: &str) -> bool {
+    const BLOCK: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    match name.strip_prefix("blk.") {
+        Some(rest) => rest
+            .split_once('.')
+            .and_then(|(_, t)| t.strip_suffix(".weight"))
+            .is_some_and(|t| BLOCK.contains(&t)),
+        None => name == "token_embd.weight" || name == "output.weight",
+    }
 }
 
 fn select_rows(h: &[f32], d: usize, rows: Rows) -> &[f32] {

@@ -2,17 +2,46 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::gguf::MappedTensor;
 use crate::quant::{Format, QMatrix};
 use crate::{Error, Result};
+
+/// A weight tensor: read into memory by candle, or where it lies in the mapped file.
+#[derive(Clone)]
+pub(crate) enum Source {
+    Read(Arc<QTensor>),
+    Mapped(MappedTensor),
+}
+
+impl Source {
+    pub fn dtype(&self) -> GgmlDType {
+        match self {
+            Source::Read(t) => t.dtype(),
+            Source::Mapped(m) => m.dtype,
+        }
+    }
+
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Source::Read(t) => t.shape().dims().to_vec(),
+            Source::Mapped(m) => m.dims.clone(),
+        }
+    }
+}
+
+impl From<Arc<QTensor>> for Source {
+    fn from(t: Arc<QTensor>) -> Self {
+        Source::Read(t)
+    }
+}
 
 /// A linear layer `y = x W^T` over a quantized matrix of shape `(out_dim, in_dim)`, computed
 /// by the engine's own batch-invariant kernels ([`crate::quant`]).
 pub(crate) struct Linear {
     matrix: QMatrix,
-    tensor: Arc<QTensor>,
     pub in_dim: usize,
     pub out_dim: usize,
 }
@@ -20,12 +49,14 @@ pub(crate) struct Linear {
 impl Linear {
     /// The layer of tensor `name`; an error names the tensor when its shape or format has no
     /// kernel.
-    pub fn new(name: &str, t: Arc<QTensor>) -> Result<Self> {
-        let matrix = QMatrix::from_tensor(t.clone()).map_err(|why| {
-            if Format::of(t.dtype()).is_none() {
+    pub fn new(name: &str, t: impl Into<Source>) -> Result<Self> {
+        let t = t.into();
+        let dtype = t.dtype();
+        let matrix = QMatrix::from_source(t).map_err(|why| {
+            if Format::of(dtype).is_none() {
                 Error::NoKernel {
                     tensor: name.to_string(),
-                    dtype: format!("{:?}", t.dtype()),
+                    dtype: format!("{dtype:?}"),
                 }
             } else {
                 Error::InvalidArgument(format!("tensor `{name}`: {why}"))
@@ -35,7 +66,6 @@ impl Linear {
             in_dim: matrix.in_dim,
             out_dim: matrix.out_dim,
             matrix,
-            tensor: t,
         })
     }
 
@@ -51,7 +81,7 @@ impl Linear {
 
     /// The matrix as f32, `[out_dim, in_dim]`.
     pub fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.tensor.dequantize(&Device::Cpu)?)
+        Ok(self.matrix.dequantize()?)
     }
 
     /// Applies the layer to `n` rows of `in_dim` values. Each output element is computed the
@@ -91,14 +121,19 @@ impl Linear {
 
 /// A token-embedding table, dequantized one row at a time.
 pub(crate) struct Embedding {
-    table: Arc<QTensor>,
+    table: Source,
     dim: usize,
     row_bytes: usize,
 }
 
 impl Embedding {
-    pub fn new(table: Arc<QTensor>) -> Result<Self> {
-        let (_, dim) = table.shape().dims2()?;
+    pub fn new(table: Source) -> Result<Self> {
+        let dims = table.dims();
+        let &[_, dim] = dims.as_slice() else {
+            return Err(Error::InvalidArgument(format!(
+                "token embedding is {dims:?}, not a matrix"
+            )));
+        };
         let dtype = table.dtype();
         let row_bytes = dim / dtype.block_size() * dtype.type_size();
         Ok(Embedding {
@@ -110,8 +145,15 @@ impl Embedding {
 
     /// Appends the embedding of `token` to `out`.
     pub fn lookup(&self, token: u32, out: &mut Vec<f32>) -> Result<()> {
-        let data = self.table.data()?;
         let start = token as usize * self.row_bytes;
+        let read;
+        let data: &[u8] = match &self.table {
+            Source::Read(t) => {
+                read = t.data()?;
+                &read
+            }
+            Source::Mapped(m) => m.bytes(),
+        };
         let row = &data[start..start + self.row_bytes];
         let storage = QStorage::from_data(
             std::borrow::Cow::Borrowed(row),

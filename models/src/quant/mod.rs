@@ -29,7 +29,9 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use crate::gguf::MappedTensor;
 use crate::kernels::dot;
+use crate::weights::Source;
 
 /// Values per legacy block (Q4_0, Q4_1, Q5_0, Q8_0).
 pub(crate) const QK: usize = 32;
@@ -76,6 +78,21 @@ impl Format {
             GgmlDType::Q6K => Format::Q6K,
             _ => return None,
         })
+    }
+
+    /// The GGUF tensor type of this format.
+    pub(crate) fn dtype(self) -> GgmlDType {
+        match self {
+            Format::F32 => GgmlDType::F32,
+            Format::F16 => GgmlDType::F16,
+            Format::Q4_0 => GgmlDType::Q4_0,
+            Format::Q4_1 => GgmlDType::Q4_1,
+            Format::Q5_0 => GgmlDType::Q5_0,
+            Format::Q8_0 => GgmlDType::Q8_0,
+            Format::Q4K => GgmlDType::Q4K,
+            Format::Q5K => GgmlDType::Q5K,
+            Format::Q6K => GgmlDType::Q6K,
+        }
     }
 
     /// Values and bytes per block.
@@ -178,6 +195,8 @@ pub(crate) struct QMatrix {
 enum Store {
     /// Raw blocks (or f32 values) inside candle's CPU storage of the tensor.
     Tensor(Arc<QTensor>),
+    /// Raw blocks where they lie in the mapped file.
+    Mapped(MappedTensor),
     /// Raw blocks held here (tests).
     Bytes(Vec<u8>),
     /// f32 values (F16 matrices widened at load).
@@ -187,36 +206,51 @@ enum Store {
 impl QMatrix {
     /// The matrix of a `[out_dim, in_dim]` tensor, or why there is no kernel for it (the
     /// caller names the tensor).
-    pub fn from_tensor(t: Arc<QTensor>) -> Result<Self, String> {
-        let (out_dim, in_dim) = t
-            .shape()
-            .dims2()
-            .map_err(|_| format!("is {:?}, not a matrix", t.shape().dims()))?;
-        let dtype = t.dtype();
-        let format = Format::of(dtype).ok_or_else(|| format!("{dtype:?}"))?;
-        let data = t.data().map_err(|e| e.to_string())?;
-        let store = match (format, &data) {
-            (Format::F16, _) => Store::F32(
-                data.chunks_exact(2)
-                    .map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32())
-                    .collect(),
-            ),
-            (_, std::borrow::Cow::Borrowed(_)) => Store::Tensor(t.clone()),
-            (_, std::borrow::Cow::Owned(b)) => Store::Bytes(b.clone()),
+    pub fn from_source(src: Source) -> Result<Self, String> {
+        let dims = src.dims();
+        let &[out_dim, in_dim] = dims.as_slice() else {
+            return Err(format!("is {dims:?}, not a matrix"));
         };
-        drop(data);
+        let dtype = src.dtype();
+        let format = Format::of(dtype).ok_or_else(|| format!("{dtype:?}"))?;
+        let store = match src {
+            Source::Mapped(m) if format != Format::F16 => Store::Mapped(m),
+            Source::Mapped(m) => Store::F32(widen_f16(m.bytes())),
+            Source::Read(t) => {
+                let data = t.data().map_err(|e| e.to_string())?;
+                let store = match (format, &data) {
+                    (Format::F16, _) => Store::F32(widen_f16(&data)),
+                    (_, std::borrow::Cow::Borrowed(_)) => Store::Tensor(t.clone()),
+                    (_, std::borrow::Cow::Owned(b)) => Store::Bytes(b.clone()),
+                };
+                drop(data);
+                store
+            }
+        };
         Self::with_store(format, out_dim, in_dim, store)
+    }
+
+    /// The matrix as f32 values, `[out_dim, in_dim]` (for training against frozen weights).
+    pub fn dequantize(&self) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::quantized::QStorage;
+        use candle_core::{Device, Tensor};
+        let shape = (self.out_dim, self.in_dim);
+        if let Store::F32(v) = &self.store {
+            return Tensor::from_slice(v, shape, &Device::Cpu);
+        }
+        let storage = QStorage::from_data(
+            std::borrow::Cow::Borrowed(self.bytes()),
+            &Device::Cpu,
+            self.format.dtype(),
+        )?;
+        QTensor::new(storage, shape)?.dequantize(&Device::Cpu)
     }
 
     /// A matrix over raw GGUF block bytes.
     #[cfg(test)]
     pub fn new(format: Format, out_dim: usize, in_dim: usize, raw: &[u8]) -> Result<Self, String> {
         let store = match format {
-            Format::F16 => Store::F32(
-                raw.chunks_exact(2)
-                    .map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32())
-                    .collect(),
-            ),
+            Format::F16 => Store::F32(widen_f16(raw)),
             Format::F32 => Store::F32(
                 raw.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -273,6 +307,7 @@ impl QMatrix {
                 Ok(std::borrow::Cow::Borrowed(b)) => b,
                 _ => unreachable!("checked to be CPU storage borrowed in place at load"),
             },
+            Store::Mapped(m) => m.bytes(),
             Store::Bytes(b) => b,
             // SAFETY: any initialised f32 slice is a valid byte slice of four times the length.
             Store::F32(v) => unsafe {
@@ -433,6 +468,13 @@ pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize
             }
             out
         })
+        .collect()
+}
+
+/// Little-endian f16 values widened to f32 (exact).
+fn widen_f16(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(2)
+        .map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32())
         .collect()
 }
 
