@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -222,6 +222,8 @@ pub struct Drafter {
     session: ResourceAny,
     limits: GuestLimits,
     denied: Arc<AtomicBool>,
+    /// Time spent inside calls into the component (its compute calls included).
+    in_guest: Duration,
 }
 
 impl Drafter {
@@ -260,7 +262,14 @@ impl Drafter {
             session,
             limits,
             denied,
+            in_guest: Duration::ZERO,
         })
+    }
+
+    /// Time spent inside calls into the component so far (the backend computes it asked
+    /// for included).
+    pub fn time_in_guest(&self) -> Duration {
+        self.in_guest
     }
 
     fn call<T>(
@@ -269,7 +278,10 @@ impl Drafter {
     ) -> anyhow::Result<T> {
         self.store
             .set_epoch_deadline(ticks(self.limits.call_timeout));
-        f(&self.bindings, &mut self.store).map_err(|e| explain(&self.denied, &self.limits, e))
+        let started = Instant::now();
+        let r = f(&self.bindings, &mut self.store);
+        self.in_guest += started.elapsed();
+        r.map_err(|e| explain(&self.denied, &self.limits, e))
     }
 
     fn guest<T>(

@@ -182,6 +182,18 @@ pub struct RunStats {
     pub component_cached: bool,
     /// Seconds spent in the component's steps (drafting and bookkeeping).
     pub step_s: f64,
+    /// Seconds inside calls into the drafter component (steps and event deliveries), the
+    /// backend's computes included.
+    pub guest_s: f64,
+    /// Seconds of those in the backend's computes (the native engine).
+    pub compute_s: f64,
+    /// Single-token computes (draft steps) the backend ran.
+    pub draft_steps: u64,
+    /// The backend's time per draft step, ms.
+    pub compute_step_ms: f64,
+    /// What the sandbox costs on top of the native engine: `guest_s / compute_s − 1` (guest
+    /// logic, component calls, wasi-nn copies of inputs and logits).
+    pub sandbox_overhead: f64,
     /// Seconds spent blocked waiting for the verifier.
     pub wait_s: f64,
     /// Seconds of the generation spent neither stepping nor waiting (event delivery,
@@ -639,6 +651,7 @@ pub fn run_prepared(
     let _ = tx.send(&ClientMsg::Close);
     let s = drafter.stats()?;
     let n = ids.len().max(1) as f64;
+    let computed = meter.read();
     // Let the reader record the last bytes.
     std::thread::sleep(Duration::from_millis(5));
     let stats = RunStats {
@@ -675,6 +688,13 @@ pub fn run_prepared(
         verify_by_gamma: link.verify_by_gamma(),
         component_cached: runtime.from_cache,
         step_s: step_time.as_secs_f64(),
+        guest_s: drafter.time_in_guest().as_secs_f64(),
+        compute_s: computed.total.as_secs_f64(),
+        draft_steps: computed.steps,
+        compute_step_ms: computed.step_time.as_secs_f64() * 1e3 / computed.steps.max(1) as f64,
+        sandbox_overhead: drafter.time_in_guest().as_secs_f64()
+            / computed.total.as_secs_f64().max(1e-9)
+            - 1.0,
         wait_s: wait_time.as_secs_f64(),
         other_s: (seconds - step_time.as_secs_f64() - wait_time.as_secs_f64()).max(0.0),
     };
@@ -803,6 +823,11 @@ fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunS
             verify_by_gamma: Vec::new(),
             component_cached: false,
             step_s: 0.0,
+            guest_s: 0.0,
+            compute_s: 0.0,
+            draft_steps: 0,
+            compute_step_ms: 0.0,
+            sandbox_overhead: 0.0,
             wait_s: seconds,
             other_s: 0.0,
         };
