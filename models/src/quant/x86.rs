@@ -473,10 +473,23 @@ fn load8(src: &[f32], at: usize) -> __m256 {
         // SAFETY: eight values are in bounds.
         unsafe { _mm256_loadu_ps(src.as_ptr().add(at)) }
     } else {
-        let mut t = [0f32; 8];
-        t[..src.len() - at].copy_from_slice(&src[at..]);
-        // SAFETY: `t` holds eight values.
-        unsafe { _mm256_loadu_ps(t.as_ptr()) }
+        // Built in registers: a copy to a stack array and a wide load would call `memcpy`
+        // and stall on store forwarding, on every row of a short matrix.
+        let v = |i: usize| src.get(at + i).copied().unwrap_or(0.0);
+        _mm256_setr_ps(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
+    }
+}
+
+/// Four f32 from `src[at..]`, zero past the end.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load4(src: &[f32], at: usize) -> __m128 {
+    if at + 4 <= src.len() {
+        // SAFETY: four values are in bounds.
+        unsafe { _mm_loadu_ps(src.as_ptr().add(at)) }
+    } else {
+        let v = |i: usize| src.get(at + i).copied().unwrap_or(0.0);
+        _mm_setr_ps(v(0), v(1), v(2), v(3))
     }
 }
 
@@ -488,11 +501,8 @@ fn load8i(src: &[i32], at: usize) -> __m256i {
         // SAFETY: eight values are in bounds.
         return unsafe { _mm256_loadu_si256(src.as_ptr().add(at) as *const __m256i) };
     }
-    let mut t = [0i32; 8];
-    let n = (src.len() - at).min(8);
-    t[..n].copy_from_slice(&src[at..at + n]);
-    // SAFETY: `t` holds eight values.
-    unsafe { _mm256_loadu_si256(t.as_ptr() as *const __m256i) }
+    let v = |i: usize| src.get(at + i).copied().unwrap_or(0);
+    _mm256_setr_epi32(v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7))
 }
 
 /// Float terms of four k-quant super-blocks `b..b+4` of each row, from their exact integer
@@ -526,7 +536,7 @@ fn kquant_group<const R: usize>(
         } else {
             (lo, hi)
         };
-        let dx = _mm256_castps256_ps128(load8(d[r], b));
+        let dx = load4(d[r], b);
         let t = _mm_sub_ps(
             _mm_mul_ps(_mm_mul_ps(ddv, dx), _mm_cvtepi32_ps(is)),
             _mm_mul_ps(_mm_mul_ps(dmv, dx), _mm_cvtepi32_ps(im)),
