@@ -22,6 +22,32 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `N` dot products of `a` with `b[0..N]` at once, each bitwise equal to [`dot`]`(a, b[i])`:
+/// the same lanes and tree per product, interleaved so that the `N` accumulator chains
+/// overlap instead of each waiting on its own additions.
+#[inline(always)]
+pub(crate) fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
+    let n = a.len() / 8 * 8;
+    let mut acc = [[0f32; 8]; N];
+    for c in (0..n).step_by(8) {
+        let x = &a[c..c + 8];
+        for (acc, b) in acc.iter_mut().zip(b) {
+            let y = &b[c..c + 8];
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+    }
+    std::array::from_fn(|i| {
+        let a8 = &acc[i];
+        let mut s = ((a8[0] + a8[4]) + (a8[1] + a8[5])) + ((a8[2] + a8[6]) + (a8[3] + a8[7]));
+        for (x, y) in a[n..].iter().zip(&b[i][n..]) {
+            s += x * y;
+        }
+        s
+    })
+}
+
 /// Whether the float kernels below run their AVX2 compilation. Both compilations perform
 /// the same IEEE operations in the same order (Rust never fuses a multiply and an add, and
 /// LLVM never reorders a float reduction), so they give the same bits; AVX2 only makes the
@@ -182,21 +208,47 @@ multiversion! {
         let kvh = h / group;
         let qv = &q[task * hd..(task + 1) * hd];
         let len = pos + t + 1;
-        let mut scores: Vec<f32> = (0..len)
-            .map(|j| dot(qv, &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale)
-            .collect();
+        // A plain loop, not an iterator adapter: a closure's `fold` may be compiled apart,
+        // for the baseline CPU, outside this function's AVX2 compilation.
+        let key = |j: usize| &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+        let mut scores = Vec::with_capacity(len);
+        let mut j = 0;
+        while j + 8 <= len {
+            for d in dots(qv, std::array::from_fn::<_, 8, _>(|i| key(j + i))) {
+                scores.push(d * scale);
+            }
+            j += 8;
+        }
+        for j in j..len {
+            scores.push(dot(qv, key(j)) * scale);
+        }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for sc in scores.iter_mut() {
             *sc = (*sc - max).exp();
             sum += *sc;
         }
-        o.fill(0.0);
-        for (j, &w) in scores.iter().enumerate() {
-            let v = &values[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-            for (o, &v) in o.iter_mut().zip(v) {
-                *o += w * v;
+        // Σ_j w_j·v_j per output value, j ascending from 0.0, 64 values at a time so that
+        // the sums stay in registers over all j.
+        for (c, oc) in o.chunks_mut(64).enumerate() {
+            let at = kvh * hd + 64 * c;
+            let mut acc = [0f32; 64];
+            if oc.len() == 64 {
+                for (j, &w) in scores.iter().enumerate() {
+                    let v = &values[j * kv_dim + at..j * kv_dim + at + 64];
+                    for d in 0..64 {
+                        acc[d] += w * v[d];
+                    }
+                }
+            } else {
+                for (j, &w) in scores.iter().enumerate() {
+                    let v = &values[j * kv_dim + at..j * kv_dim + at + oc.len()];
+                    for (a, &v) in acc.iter_mut().zip(v) {
+                        *a += w * v;
+                    }
+                }
             }
+            oc.copy_from_slice(&acc[..oc.len()]);
         }
         let inv = 1.0 / sum;
         for o in o.iter_mut() {
@@ -237,6 +289,13 @@ mod tests {
             .map(|(x, y)| (*x as f64) * (*y as f64))
             .sum();
         assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4);
+        let bs: Vec<Vec<f32>> = (0..4)
+            .map(|i| b.iter().map(|v| v * (i as f32 + 0.5)).collect())
+            .collect();
+        let four = dots(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+        for i in 0..4 {
+            assert_eq!(four[i].to_bits(), dot(&a, &bs[i]).to_bits());
+        }
     }
 
     #[test]
