@@ -12,12 +12,13 @@
 //!   context in the KV cache;
 //! - `kernel`: the kernel path the engine chose for this CPU.
 //!
-//! usage: bench_engine MODEL.gguf [DECODE_TOKENS] [REPS] [RSS_CONTEXT]
+//! usage: bench_engine MODEL.gguf [DECODE_TOKENS] [REPS] [RSS_CONTEXT] [f32|f16]
+//! (the last: how the KV cache stores keys and values, f32 by default)
 //! (RSS_CONTEXT 0 skips the 2048-token fill and reports `rss_mib_2048` as null)
 
 use std::time::Instant;
 
-use tandem_models::{KvCache, Model, Tokenizer};
+use tandem_models::{KvCache, KvPrecision, Model, Tokenizer};
 
 const PROMPT: &str = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
 const CURVE: [usize; 5] = [2, 3, 5, 8, 16];
@@ -28,10 +29,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)
-        .ok_or("usage: bench_engine MODEL.gguf [DECODE_TOKENS] [REPS]")?;
+        .ok_or("usage: bench_engine MODEL.gguf [DECODE_TOKENS] [REPS] [RSS_CONTEXT] [f32|f16]")?;
     let n_decode: usize = args.get(2).map_or(Ok(64), |s| s.parse())?;
     let reps: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
     let rss_context: usize = args.get(4).map_or(Ok(2048), |s| s.parse())?;
+    let kv = match args.get(5).map(String::as_str) {
+        None | Some("f32") => KvPrecision::F32,
+        Some("f16") => KvPrecision::F16,
+        Some(other) => return Err(format!("KV precision {other:?}: use f32 or f16").into()),
+    };
 
     let t_load = Instant::now();
     let m = Model::load(path)?;
@@ -48,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
 
     // Decode.
-    let mut cache = m.new_cache();
+    let mut cache = m.new_cache_with(kv);
     let logits = m.forward_last(&prompt, 0, &mut cache)?;
     let mut next = argmax(logits.last());
     let mut pos = cache.len();
@@ -63,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tok_s = n_decode as f64 / t.elapsed().as_secs_f64();
 
     // Verify blocks at a 256-token context.
-    let mut cache = m.new_cache();
+    let mut cache = m.new_cache_with(kv);
     m.forward_last(&long[..CONTEXT], 0, &mut cache)?;
     let block: Vec<u32> = long[CONTEXT..CONTEXT + 16].to_vec();
     let time = |n: usize, cache: &mut KvCache| -> Result<f64, tandem_models::Error> {
@@ -85,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Prefill of a 128-token prompt.
     let mut runs = Vec::new();
     for _ in 0..3 {
-        let mut c = m.new_cache();
+        let mut c = m.new_cache_with(kv);
         let s = Instant::now();
         m.forward_last(&long[..PREFILL], 0, &mut c)?;
         runs.push(s.elapsed().as_secs_f64());
@@ -94,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prefill_tok_s = PREFILL as f64 / runs[1];
 
     // Memory with a 2048-token context (filled in 256-token forwards).
-    let mut c = m.new_cache();
+    let mut c = m.new_cache_with(kv);
     let mut rss_2048 = "null".to_string();
     if rss_context > 0 {
         for chunk in long[..rss_context].chunks(256) {
@@ -111,7 +117,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{{\"model\":{:?},\"threads\":{},\"kernel\":\"{}\",\"decode_tokens\":{n_decode},\"tok_s\":{tok_s:.3},\
          \"verify1_ms\":{:.3},\"verify_curve\":{{{}}},\"verify5_over_verify1\":{:.3},\
          \"prefill_tok_s\":{prefill_tok_s:.2},\"load_s\":{load_s:.3},\"rss_mib_loaded\":{rss_loaded:.1},\"rss_mib_2048\":{rss_2048},\
-         \"kv_mib\":{:.1}}}",
+         \"kv_mib\":{:.1},\"kv\":\"{kv:?}\"}}",
         std::path::Path::new(path)
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())

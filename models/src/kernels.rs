@@ -158,6 +158,24 @@ impl RopeTable {
     }
 }
 
+/// One layer's keys or values in a KV cache, rows of `n_head_kv * head_dim`.
+#[derive(Clone, Copy)]
+pub(crate) enum KvView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+/// Rows `0..len` of one head (values `at..at + hd` of each row of `stride`) widened to f32.
+#[inline(always)]
+fn widen_head(src: &[half::f16], len: usize, stride: usize, at: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; len * hd];
+    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+        let row = &src[j * stride + at..j * stride + at + hd];
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(row, o);
+    }
+    out
+}
+
 /// Shapes of one attention call.
 pub(crate) struct AttnShape {
     pub n_head: usize,
@@ -170,31 +188,41 @@ pub(crate) struct AttnShape {
 /// Writes `n` rows of `n_head * head_dim` to `out`.
 pub(crate) fn attention(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvView,
+    values: KvView,
     pos: usize,
     s: &AttnShape,
     out: &mut [f32],
 ) {
-    // One task per (query position, head); every task's arithmetic is independent of how
-    // the tasks are split between threads.
-    let work = |(task, o): (usize, &mut [f32])| attend(task, q, keys, values, pos, s, o);
+    // One task per (query position, head) — or, over an f16 cache, per (query position, KV
+    // head), so that the widened keys and values serve the heads that share them. A head's
+    // arithmetic is the same whichever task computes it and however tasks meet threads.
+    let heads = match keys {
+        KvView::F32(_) => 1,
+        KvView::F16(_) => s.n_head / s.n_head_kv,
+    };
+    let work = |(task, o): (usize, &mut [f32])| attend(task, heads, q, (keys, values), pos, s, o);
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
-        out.par_chunks_mut(s.head_dim).enumerate().for_each(work);
+        out.par_chunks_mut(heads * s.head_dim)
+            .enumerate()
+            .for_each(work);
     }
     #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(s.head_dim).enumerate().for_each(work);
+    out.chunks_mut(heads * s.head_dim)
+        .enumerate()
+        .for_each(work);
 }
 
 multiversion! {
-    /// One query position and head of [`attention`].
+    /// Task `task` of [`attention`]: `heads` consecutive heads of one query position, which
+    /// share one KV head when there are more than one.
     fn attend(
         task: usize,
+        heads: usize,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        kv: (KvView, KvView),
         pos: usize,
         s: &AttnShape,
         o: &mut [f32],
@@ -202,58 +230,91 @@ multiversion! {
         let hd = s.head_dim;
         let kv_dim = s.n_head_kv * hd;
         let group = s.n_head / s.n_head_kv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let t = task / s.n_head;
-        let h = task % s.n_head;
-        let kvh = h / group;
-        let qv = &q[task * hd..(task + 1) * hd];
+        let first = task * heads;
+        let t = first / s.n_head;
+        let kvh = (first % s.n_head) / group;
         let len = pos + t + 1;
-        // A plain loop, not an iterator adapter: a closure's `fold` may be compiled apart,
-        // for the baseline CPU, outside this function's AVX2 compilation.
-        let key = |j: usize| &keys[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-        let mut scores = Vec::with_capacity(len);
-        let mut j = 0;
-        while j + 8 <= len {
-            for d in dots(qv, std::array::from_fn::<_, 8, _>(|i| key(j + i))) {
-                scores.push(d * scale);
+        // An f16 cache: the KV head's keys and values widened (exactly) into rows of `hd`
+        // once for the task's heads; the arithmetic is then the same for both precisions.
+        let widened;
+        let (keys, values, stride, at) = match kv {
+            (KvView::F32(k), KvView::F32(v)) => (k, v, kv_dim, kvh * hd),
+            (KvView::F16(k), KvView::F16(v)) => {
+                widened = (
+                    widen_head(k, len, kv_dim, kvh * hd, hd),
+                    widen_head(v, len, kv_dim, kvh * hd, hd),
+                );
+                (&widened.0[..], &widened.1[..], hd, 0)
             }
-            j += 8;
+            _ => unreachable!("keys and values of one cache share a precision"),
+        };
+        let kv = HeadKv { keys, values, stride, at, len };
+        for (i, o) in o.chunks_exact_mut(hd).enumerate() {
+            attend_head(&q[(first + i) * hd..(first + i + 1) * hd], &kv, o);
         }
-        for j in j..len {
-            scores.push(dot(qv, key(j)) * scale);
+    }
+}
+
+/// One KV head's keys and values: row `j`'s `hd` values start at `j * stride + at`.
+struct HeadKv<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    at: usize,
+    len: usize,
+}
+
+/// Softmax(q·K / √hd)·V for one query head over positions `0..kv.len`.
+#[inline(always)]
+fn attend_head(qv: &[f32], kv: &HeadKv, o: &mut [f32]) {
+    let hd = qv.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (keys, values, stride, at0, len) = (kv.keys, kv.values, kv.stride, kv.at, kv.len);
+    // A plain loop, not an iterator adapter: a closure's `fold` may be compiled apart,
+    // for the baseline CPU, outside this function's AVX2 compilation.
+    let key = |j: usize| &keys[j * stride + at0..j * stride + at0 + hd];
+    let mut scores = Vec::with_capacity(len);
+    let mut j = 0;
+    while j + 8 <= len {
+        for d in dots(qv, std::array::from_fn::<_, 8, _>(|i| key(j + i))) {
+            scores.push(d * scale);
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        // Σ_j w_j·v_j per output value, j ascending from 0.0, 64 values at a time so that
-        // the sums stay in registers over all j.
-        for (c, oc) in o.chunks_mut(64).enumerate() {
-            let at = kvh * hd + 64 * c;
-            let mut acc = [0f32; 64];
-            if oc.len() == 64 {
-                for (j, &w) in scores.iter().enumerate() {
-                    let v = &values[j * kv_dim + at..j * kv_dim + at + 64];
-                    for d in 0..64 {
-                        acc[d] += w * v[d];
-                    }
-                }
-            } else {
-                for (j, &w) in scores.iter().enumerate() {
-                    let v = &values[j * kv_dim + at..j * kv_dim + at + oc.len()];
-                    for (a, &v) in acc.iter_mut().zip(v) {
-                        *a += w * v;
-                    }
+        j += 8;
+    }
+    for j in j..len {
+        scores.push(dot(qv, key(j)) * scale);
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    // Σ_j w_j·v_j per output value, j ascending from 0.0, 64 values at a time so that
+    // the sums stay in registers over all j.
+    for (c, oc) in o.chunks_mut(64).enumerate() {
+        let at = at0 + 64 * c;
+        let mut acc = [0f32; 64];
+        if oc.len() == 64 {
+            for (j, &w) in scores.iter().enumerate() {
+                let v = &values[j * stride + at..j * stride + at + 64];
+                for d in 0..64 {
+                    acc[d] += w * v[d];
                 }
             }
-            oc.copy_from_slice(&acc[..oc.len()]);
+        } else {
+            for (j, &w) in scores.iter().enumerate() {
+                let v = &values[j * stride + at..j * stride + at + oc.len()];
+                for (a, &v) in acc.iter_mut().zip(v) {
+                    *a += w * v;
+                }
+            }
         }
-        let inv = 1.0 / sum;
-        for o in o.iter_mut() {
-            *o *= inv;
-        }
+        oc.copy_from_slice(&acc[..oc.len()]);
+    }
+    let inv = 1.0 / sum;
+    for o in o.iter_mut() {
+        *o *= inv;
     }
 }
 
@@ -309,7 +370,7 @@ mod tests {
         let k = vec![1.0; 4];
         let v = vec![1.0, 2.0, 3.0, 4.0];
         let mut out = vec![0.0; 8];
-        attention(&q, &k, &v, 0, &s, &mut out);
+        attention(&q, KvView::F32(&k), KvView::F32(&v), 0, &s, &mut out);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
     }
 
@@ -342,7 +403,14 @@ mod tests {
             let kv: Vec<f32> = (0..6 * d).map(|i| (i as f32 * 0.05).sin()).collect();
             let q: Vec<f32> = (0..n * 140).map(|i| (i as f32 * 0.21).cos()).collect();
             let mut att = vec![0f32; n * 140];
-            attention(&q, &kv[..6 * 70], &kv[..6 * 70], 3, &s, &mut att);
+            attention(
+                &q,
+                KvView::F32(&kv[..6 * 70]),
+                KvView::F32(&kv[..6 * 70]),
+                3,
+                &s,
+                &mut att,
+            );
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             (bits(&norm), bits(&g), bits(&att))
         };

@@ -27,7 +27,7 @@ pub use adapter::{ExitAdapter, LowRankAdapter};
 pub use backbone::{BackboneFingerprint, Fingerprints, TokenizerFingerprint};
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
-pub use model::{ExitLogits, KvCache, Logits, Model, Rows, load_tensors};
+pub use model::{ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, load_tensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 

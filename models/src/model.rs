@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use crate::adapter::{ExitAdapter, load_adapters};
 use crate::config::{Architecture, Config};
 use crate::gguf::{MappedTensor, map_tensors, open, read_tensors, read_tensors_except};
-use crate::kernels::{AttnShape, RopeTable, add_assign, attention, rms_norm, swiglu};
+use crate::kernels::{AttnShape, KvView, RopeTable, add_assign, attention, rms_norm, swiglu};
 use crate::weights::{Embedding, Linear, Source, vector};
 use crate::{Error, Result};
 
@@ -122,24 +122,98 @@ pub enum Rows {
     Last,
 }
 
+/// How a [`KvCache`] stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPrecision {
+    /// 32-bit floats, as computed.
+    #[default]
+    F32,
+    /// 16-bit floats: half the memory. Keys and values are rounded to f16 when stored, and
+    /// every position reads them from the cache, so a position's logits still do not depend
+    /// on how tokens are grouped into forwards (batch invariance holds bit for bit); they
+    /// differ from an f32 cache's by the rounding (see `models/tests/invariance.rs`).
+    F16,
+}
+
+/// Keys or values of every layer.
+#[derive(Debug, Clone)]
+enum KvLayers {
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<half::f16>>),
+}
+
+impl KvLayers {
+    fn new(precision: KvPrecision, n_layer: usize) -> Self {
+        match precision {
+            KvPrecision::F32 => KvLayers::F32(vec![Vec::new(); n_layer]),
+            KvPrecision::F16 => KvLayers::F16(vec![Vec::new(); n_layer]),
+        }
+    }
+
+    fn layers(&self) -> usize {
+        match self {
+            KvLayers::F32(l) => l.len(),
+            KvLayers::F16(l) => l.len(),
+        }
+    }
+
+    fn truncate(&mut self, values: usize) {
+        match self {
+            KvLayers::F32(l) => l.iter_mut().for_each(|b| b.truncate(values)),
+            KvLayers::F16(l) => l.iter_mut().for_each(|b| b.truncate(values)),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            KvLayers::F32(l) => l.iter().map(|b| b.len() * 4).sum(),
+            KvLayers::F16(l) => l.iter().map(|b| b.len() * 2).sum(),
+        }
+    }
+
+    fn push(&mut self, layer: usize, x: &[f32]) {
+        match self {
+            KvLayers::F32(l) => l[layer].extend_from_slice(x),
+            KvLayers::F16(l) => l[layer].extend(x.iter().map(|&v| half::f16::from_f32(v))),
+        }
+    }
+
+    fn view(&self, layer: usize) -> KvView<'_> {
+        match self {
+            KvLayers::F32(l) => KvView::F32(&l[layer]),
+            KvLayers::F16(l) => KvView::F16(&l[layer]),
+        }
+    }
+}
+
 /// Keys and values of every position seen so far, one buffer per layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: KvLayers,
+    values: KvLayers,
     kv_dim: usize,
     len: usize,
+    precision: KvPrecision,
 }
 
 impl KvCache {
-    /// An empty cache for `n_layer` layers of `kv_dim` values per position.
+    /// An empty f32 cache for `n_layer` layers of `kv_dim` values per position.
     pub fn new(n_layer: usize, kv_dim: usize) -> Self {
+        Self::with_precision(n_layer, kv_dim, KvPrecision::F32)
+    }
+    /// An empty cache storing keys and values at `precision`.
+    pub fn with_precision(n_layer: usize, kv_dim: usize, precision: KvPrecision) -> Self {
         KvCache {
-            keys: vec![Vec::new(); n_layer],
-            values: vec![Vec::new(); n_layer],
+            keys: KvLayers::new(precision, n_layer),
+            values: KvLayers::new(precision, n_layer),
             kv_dim,
             len: 0,
+            precision,
         }
+    }
+    /// How keys and values are stored.
+    pub fn precision(&self) -> KvPrecision {
+        self.precision
     }
     /// Number of positions held.
     pub fn len(&self) -> usize {
@@ -153,18 +227,13 @@ impl KvCache {
     /// beyond the current length changes nothing.
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.len);
-        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            buf.truncate(len * self.kv_dim);
-        }
+        self.keys.truncate(len * self.kv_dim);
+        self.values.truncate(len * self.kv_dim);
         self.len = len;
     }
     /// Bytes of key/value data held.
     pub fn size_bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|b| b.len() * 4)
-            .sum()
+        self.keys.size_bytes() + self.values.size_bytes()
     }
 }
 
@@ -338,9 +407,14 @@ impl Model {
         by
     }
 
-    /// An empty KV cache sized for this model.
+    /// An empty KV cache sized for this model (f32).
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layer, self.config.kv_dim())
+        self.new_cache_with(KvPrecision::F32)
+    }
+
+    /// An empty KV cache sized for this model, storing keys and values at `precision`.
+    pub fn new_cache_with(&self, precision: KvPrecision) -> KvCache {
+        KvCache::with_precision(self.config.n_layer, self.config.kv_dim(), precision)
     }
 
     /// Runs `tokens` at positions `pos..` and returns the logits of every input position.
@@ -401,7 +475,7 @@ impl Model {
                 c.n_layer
             )));
         }
-        if cache.keys.len() != c.n_layer || cache.kv_dim != c.kv_dim() {
+        if cache.keys.layers() != c.n_layer || cache.kv_dim != c.kv_dim() {
             return Err(Error::InvalidArgument(
                 "this KV cache was made for a different model".into(),
             ));
@@ -459,10 +533,11 @@ impl Model {
             add_bias(&mut v, b.bv.as_deref());
             rope.apply(&mut q, c.n_head, c.head_dim, neox);
             rope.apply(&mut k, c.n_head_kv, c.head_dim, neox);
-            cache.keys[i].extend_from_slice(&k);
-            cache.values[i].extend_from_slice(&v);
+            cache.keys.push(i, &k);
+            cache.values.push(i, &v);
             let mut att = vec![0f32; n * d];
-            attention(&q, &cache.keys[i], &cache.values[i], pos, &shape, &mut att);
+            let (keys, values) = (cache.keys.view(i), cache.values.view(i));
+            attention(&q, keys, values, pos, &shape, &mut att);
             add_assign(&mut h, &b.wo.forward(&att, n)?);
 
             rms_norm(&h, &b.ffn_norm, c.rms_eps, &mut x);
