@@ -13,7 +13,7 @@ use tandem_core::protocol::Outcome;
 use tandem_core::sampling::{
     Rng, SamplingParams, argmax, distribution, prob_of, sample, sample_from,
 };
-use tandem_models::{IncrementalDecoder, Model};
+use tandem_models::{IncrementalDecoder, KvPrecision, Model};
 use tokio::sync::mpsc;
 
 use crate::body::ChannelBody;
@@ -100,12 +100,13 @@ fn decode(
     prompt: &[u32],
     params: &SamplingParams,
     context: usize,
+    kv: KvPrecision,
     commit: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(), String> {
     let failed = |e: tandem_models::Error| format!("model failed: {e}");
     let mut rng = Rng::new(params.seed);
     let mut draft_rng = Rng::new(params.seed ^ 0xc10d_5d00_0000_0001);
-    let mut cache = target.new_cache();
+    let mut cache = target.new_cache_with(kv);
     let logits = target.forward_last(prompt, 0, &mut cache).map_err(failed)?;
     let first = sample(logits.last(), params, &mut rng);
     let mut committed = prompt.to_vec();
@@ -175,6 +176,7 @@ fn generate(
     draft: Option<(&Model, usize)>,
     req: &CompletionRequest,
     max_context: usize,
+    kv: KvPrecision,
     emit: &mut dyn FnMut(Piece) -> bool,
 ) {
     let fail = |m: String| Piece::Failed(m);
@@ -209,7 +211,7 @@ fn generate(
     let mut failure = None;
     let mut gone = false;
     if req.max_tokens > 0 {
-        let result = decode(model, draft, &tokens, &params, context, &mut |t| {
+        let result = decode(model, draft, &tokens, &params, context, kv, &mut |t| {
             generated += 1;
             if target.tokenizer.eos_tokens().contains(&t) {
                 finish_reason = "stop";
@@ -331,15 +333,22 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         let _slot = slot;
         let _use = gen_target.enter();
         let draft = draft.as_ref().map(|d| (&d.model, creq.gamma));
-        generate(&gen_target, draft, &creq, limits.max_context, &mut |p| {
-            if let Piece::Done {
-                completion_tokens, ..
-            } = &p
-            {
-                metrics.add_generated(*completion_tokens);
-            }
-            tx.send(p).is_ok()
-        });
+        generate(
+            &gen_target,
+            draft,
+            &creq,
+            limits.max_context,
+            limits.kv_cache,
+            &mut |p| {
+                if let Piece::Done {
+                    completion_tokens, ..
+                } = &p
+                {
+                    metrics.add_generated(*completion_tokens);
+                }
+                tx.send(p).is_ok()
+            },
+        );
     });
     let id = format!(
         "cmpl-{:x}",

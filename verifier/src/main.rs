@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tandem_models::KvPrecision;
 use tandem_verifier::{Limits, ServerConfig, State, TargetSpec, start};
 
 #[derive(Parser)]
@@ -71,6 +72,17 @@ struct Serve {
     /// Seconds a session may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// How sessions' KV caches store keys and values: f32, or f16 (half the memory per
+    /// session; logits move by the rounding, batch invariance is kept).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
+    kv_cache: KvCacheArg,
+}
+
+/// `--kv-cache` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum KvCacheArg {
+    F32,
+    F16,
 }
 
 fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
@@ -111,6 +123,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             top_k: args.top_k,
             idle_timeout: Duration::from_secs(args.idle_timeout),
             hint_confidence: args.hint_confidence,
+            kv_cache: match args.kv_cache {
+                KvCacheArg::F32 => KvPrecision::F32,
+                KvCacheArg::F16 => KvPrecision::F16,
+            },
             ..Limits::default()
         },
         early_exit_layer: args.early_exit_layer,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tandem_core::accept::judge;
 use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult};
 use tandem_core::sampling::{Rng, SamplingParams, argmax, sample, top_probability};
-use tandem_models::{KvCache, Rows};
+use tandem_models::{KvCache, KvPrecision, Rows};
 
 use crate::metrics::Metrics;
 use crate::registry::{Target, TargetUse};
@@ -33,6 +33,8 @@ pub struct Limits {
     /// A hint is sent only when the exit's top probability exceeds this at every position
     /// the hint covers (0 sends every hint).
     pub hint_confidence: f32,
+    /// How sessions' KV caches store keys and values (f16 halves their memory).
+    pub kv_cache: KvPrecision,
 }
 
 impl Default for Limits {
@@ -46,6 +48,7 @@ impl Default for Limits {
             max_frame: tandem_core::protocol::MAX_FRAME,
             idle_timeout: std::time::Duration::from_secs(300),
             hint_confidence: 0.0,
+            kv_cache: KvPrecision::F32,
         }
     }
 }
@@ -117,7 +120,7 @@ impl Session {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = target.model.new_cache();
+        let cache = target.model.new_cache_with(limits.kv_cache);
         let max_context = limits.max_context.min(target.model.config().context_length);
         Session {
             target: target.enter(),

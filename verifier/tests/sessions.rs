@@ -76,6 +76,28 @@ async fn speculative_greedy_output_equals_target_only() {
     assert!(metrics.contains("tandem_rounds_total"), "{metrics}");
 }
 
+/// With `--kv-cache f16` the verifier stays lossless: speculative greedy output equals the
+/// same server's cloud-autoregressive output (both read keys and values rounded to f16;
+/// the models' tests bound what the rounding does to the logits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_kv_cache_keeps_speculation_lossless() {
+    let mut config = config_with_exit(24);
+    config.limits.kv_cache = tandem_models::KvPrecision::F16;
+    let srv = server(config, &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let ids = tokenizer().encode(prompt).unwrap();
+        let ar = speculative(&ep, hello(greedy(), 64), &ids, 32, 0, None)
+            .await
+            .unwrap();
+        let spec = speculative(&ep, hello(greedy(), 64), &ids, 32, 4, None)
+            .await
+            .unwrap();
+        assert_eq!(spec.tokens, ar.tokens, "prompt {i}: f16 cache, γ=4 vs γ=0");
+        assert_eq!(ar.tokens.len(), 32);
+    }
+}
+
 /// With a confidence threshold a hint is sent only when the exit is sure of all of it: on
 /// the untrained lens at block 24 fewer rounds then get one (each still well formed), and
 /// the output stays the target's.
