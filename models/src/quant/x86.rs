@@ -285,7 +285,8 @@ fn kquant4<const R: usize, const F: u8>(
                     parts[r][4 + i] = _mm256_mullo_epi32(mnv, s);
                 }
             }
-            kquant_group(&parts, &dd, &dm, &d, b, 0, &mut acc);
+            // SAFETY: this kernel is compiled with AVX2, FMA and F16C.
+            unsafe { kquant_group(&parts, &dd, &dm, &d, b, 0, &mut acc) };
             b += 4;
         }
         for r in 0..R {
@@ -386,7 +387,8 @@ fn q6k<const R: usize, const F: u8>(
                     );
                 }
             }
-            kquant_group(&parts, &dd, &zero16, &d, b, 5, &mut acc);
+            // SAFETY: this kernel is compiled with AVX2, FMA and F16C.
+            unsafe { kquant_group(&parts, &dd, &zero16, &d, b, 5, &mut acc) };
             b += 4;
         }
         for r in 0..R {
@@ -510,9 +512,13 @@ fn load8i(src: &[i32], at: usize) -> __m256i {
 /// `parts[r][4 + i]` those of its minimum sum. The terms are
 /// `(d · d_x) · isum − (dmin · d_x) · isum_min` (as [`super::kquant_term`]) and go to accumulator
 /// lanes `b % 8 ..`, as in the portable path; missing super-blocks are zeros and add +0.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn kquant_group<const R: usize>(
+///
+/// Not a `#[target_feature]` function, so that it can be inlined into the kernels always.
+///
+/// # Safety
+/// Only for callers compiled with AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn kquant_group<const R: usize>(
     parts: &[[__m256i; 8]; R],
     dd: &[u16; 8],
     dm: &[u16; 8],
@@ -521,28 +527,31 @@ fn kquant_group<const R: usize>(
     min_shift: i32,
     acc: &mut [[__m128; 2]; R],
 ) {
-    let ddv = _mm256_castps256_ps128(f16x8(dd));
-    let dmv = _mm256_castps256_ps128(f16x8(dm));
-    for r in 0..R {
-        let sums = hsum8(&parts[r]);
-        let lo = _mm256_castsi256_si128(sums);
-        let hi = _mm256_extracti128_si256::<1>(sums);
-        // Q6_K folds its −32 offset into the sum: isum − 32 · Σ sc·bsum (exact).
-        let (is, im) = if min_shift > 0 {
-            (
-                _mm_sub_epi32(lo, _mm_sll_epi32(hi, _mm_cvtsi32_si128(min_shift))),
-                _mm_setzero_si128(),
-            )
-        } else {
-            (lo, hi)
-        };
-        let dx = load4(d[r], b);
-        let t = _mm_sub_ps(
-            _mm_mul_ps(_mm_mul_ps(ddv, dx), _mm_cvtepi32_ps(is)),
-            _mm_mul_ps(_mm_mul_ps(dmv, dx), _mm_cvtepi32_ps(im)),
-        );
-        let half = (b / 4) % 2;
-        acc[r][half] = _mm_add_ps(acc[r][half], t);
+    // SAFETY: the caller has AVX2, FMA and F16C (see above).
+    unsafe {
+        let ddv = _mm256_castps256_ps128(f16x8(dd));
+        let dmv = _mm256_castps256_ps128(f16x8(dm));
+        for r in 0..R {
+            let sums = hsum8(&parts[r]);
+            let lo = _mm256_castsi256_si128(sums);
+            let hi = _mm256_extracti128_si256::<1>(sums);
+            // Q6_K folds its −32 offset into the sum: isum − 32 · Σ sc·bsum (exact).
+            let (is, im) = if min_shift > 0 {
+                (
+                    _mm_sub_epi32(lo, _mm_sll_epi32(hi, _mm_cvtsi32_si128(min_shift))),
+                    _mm_setzero_si128(),
+                )
+            } else {
+                (lo, hi)
+            };
+            let dx = load4(d[r], b);
+            let t = _mm_sub_ps(
+                _mm_mul_ps(_mm_mul_ps(ddv, dx), _mm_cvtepi32_ps(is)),
+                _mm_mul_ps(_mm_mul_ps(dmv, dx), _mm_cvtepi32_ps(im)),
+            );
+            let half = (b / 4) % 2;
+            acc[r][half] = _mm_add_ps(acc[r][half], t);
+        }
     }
 }
 
