@@ -53,6 +53,7 @@ pub(crate) fn dots<const N: usize>(a: &[f32], b: [&[f32]; N]) -> [f32; N] {
 /// LLVM never reorders a float reduction), so they give the same bits; AVX2 only makes the
 /// eight-lane loops one instruction wide.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
 fn avx2() -> bool {
     #[cfg(test)]
     if FORCE_BASELINE.load(std::sync::atomic::Ordering::Relaxed) {

@@ -592,6 +592,7 @@ impl Activations {
     }
 
     /// Per-32 integer sums of row `r` (256-blocks).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
     pub fn sums32_row(&self, r: usize) -> &[i32] {
         let ns = self.k / 32;
         &self.sums32[r * ns..(r + 1) * ns]
@@ -623,6 +624,7 @@ impl Combine {
     }
 
     /// Starts from lanes a SIMD path accumulated (lane `l` holding blocks `b ≡ l mod 8`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
     pub fn from_lanes(lanes: [f32; 8]) -> Self {
         Combine { lanes }
     }
@@ -659,6 +661,7 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
 /// The eight 6-bit scales and eight minimums of a Q4_K/Q5_K super-block, unpacked from
 /// its 12 packed bytes with word operations (same values as [`scale_min_k4`]).
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
 pub(crate) fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     const M1: u32 = 0x3f3f_3f3f;
     const M2: u32 = 0x0f0f_0f0f;
