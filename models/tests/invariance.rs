@@ -64,6 +64,35 @@ fn check(name: &str) {
     }
 }
 
+/// Feeds `ids[..start]` as one forward into `c`, then the rest in blocks of `n`, and checks
+/// every position's logits against `whole` (the logits of all `ids` in one forward).
+fn check_blocks(
+    m: &Model,
+    mut c: tandem_models::KvCache,
+    ids: &[u32],
+    start: usize,
+    n: usize,
+    whole: &tandem_models::Logits,
+    what: &str,
+) {
+    if start > 0 {
+        m.forward(&ids[..start], 0, &mut c).unwrap();
+    }
+    let mut at = start;
+    while at < ids.len() {
+        let end = (at + n).min(ids.len());
+        let got = m.forward(&ids[at..end], at, &mut c).unwrap();
+        for i in at..end {
+            assert_eq!(
+                got.row(i - at),
+                whole.row(i),
+                "{what}: position {i} in a block of {n} differs from the whole forward"
+            );
+        }
+        at = end;
+    }
+}
+
 /// Every block size from 1 to 16 after a 3-token prefill, a 128-token prefill against
 /// 16-token blocks of the same tokens, and one thread against the process's pool.
 fn check_blocks_prefill_and_threads(name: &str) {
@@ -75,21 +104,7 @@ fn check_blocks_prefill_and_threads(name: &str) {
     let mut c = m.new_cache();
     let whole = m.forward(ids, 0, &mut c).unwrap();
     for n in 1..=16 {
-        let mut c = m.new_cache();
-        m.forward(&ids[..3], 0, &mut c).unwrap();
-        let mut at = 3;
-        while at < ids.len() {
-            let end = (at + n).min(ids.len());
-            let got = m.forward(&ids[at..end], at, &mut c).unwrap();
-            for i in at..end {
-                assert_eq!(
-                    got.row(i - at),
-                    whole.row(i),
-                    "{name}: position {i} in a block of {n} differs from the whole forward"
-                );
-            }
-            at = end;
-        }
+        check_blocks(&m, m.new_cache(), ids, 3, n, &whole, name);
     }
 
     let long: Vec<u32> = PROMPTS
@@ -159,20 +174,8 @@ fn f16_kv_cache_is_batch_invariant_and_close_to_f32() {
         let whole = m.forward(ids, 0, &mut c).unwrap();
         assert_eq!(c.precision(), KvPrecision::F16);
         for n in [1, 3, 5, 16] {
-            let mut c = m.new_cache_with(KvPrecision::F16);
-            let mut at = 0;
-            while at < ids.len() {
-                let end = (at + n).min(ids.len());
-                let got = m.forward(&ids[at..end], at, &mut c).unwrap();
-                for i in at..end {
-                    assert_eq!(
-                        got.row(i - at),
-                        whole.row(i),
-                        "f16 cache: position {i} in blocks of {n} differs from the whole forward"
-                    );
-                }
-                at = end;
-            }
+            let c = m.new_cache_with(KvPrecision::F16);
+            check_blocks(&m, c, ids, 0, n, &whole, "f16 cache");
         }
         let mut c32 = m.new_cache();
         let full = m.forward(ids, 0, &mut c32).unwrap();
