@@ -341,9 +341,16 @@ impl QMatrix {
         self.out_dim.div_ceil(tiles).max(1)
     }
 
-    /// Computes tile `t` for all `n` rows into `out_t`, laid out `[rows][tile width]`.
-    fn run_tile(&self, kernel: Kernel, acts: &Activations, n: usize, t: usize, out_t: &mut [f32]) {
-        let tile = self.tile();
+    /// Computes tile `t` (of `tile` columns) for all `n` rows into `out_t`, laid out
+    /// `[rows][tile width]`.
+    fn run_tile(
+        &self,
+        kernel: Kernel,
+        acts: &Activations,
+        n: usize,
+        (t, tile): (usize, usize),
+        out_t: &mut [f32],
+    ) {
         let cols = t * tile..((t + 1) * tile).min(self.out_dim);
         let width = cols.len();
         let bytes = self.bytes();
@@ -422,10 +429,12 @@ pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize
     // Each tile's results are laid out [rows][tile width]; scattered into rows after.
     let mut tmp: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.out_dim]).collect();
     let mut work = 0;
+    // The tile width of each matrix, chosen once here (it depends on the pool's size).
+    let tiles: Vec<usize> = mats.iter().map(|m| m.tile()).collect();
     let mut jobs: Vec<(usize, usize, &mut [f32])> = Vec::new();
     for (i, (m, out)) in mats.iter().zip(tmp.iter_mut()).enumerate() {
         work += m.weight_bytes() * n.min(ROW_GROUP);
-        let tile = m.tile();
+        let tile = tiles[i];
         let mut rest = out.as_mut_slice();
         for t in 0..m.out_dim.div_ceil(tile) {
             let w = ((t + 1) * tile).min(m.out_dim) - t * tile;
@@ -434,8 +443,9 @@ pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize
             rest = b;
         }
     }
-    let run =
-        |(i, t, o): (usize, usize, &mut [f32])| mats[i].run_tile(kernel, &acts[act_of[i]], n, t, o);
+    let run = |(i, t, o): (usize, usize, &mut [f32])| {
+        mats[i].run_tile(kernel, &acts[act_of[i]], n, (t, tiles[i]), o)
+    };
     // Small products run on the calling thread: handing them to a pool costs more than
     // they do. Which thread computes a column never changes its value.
     #[cfg(not(target_arch = "wasm32"))]
@@ -455,8 +465,8 @@ pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize
     }
     mats.iter()
         .zip(tmp)
-        .map(|(m, tmp)| {
-            let tile = m.tile();
+        .zip(&tiles)
+        .map(|((m, tmp), &tile)| {
             let mut out = vec![0f32; n * m.out_dim];
             for c0 in (0..m.out_dim).step_by(tile) {
                 let width = tile.min(m.out_dim - c0);
