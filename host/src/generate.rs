@@ -652,6 +652,7 @@ pub fn run_prepared(
     let s = drafter.stats()?;
     let n = ids.len().max(1) as f64;
     let computed = meter.read();
+    let guest_s = drafter.time_in_guest().as_secs_f64();
     // Let the reader record the last bytes.
     std::thread::sleep(Duration::from_millis(5));
     let stats = RunStats {
@@ -688,13 +689,11 @@ pub fn run_prepared(
         verify_by_gamma: link.verify_by_gamma(),
         component_cached: runtime.from_cache,
         step_s: step_time.as_secs_f64(),
-        guest_s: drafter.time_in_guest().as_secs_f64(),
+        guest_s,
         compute_s: computed.total.as_secs_f64(),
         draft_steps: computed.steps,
         compute_step_ms: computed.step_time.as_secs_f64() * 1e3 / computed.steps.max(1) as f64,
-        sandbox_overhead: drafter.time_in_guest().as_secs_f64()
-            / computed.total.as_secs_f64().max(1e-9)
-            - 1.0,
+        sandbox_overhead: guest_s / computed.total.as_secs_f64().max(1e-9) - 1.0,
         wait_s: wait_time.as_secs_f64(),
         other_s: (seconds - step_time.as_secs_f64() - wait_time.as_secs_f64()).max(0.0),
     };

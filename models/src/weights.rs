@@ -87,14 +87,8 @@ impl Linear {
     /// Applies the layer to `n` rows of `in_dim` values. Each output element is computed the
     /// same way whatever `n` is, on however many threads (batch invariance).
     pub fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        if x.len() != n * self.in_dim {
-            return Err(Error::InvalidArgument(format!(
-                "linear layer of width {} given {} values for {n} rows",
-                self.in_dim,
-                x.len()
-            )));
-        }
-        Ok(self.matrix.matmul(x, n))
+        let [y] = Self::forward_many([self], x, n)?;
+        Ok(y)
     }
 
     /// Applies several layers of the same input width to the same rows (q/k/v, gate/up) in

@@ -316,11 +316,15 @@ impl QMatrix {
         }
     }
 
-    /// `n` rows of `x` (each `in_dim` long) times the matrix: `n` rows of `out_dim`.
+    /// `n` rows of `x` (each `in_dim` long) times the matrix: `n` rows of `out_dim` (tests;
+    /// the model goes through [`matmul_many`]).
+    #[cfg(test)]
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         self.matmul_with(kernel(), x, n)
     }
 
+    /// [`QMatrix::matmul`] on a given kernel path (tests).
+    #[cfg(test)]
     pub(crate) fn matmul_with(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
         matmul_many(kernel, &[self], x, n)
             .pop()
