@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession, Want};
-use tandem_models::{Model, Tokenizer};
+use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession};
+use tandem_models::draft::decode;
+use tandem_models::{CpuSequence, DraftForward, Model, Tokenizer};
 
 /// Options of `tandem-bench gpu`.
 #[derive(clap::Args)]
@@ -54,12 +55,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let tok = Tokenizer::from_gguf(&path)?;
         let prompt = tok.encode(PROMPT)?;
         // CPU engine.
-        let cpu = Model::load(&path)?;
-        let mut cache = cpu.new_cache();
-        let t = greedy(&prompt, args.steps, |ids, pos| {
-            let logits = cpu.forward_last(ids, pos, &mut cache)?;
-            Ok(tandem_core::sampling::argmax(logits.last()))
-        })?;
+        let mut cpu = CpuSequence::new(Arc::new(Model::load(&path)?));
+        let t = greedy(&mut cpu, &prompt, args.steps, |_| {})?;
         rows.push(Row {
             model: name.clone(),
             backend: "cpu (tandem-models)".into(),
@@ -84,12 +81,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let weight_mib = m.weight_bytes() as f64 / (1 << 20) as f64;
             let mut s = GpuSession::new(Arc::clone(&m))?;
             let mut before = None;
-            let t = greedy(&prompt, args.steps, |ids, pos| {
-                if pos == prompt.len() + 1 {
-                    before = Some(s.stats()); // the timed steps start here
-                }
-                Ok(s.forward(ids, pos, Want::Argmax)?.argmax)
-            })?;
+            let t = greedy(&mut s, &prompt, args.steps, |s| before = Some(s.stats()))?;
             let (before, after) = (before.context("no timed step")?, s.stats());
             let per = |a: u64, b: u64| (a - b) as f64 / args.steps as f64;
             rows.push(Row {
@@ -129,30 +121,36 @@ struct Timing {
     tokens: Vec<u32>,
 }
 
-/// Prefills `prompt`, takes one untimed warm-up step, then times `steps` single-token
-/// steps; `forward(tokens, pos)` returns the argmax after them.
-fn greedy(
+/// Prefills `prompt`, takes one untimed warm-up step, calls `timed_from` with the
+/// sequence, then times `steps` single-token greedy steps.
+fn greedy<S: DraftForward>(
+    seq: &mut S,
     prompt: &[u32],
     steps: usize,
-    mut forward: impl FnMut(&[u32], usize) -> anyhow::Result<u32>,
+    mut timed_from: impl FnMut(&S),
 ) -> anyhow::Result<Timing> {
     let t = Instant::now();
-    let mut next = forward(prompt, 0)?;
-    let prefill_s = t.elapsed().as_secs_f64();
-    let mut tokens = vec![next];
-    let mut pos = prompt.len();
-    next = forward(&[next], pos)?;
-    pos += 1;
-    let t = Instant::now();
-    for _ in 0..steps {
-        tokens.push(next);
-        next = forward(&[next], pos)?;
-        pos += 1;
-    }
+    let mut times = Vec::with_capacity(steps + 2);
+    // Token 0 ends the prefill, token 1 the warm-up step; tokens 2..=steps+1 end the timed
+    // steps (the last token is not run through the model).
+    let tokens = decode::<_, anyhow::Error>(
+        seq,
+        prompt,
+        steps + 2,
+        false,
+        |f| f.argmax,
+        |_, s| {
+            times.push(Instant::now());
+            if times.len() == 2 {
+                timed_from(s);
+            }
+            Ok(true)
+        },
+    )?;
     Ok(Timing {
-        prefill_s,
-        steps_s: t.elapsed().as_secs_f64(),
-        tokens,
+        prefill_s: times[0].duration_since(t).as_secs_f64(),
+        steps_s: times[steps + 1].duration_since(times[1]).as_secs_f64(),
+        tokens: tokens[..steps + 1].to_vec(),
     })
 }
 

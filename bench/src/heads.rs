@@ -3,12 +3,14 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tandem_core::sampling::argmax;
-use tandem_models::{Model, Rows, Tokenizer};
+use tandem_models::draft::decode;
+use tandem_models::{CpuSequence, Model, Rows, Tokenizer};
 use tandem_train::head::Metrics;
 use tandem_train::{Kind, Options, Report};
 
@@ -173,16 +175,11 @@ fn load_prompts(path: &Path, n: usize) -> Result<Vec<String>> {
 }
 
 /// The prompt followed by `n` greedy tokens of `model`.
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
-    let mut cache = model.new_cache();
-    let mut seq = prompt.to_vec();
-    let mut logits = model.forward_last(prompt, 0, &mut cache)?;
-    for _ in 0..n {
-        let t = argmax(logits.last());
-        seq.push(t);
-        logits = model.forward_last(&[t], seq.len() - 1, &mut cache)?;
-    }
-    Ok(seq)
+fn greedy(model: &Arc<Model>, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+    let mut seq = CpuSequence::new(model.clone());
+    let new =
+        decode::<_, anyhow::Error>(&mut seq, prompt, n, false, |f| f.argmax, |_, _| Ok(true))?;
+    Ok([prompt, &new].concat())
 }
 
 /// Logits of every position of `seq` at the exit `layer` (`None`: the final output),
@@ -312,7 +309,7 @@ pub fn run(a: &Args) -> Result<()> {
         let (r, model_path) = train_one(&spec, kind, a)?;
         let file = r.out.clone().context("training ended without a file")?;
         let started = Instant::now();
-        let base = Model::load(&model_path)?;
+        let base = Arc::new(Model::load(&model_path)?);
         let tok = Tokenizer::from_gguf(&model_path)?;
         let vocab = base.config().vocab_size;
         // Each prompt with the full model's greedy continuation; measured positions are

@@ -1,6 +1,6 @@
 //! The emulated edge–cloud link: two network namespaces joined by a veth pair with
 //! `tc netem` on both ends, or, where that is unavailable, the in-process shaper of
-//! `tandem_verifier::shaper` on loopback.
+//! `tandem_client::shaper` on loopback.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -50,7 +50,7 @@ pub enum Link {
     /// Verifier on 127.0.0.1; each sweep point starts a proxy in front of it.
     Shaper {
         rt: tokio::runtime::Runtime,
-        proxy: Option<tandem_verifier::shaper::Shaper>,
+        proxy: Option<tandem_client::shaper::Shaper>,
     },
 }
 
@@ -124,7 +124,7 @@ impl Link {
     pub fn describe(&self) -> &'static str {
         match self {
             Link::Netem { .. } => "netns + veth + tc netem",
-            Link::Shaper { .. } => "in-process link shaper (tandem_verifier::shaper) on 127.0.0.1",
+            Link::Shaper { .. } => "in-process link shaper (tandem_client::shaper) on 127.0.0.1",
         }
     }
 
@@ -197,9 +197,9 @@ impl Link {
                     );
                 }
                 *proxy = None;
-                let s = rt.block_on(tandem_verifier::shaper::start(
+                let s = rt.block_on(tandem_client::shaper::start(
                     verifier,
-                    tandem_verifier::shaper::Link {
+                    tandem_client::shaper::Link {
                         delay: Duration::from_secs_f64(p.rtt_ms / 2000.0),
                         rate_bps: (p.rate_bps > 0).then_some(p.rate_bps),
                     },

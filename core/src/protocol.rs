@@ -11,6 +11,8 @@
 //! malformed frame (unknown type, wrong version, oversized length, bad counts, trailing
 //! bytes, invalid UTF-8, non-finite probabilities) is a [`ProtocolError`].
 
+use crate::sampling::SamplingParams;
+
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 2;
 
@@ -60,17 +62,6 @@ pub enum ProtocolError {
     },
 }
 
-/// Sampling parameters as carried by `Hello`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WireSampling {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// Nucleus mass in (0, 1].
-    pub top_p: f32,
-    /// Seed of the verifier's acceptance RNG (and the client's sampler).
-    pub seed: u64,
-}
-
 /// The drafter's backbone, when it shares one with its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackboneClaim {
@@ -89,8 +80,9 @@ pub struct Hello {
     pub backbone: Option<BackboneClaim>,
     /// A target family to prefer; `None` takes any compatible one.
     pub family: Option<String>,
-    /// Sampling parameters.
-    pub sampling: WireSampling,
+    /// Sampling parameters: the seed is the verifier's acceptance RNG's (and the client's
+    /// sampler's).
+    pub sampling: SamplingParams,
     /// Tokens the client will generate at most.
     pub max_tokens: u32,
     /// Bearer token, when the server requires one and the HTTP header does not carry it.
@@ -516,7 +508,7 @@ impl Message for ClientMsg {
                     tokenizer,
                     backbone,
                     family,
-                    sampling: WireSampling {
+                    sampling: SamplingParams {
                         temperature,
                         top_p,
                         seed,
@@ -826,7 +818,7 @@ mod tests {
                     fingerprint: [9; 32],
                 }),
                 family: Some("smollm2".into()),
-                sampling: WireSampling {
+                sampling: SamplingParams {
                     temperature: 0.7,
                     top_p: 0.9,
                     seed: u64::MAX - 3,
@@ -838,7 +830,7 @@ mod tests {
                 tokenizer: [0; 32],
                 backbone: None,
                 family: None,
-                sampling: WireSampling {
+                sampling: SamplingParams {
                     temperature: 0.0,
                     top_p: 1.0,
                     seed: 0,

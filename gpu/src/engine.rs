@@ -97,20 +97,144 @@ impl Kernel {
             Kernel::Argmax => "argmax",
         }
     }
-    /// Storage bindings from 2 on: `true` = read-only.
-    fn storage(self) -> &'static [bool] {
+    /// The storage buffers it binds, from binding 2 on, as its WGSL reads them.
+    fn storage(self) -> &'static [Storage] {
+        const U: &str = "array<u32>";
+        const I: &str = "array<i32>";
+        const F: &str = "array<f32>";
+        const MATMUL: &[Storage] = &[
+            ro("W", U),
+            ro("XQ", I),
+            ro("XS", F),
+            ro("BIAS", F),
+            rw("Y", F),
+        ];
+        const EMBED: &[Storage] = &[ro("W", U), ro("TOK", U), rw("H", F)];
+        const QUANT: &[Storage] = &[ro("X", F), rw("XQ", I), rw("XS", F)];
+        const RMSNORM: &[Storage] = &[ro("X", F), ro("NW", F), rw("O", F)];
+        const ROPE: &[Storage] = &[rw("X", F), ro("TAB", F)];
+        const ATTENTION: &[Storage] = &[ro("Q", F), ro("K", F), ro("V", F), rw("O", F)];
+        const SWIGLU: &[Storage] = &[rw("G", F), ro("U", F)];
+        const ARGMAX: &[Storage] = &[ro("L", F), rw("R", U)];
         match self {
-            Kernel::Matmul(_) => &[true, true, true, true, false],
-            Kernel::Embed(_) => &[true, true, false],
-            Kernel::Quant => &[true, false, false],
-            Kernel::RmsNorm => &[true, true, false],
-            Kernel::Rope => &[false, true],
-            Kernel::Attention => &[true, true, true, false],
-            Kernel::Swiglu => &[false, true],
-            Kernel::Argmax => &[true, false],
+            Kernel::Matmul(_) => MATMUL,
+            Kernel::Embed(_) => EMBED,
+            Kernel::Quant => QUANT,
+            Kernel::RmsNorm => RMSNORM,
+            Kernel::Rope => ROPE,
+            Kernel::Attention => ATTENTION,
+            Kernel::Swiglu => SWIGLU,
+            Kernel::Argmax => ARGMAX,
         }
     }
+
+    /// The WGSL struct of its static parameters.
+    fn params(self) -> &'static str {
+        match self {
+            Kernel::Matmul(_) => params::Matmul::WGSL,
+            Kernel::Embed(_) => params::Embed::WGSL,
+            Kernel::Quant => params::Quant::WGSL,
+            Kernel::RmsNorm => params::RmsNorm::WGSL,
+            Kernel::Rope => params::Rope::WGSL,
+            Kernel::Attention => params::Attention::WGSL,
+            Kernel::Swiglu => params::Swiglu::WGSL,
+            Kernel::Argmax => params::Argmax::WGSL,
+        }
+    }
+
+    /// The declarations its section relies on: `P` and the storage buffers.
+    fn declarations(self) -> String {
+        let mut s = format!(
+            "{}@group(0) @binding(0) var<uniform> P: Params;\n",
+            self.params()
+        );
+        for (i, b) in self.storage().iter().enumerate() {
+            let access = if b.read_only { "read" } else { "read_write" };
+            s += &format!(
+                "@group(0) @binding({}) var<storage, {access}> {}: {};\n",
+                2 + i,
+                b.name,
+                b.ty
+            );
+        }
+        s
+    }
 }
+
+/// A storage buffer of a kernel: its WGSL name and type, and whether it only reads it.
+struct Storage {
+    name: &'static str,
+    ty: &'static str,
+    read_only: bool,
+}
+
+const fn ro(name: &'static str, ty: &'static str) -> Storage {
+    Storage {
+        name,
+        ty,
+        read_only: true,
+    }
+}
+
+const fn rw(name: &'static str, ty: &'static str) -> Storage {
+    Storage {
+        name,
+        ty,
+        read_only: false,
+    }
+}
+
+/// The static parameters of each kernel, one `#[repr(C)]` struct per kernel; the WGSL
+/// struct `Params` its section reads is generated from the same definition, so the two
+/// cannot disagree.
+mod params {
+    /// A kernel's parameter struct and its WGSL mirror.
+    pub trait KernelParams: bytemuck::Pod {
+        /// `struct Params { ... }` in WGSL.
+        const WGSL: &'static str;
+    }
+
+    macro_rules! kernel_params {
+        ($($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ident),* $(,)? })*) => {$(
+            $(#[$doc])*
+            #[repr(C)]
+            #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+            pub struct $name {
+                $(pub $field: $ty,)*
+            }
+            impl KernelParams for $name {
+                const WGSL: &'static str = concat!(
+                    "struct Params { ",
+                    $(stringify!($field), ": ", stringify!($ty), ", ",)*
+                    "}\n"
+                );
+            }
+        )*};
+    }
+
+    kernel_params! {
+        /// `Y[offset + pos * pos_stride + t * stride + row0 + r] (+)= W[r] · x[t]` for
+        /// `rows` rows of length `k`; `flags` 1 accumulates, 2 adds the bias.
+        Matmul { rows: u32, k: u32, row0: u32, stride: u32, offset: u32, pos_stride: u32, flags: u32 }
+        /// The embedding rows `row0..row0 + rows` of width `d` that this chunk holds.
+        Embed { d: u32, row0: u32, rows: u32 }
+        /// Rows of length `k` quantized in blocks of `block` (32 or 256).
+        Quant { k: u32, block: u32 }
+        /// RMS norm of width `d`; `last` ≠ 0 normalizes only the last row, into row 0.
+        RmsNorm { d: u32, eps: f32, last: u32 }
+        /// Rotary embedding of `heads` heads; `neox` ≠ 0 rotates halves, else pairs.
+        Rope { heads: u32, head_dim: u32, rope_dim: u32, neox: u32, stride: u32, offset: u32, pos_stride: u32 }
+        /// Causal attention of `heads` query heads over `kv_heads` cached ones.
+        Attention { heads: u32, kv_heads: u32, head_dim: u32, scale: f32 }
+        /// `G = silu(G) * U` over `len` elements per row.
+        Swiglu { len: u32 }
+        /// Argmax over `vocab` logits of the last position: row n − 1 when `all_rows` ≠ 0
+        /// (logits were computed for every row), else row 0.
+        Argmax { vocab: u32, all_rows: u32 }
+    }
+}
+
+use params::KernelParams;
 
 /// `shaders.wgsl` cut at its `//!KERNEL` and `//!FORMAT` markers.
 struct Sources {
@@ -143,6 +267,7 @@ fn sources() -> Sources {
 impl Sources {
     fn module(&self, k: Kernel) -> String {
         let mut s = self.prelude.clone();
+        s += &k.declarations();
         if let Kernel::Matmul(f) | Kernel::Embed(f) = k {
             s += &self.sections["formats"];
             s += &self.sections[f.name()];
@@ -173,12 +298,14 @@ fn make_pipeline(device: &wgpu::Device, src: &Sources, k: Kernel) -> Pipeline {
         count: None,
     };
     let mut entries = vec![uniform(0, true, 64), uniform(1, false, 16)];
-    for (i, &read_only) in k.storage().iter().enumerate() {
+    for (i, b) in k.storage().iter().enumerate() {
         entries.push(wgpu::BindGroupLayoutEntry {
             binding: 2 + i as u32,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
+                ty: wgpu::BufferBindingType::Storage {
+                    read_only: b.read_only,
+                },
                 has_dynamic_offset: false,
                 min_binding_size: None,
             },
@@ -553,9 +680,41 @@ struct Dispatch {
 struct Pending {
     kernel: Kernel,
     buffers: Vec<wgpu::Buffer>,
-    params: [u32; 16],
+    params: [u8; 64],
     x: u32,
     rows: Rows,
+}
+
+impl Pending {
+    /// A dispatch of `kernel` with its parameters and its storage buffers by name, in the
+    /// order [`Kernel::storage`] lists them (checked: a mismatch is a bug in this file).
+    fn new<P: KernelParams>(
+        kernel: Kernel,
+        params: P,
+        buffers: &[(&str, &wgpu::Buffer)],
+        x: u32,
+        rows: Rows,
+    ) -> Pending {
+        assert_eq!(
+            P::WGSL,
+            kernel.params(),
+            "{}: wrong params struct",
+            kernel.name()
+        );
+        let want: Vec<&str> = kernel.storage().iter().map(|b| b.name).collect();
+        let got: Vec<&str> = buffers.iter().map(|b| b.0).collect();
+        assert_eq!(got, want, "{}: bindings out of order", kernel.name());
+        let mut bytes = [0u8; 64];
+        let p = bytemuck::bytes_of(&params);
+        bytes[..p.len()].copy_from_slice(p);
+        Pending {
+            kernel,
+            buffers: buffers.iter().map(|b| b.1.clone()).collect(),
+            params: bytes,
+            x,
+            rows,
+        }
+    }
 }
 
 struct Buffers {
@@ -854,17 +1013,21 @@ impl GpuSession {
         let c = &m.config;
         let b = &self.b;
         let (d, kvd, ff) = (c.n_embd as u32, c.kv_dim() as u32, c.n_ff as u32);
-        let eps = c.rms_eps.to_bits();
+        let eps = c.rms_eps;
         let mut body: Vec<Pending> = Vec::new();
         let wg = |n: u32| n.div_ceil(64);
         for (buf, row0, rows) in &m.embed.chunks {
-            body.push(Pending {
-                kernel: Kernel::Embed(m.embed.format),
-                buffers: vec![buf.clone(), b.tok.clone(), b.h.clone()],
-                params: p(&[d, *row0 as u32, *rows as u32]),
-                x: wg(d),
-                rows: Rows::Tokens,
-            });
+            body.push(Pending::new(
+                Kernel::Embed(m.embed.format),
+                params::Embed {
+                    d,
+                    row0: *row0 as u32,
+                    rows: *rows as u32,
+                },
+                &[("W", buf), ("TOK", &b.tok), ("H", &b.h)],
+                wg(d),
+                Rows::Tokens,
+            ));
         }
         let half = (c.rope_dim / 2) as u32;
         let neox = (c.arch == Architecture::Qwen2) as u32;
@@ -890,38 +1053,38 @@ impl GpuSession {
                     Rows::Tokens,
                 );
             }
-            for (buf, heads, stride, pos_mult) in [
+            for (buf, heads, stride, pos_stride) in [
                 (&b.q, c.n_head as u32, d, 0),
                 (kc, c.n_head_kv as u32, kvd, kvd),
             ] {
-                body.push(Pending {
-                    kernel: Kernel::Rope,
-                    buffers: vec![buf.clone(), m.rope.clone()],
-                    params: p(&[
+                body.push(Pending::new(
+                    Kernel::Rope,
+                    params::Rope {
                         heads,
-                        c.head_dim as u32,
-                        c.rope_dim as u32,
+                        head_dim: c.head_dim as u32,
+                        rope_dim: c.rope_dim as u32,
                         neox,
                         stride,
-                        0,
-                        pos_mult,
-                    ]),
-                    x: wg(heads * half),
-                    rows: Rows::Tokens,
-                });
+                        offset: 0,
+                        pos_stride,
+                    },
+                    &[("X", buf), ("TAB", &m.rope)],
+                    wg(heads * half),
+                    Rows::Tokens,
+                ));
             }
-            body.push(Pending {
-                kernel: Kernel::Attention,
-                buffers: vec![b.q.clone(), kc.clone(), vc.clone(), b.att.clone()],
-                params: p(&[
-                    c.n_head as u32,
-                    c.n_head_kv as u32,
-                    c.head_dim as u32,
-                    (1.0 / (c.head_dim as f32).sqrt()).to_bits(),
-                ]),
-                x: c.n_head as u32,
-                rows: Rows::Tokens,
-            });
+            body.push(Pending::new(
+                Kernel::Attention,
+                params::Attention {
+                    heads: c.n_head as u32,
+                    kv_heads: c.n_head_kv as u32,
+                    head_dim: c.head_dim as u32,
+                    scale: 1.0 / (c.head_dim as f32).sqrt(),
+                },
+                &[("Q", &b.q), ("K", kc), ("V", vc), ("O", &b.att)],
+                c.n_head as u32,
+                Rows::Tokens,
+            ));
             matmul(
                 &mut body,
                 b,
@@ -959,13 +1122,13 @@ impl GpuSession {
                 0,
                 Rows::Tokens,
             );
-            body.push(Pending {
-                kernel: Kernel::Swiglu,
-                buffers: vec![b.g.clone(), b.u.clone()],
-                params: p(&[ff]),
-                x: wg(ff),
-                rows: Rows::Tokens,
-            });
+            body.push(Pending::new(
+                Kernel::Swiglu,
+                params::Swiglu { len: ff },
+                &[("G", &b.g), ("U", &b.u)],
+                wg(ff),
+                Rows::Tokens,
+            ));
             matmul(
                 &mut body,
                 b,
@@ -996,13 +1159,16 @@ impl GpuSession {
                 0,
                 rows,
             );
-            t.push(Pending {
-                kernel: Kernel::Argmax,
-                buffers: vec![b.logits.clone(), b.res.clone()],
-                params: p(&[v, (!last) as u32]),
-                x: 1,
-                rows: Rows::One,
-            });
+            t.push(Pending::new(
+                Kernel::Argmax,
+                params::Argmax {
+                    vocab: v,
+                    all_rows: (!last) as u32,
+                },
+                &[("L", &b.logits), ("R", &b.res)],
+                1,
+                Rows::One,
+            ));
             t
         };
         let (tail_last, tail_all) = (tail(true), tail(false));
@@ -1020,9 +1186,7 @@ impl GpuSession {
             list.into_iter()
                 .map(|pd| {
                     let at = slot as usize * SLOT as usize;
-                    for (j, v) in pd.params.iter().enumerate() {
-                        bytes[at + 4 * j..at + 4 * j + 4].copy_from_slice(&v.to_le_bytes());
-                    }
+                    bytes[at..at + pd.params.len()].copy_from_slice(&pd.params);
                     let mut entries = vec![
                         wgpu::BindGroupEntry {
                             binding: 0,
@@ -1067,28 +1231,25 @@ impl GpuSession {
     }
 }
 
-/// Up to 16 parameters of one dispatch.
-fn p(v: &[u32]) -> [u32; 16] {
-    let mut a = [0u32; 16];
-    a[..v.len()].copy_from_slice(v);
-    a
-}
-
 fn norm(
     x: &wgpu::Buffer,
     w: &wgpu::Buffer,
     out: &wgpu::Buffer,
     d: u32,
-    eps: u32,
+    eps: f32,
     last: bool,
 ) -> Pending {
-    Pending {
-        kernel: Kernel::RmsNorm,
-        buffers: vec![x.clone(), w.clone(), out.clone()],
-        params: p(&[d, eps, last as u32]),
-        x: 1,
-        rows: if last { Rows::One } else { Rows::Tokens },
-    }
+    Pending::new(
+        Kernel::RmsNorm,
+        params::RmsNorm {
+            d,
+            eps,
+            last: last as u32,
+        },
+        &[("X", x), ("NW", w), ("O", out)],
+        1,
+        if last { Rows::One } else { Rows::Tokens },
+    )
 }
 
 /// Quantizes `src` into `xq`/`xs` for the matrix `w`, unless the dispatches since its last
@@ -1096,22 +1257,27 @@ fn norm(
 /// (q, k and v share one quantized input, as do gate and up).
 fn quantize(list: &mut Vec<Pending>, b: &Buffers, src: &wgpu::Buffer, w: &Matrix, rows: Rows) {
     let bs = w.format.block();
+    let params = params::Quant {
+        k: w.k as u32,
+        block: bs as u32,
+    };
+    let same = bytemuck::bytes_of(&params);
     for d in list.iter().rev() {
         match d.kernel {
+            // Buffer 4 of a product is its output Y.
             Kernel::Matmul(_) if d.buffers[4] != *src => continue,
-            Kernel::Quant if d.buffers[0] == *src && d.params[..2] == [w.k as u32, bs as u32] => {
-                return;
-            }
+            // Buffer 0 of a quantization is its input X.
+            Kernel::Quant if d.buffers[0] == *src && d.params[..same.len()] == *same => return,
             _ => break,
         }
     }
-    list.push(Pending {
-        kernel: Kernel::Quant,
-        buffers: vec![src.clone(), b.xq.clone(), b.xs.clone()],
-        params: p(&[w.k as u32, bs as u32]),
-        x: ((w.k / bs) as u32).div_ceil(64),
+    list.push(Pending::new(
+        Kernel::Quant,
+        params,
+        &[("X", src), ("XQ", &b.xq), ("XS", &b.xs)],
+        ((w.k / bs) as u32).div_ceil(64),
         rows,
-    });
+    ));
 }
 
 /// `out[t, stride-wide rows] (+)= w · src[t]` (`src` quantized first, see [`quantize`]):
@@ -1132,26 +1298,51 @@ fn matmul(
     quantize(list, b, src, w, rows);
     let flags = flags | if bias.is_some() { 2 } else { 0 };
     for (buf, row0, n) in &w.chunks {
-        list.push(Pending {
-            kernel: Kernel::Matmul(w.format),
-            buffers: vec![
-                buf.clone(),
-                b.xq.clone(),
-                b.xs.clone(),
-                bias.unwrap_or(&m.dummy).clone(),
-                out.clone(),
-            ],
-            params: p(&[
-                *n as u32,
-                w.k as u32,
-                *row0 as u32,
-                place[0],
-                place[1],
-                place[2],
+        list.push(Pending::new(
+            Kernel::Matmul(w.format),
+            params::Matmul {
+                rows: *n as u32,
+                k: w.k as u32,
+                row0: *row0 as u32,
+                stride: place[0],
+                offset: place[1],
+                pos_stride: place[2],
                 flags,
-            ]),
-            x: (*n as u32).div_ceil(64),
+            },
+            &[
+                ("W", buf),
+                ("XQ", &b.xq),
+                ("XS", &b.xs),
+                ("BIAS", bias.unwrap_or(&m.dummy)),
+                ("Y", out),
+            ],
+            (*n as u32).div_ceil(64),
             rows,
-        });
+        ));
+    }
+}
+
+impl tandem_models::DraftForward for GpuSession {
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want_logits: bool,
+    ) -> tandem_models::Result<tandem_models::Forwarded> {
+        let want = if want_logits {
+            Want::LastLogits
+        } else {
+            Want::Argmax
+        };
+        let out = GpuSession::forward(self, tokens, pos, want)
+            .map_err(|e| tandem_models::Error::Backend(Box::new(e)))?;
+        Ok(tandem_models::Forwarded {
+            argmax: out.argmax,
+            logits: want_logits.then_some(out.logits),
+        })
     }
 }

@@ -14,9 +14,9 @@
 mod engine;
 
 pub use engine::{GpuModel, GpuSession, Output, Stats, Want};
+pub use tandem_models::GpuChoice;
 
 use std::fmt;
-use std::str::FromStr;
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -79,44 +79,6 @@ impl AdapterInfo {
 impl fmt::Display for AdapterInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({}, {})", self.name, self.backend, self.device_type)
-    }
-}
-
-/// Which adapter to draft on (`--gpu`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum GpuChoice {
-    /// The first hardware adapter; none (only software ones) means the CPU backend.
-    #[default]
-    Auto,
-    /// The CPU backend.
-    Off,
-    /// The first adapter whose name contains this (case-insensitive), software ones included.
-    Named(String),
-}
-
-impl FromStr for GpuChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim() {
-            "" => Err(
-                "--gpu needs a value: auto, off or part of an adapter's name \
-                       (`tandem gpu list` shows them)"
-                    .into(),
-            ),
-            "auto" => Ok(GpuChoice::Auto),
-            "off" | "cpu" | "none" => Ok(GpuChoice::Off),
-            name => Ok(GpuChoice::Named(name.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for GpuChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            GpuChoice::Auto => f.write_str("auto"),
-            GpuChoice::Off => f.write_str("off"),
-            GpuChoice::Named(n) => f.write_str(n),
-        }
     }
 }
 

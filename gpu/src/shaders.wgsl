@@ -1,14 +1,15 @@
 // tandem-gpu: the draft-model forward as WGSL compute kernels. Every kernel binds the
-// dispatch's static parameters (binding 0, a 64-byte slot chosen by dynamic offset) and the
-// step's (binding 1: n tokens, first position). Weights are GGUF blocks padded to whole
+// dispatch's static parameters (binding 0: `P`, a 64-byte slot chosen by dynamic offset),
+// the step's (binding 1: n tokens, first position) and its storage buffers (from binding 2
+// on). `P`'s struct and the storage declarations are not written here: engine.rs generates
+// them from its `#[repr(C)]` params struct and named binding list of each kernel and puts
+// them before the kernel's section. Weights are GGUF blocks padded to whole
 // 32-bit words; activations feeding a quantized matrix are quantized the way the CPU engine
 // quantizes them (8-bit blocks of 32 or 256), so the integer parts of every dot product are
 // the CPU's exactly.
 
-struct Params { u: array<vec4<u32>, 4> }
 struct Step { n: u32, pos: u32, last: u32, pad: u32 }
 
-@group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<uniform> S: Step;
 
 // f16 bits to f32, subnormals included (drivers may flush them in unpack2x16float).
@@ -25,9 +26,6 @@ fn h2f(h: u32) -> f32 {
     }
     return select(v, -v, (h & 0x8000u) != 0u);
 }
-
-fn pu(i: u32) -> u32 { return P.u[i / 4u][i % 4u]; }
-fn pf(i: u32) -> f32 { return bitcast<f32>(pu(i)); }
 
 // Rounds half away from zero, as Rust's f32::round (WGSL's round() ties to even).
 fn rnd(v: f32) -> f32 {
@@ -189,15 +187,10 @@ fn bdot(base: u32, xo: u32, sb: u32) -> f32 {
 
 //!KERNEL matmul
 // y[t, row0 + r] (+)= W[r, :] . x[t, :]  (+ bias). One invocation per output element.
-@group(0) @binding(2) var<storage, read> W: array<u32>;
-@group(0) @binding(3) var<storage, read> XQ: array<i32>;
-@group(0) @binding(4) var<storage, read> XS: array<f32>;
-@group(0) @binding(5) var<storage, read> BIAS: array<f32>;
-@group(0) @binding(6) var<storage, read_write> Y: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let rows = pu(0u);
-    let k = pu(1u);
+    let rows = P.rows;
+    let k = P.k;
     let r = g.x;
     let t = g.y;
     if (r >= rows) { return; }
@@ -207,30 +200,28 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     for (var b = 0u; b < nb; b++) {
         acc += bdot(base + b * WPB, t * k + b * BLOCK, t * nb + b);
     }
-    let flags = pu(6u);
-    let col = pu(2u) + r;
+    let flags = P.flags;
+    let col = P.row0 + r;
     if ((flags & 2u) != 0u) { acc += BIAS[col]; }
-    let o = pu(4u) + S.pos * pu(5u) + t * pu(3u) + col;
+    let o = P.offset + S.pos * P.pos_stride + t * P.stride + col;
     if ((flags & 1u) != 0u) { acc = Y[o] + acc; }
     Y[o] = acc;
 }
 
 //!KERNEL embed
 // h[t, :] = dequantized row tokens[t] of the embedding (when it lies in this chunk).
-@group(0) @binding(2) var<storage, read> W: array<u32>;
-@group(0) @binding(3) var<storage, read> TOK: array<u32>;
-@group(0) @binding(4) var<storage, read_write> H: array<f32>;
+// XQ and XS are never read here; they are declared because the format's `bdot` names them.
 @group(0) @binding(5) var<storage, read> XQ: array<i32>;
 @group(0) @binding(6) var<storage, read> XS: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let d = pu(0u);
+    let d = P.d;
     let e = g.x;
     let t = g.y;
     if (e >= d) { return; }
     let id = TOK[t];
-    let row0 = pu(1u);
-    if (id < row0 || id >= row0 + pu(2u)) { return; }
+    let row0 = P.row0;
+    if (id < row0 || id >= row0 + P.rows) { return; }
     let nb = d / BLOCK;
     let base = ((id - row0) * nb + e / BLOCK) * WPB;
     H[t * d + e] = deq(base, e % BLOCK);
@@ -239,13 +230,10 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 //!KERNEL quant
 // Quantizes rows of x to 8-bit blocks as the CPU engine does: 32-blocks (ggml Q8_0/Q8_1:
 // d = amax/127, scales rounded through f16, s = d * sum q) or 256-blocks (ggml Q8_K).
-@group(0) @binding(2) var<storage, read> X: array<f32>;
-@group(0) @binding(3) var<storage, read_write> XQ: array<i32>;
-@group(0) @binding(4) var<storage, read_write> XS: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let k = pu(0u);
-    let bs = pu(1u);
+    let k = P.k;
+    let bs = P.block;
     let b = g.x;
     let t = g.y;
     let nb = k / bs;
@@ -288,16 +276,13 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 //!KERNEL rmsnorm
 // out[row] = x[row] / sqrt(mean(x^2) + eps) * w. One workgroup per row; with the `last`
 // parameter set, reads row n-1 and writes row 0 (the output head of a prefill).
-@group(0) @binding(2) var<storage, read> X: array<f32>;
-@group(0) @binding(3) var<storage, read> NW: array<f32>;
-@group(0) @binding(4) var<storage, read_write> O: array<f32>;
 var<workgroup> part: array<f32, 64>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let d = pu(0u);
-    let eps = pf(1u);
+    let d = P.d;
+    let eps = P.eps;
     var src = wg.y;
-    if (pu(2u) != 0u) { src = S.n - 1u; }
+    if (P.last != 0u) { src = S.n - 1u; }
     let xo = src * d;
     let oo = wg.y * d;
     var s = 0.0;
@@ -315,15 +300,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 //!KERNEL rope
 // Rotary embedding in place on n rows of `heads` heads, from a cos/sin table computed on
 // the CPU with the engine's formula (table[pos][i] = (cos, sin)).
-@group(0) @binding(2) var<storage, read_write> X: array<f32>;
-@group(0) @binding(3) var<storage, read> TAB: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let heads = pu(0u);
-    let hd = pu(1u);
-    let half = pu(2u) / 2u;
-    let neox = pu(3u) != 0u;
-    let stride = pu(4u);
+    let heads = P.heads;
+    let hd = P.head_dim;
+    let half = P.rope_dim / 2u;
+    let neox = P.neox != 0u;
+    let stride = P.stride;
     let t = g.y;
     if (g.x >= heads * half) { return; }
     let h = g.x / half;
@@ -331,7 +314,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     let p = S.pos + t;
     let c = TAB[2u * (p * half + i)];
     let s = TAB[2u * (p * half + i) + 1u];
-    let o = pu(5u) + S.pos * pu(6u) + t * stride + h * hd;
+    let o = P.offset + S.pos * P.pos_stride + t * stride + h * hd;
     var a = 2u * i;
     var b = 2u * i + 1u;
     if (neox) { a = i; b = i + half; }
@@ -344,17 +327,13 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 //!KERNEL attention
 // Causal grouped-query attention, one workgroup per (head, query): keys in tiles of 64 with
 // a running (online) softmax.
-@group(0) @binding(2) var<storage, read> Q: array<f32>;
-@group(0) @binding(3) var<storage, read> K: array<f32>;
-@group(0) @binding(4) var<storage, read> V: array<f32>;
-@group(0) @binding(5) var<storage, read_write> O: array<f32>;
 var<workgroup> sc: array<f32, 64>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let nh = pu(0u);
-    let nkv = pu(1u);
-    let hd = pu(2u);
-    let scale = pf(3u);
+    let nh = P.heads;
+    let nkv = P.kv_heads;
+    let hd = P.head_dim;
+    let scale = P.scale;
     let h = wg.x;
     let t = wg.y;
     let kvh = h / (nh / nkv);
@@ -402,11 +381,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
 //!KERNEL swiglu
 // g = silu(g) * u, element-wise.
-@group(0) @binding(2) var<storage, read_write> G: array<f32>;
-@group(0) @binding(3) var<storage, read> U: array<f32>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
-    let len = pu(0u);
+    let len = P.len;
     if (g.x >= len) { return; }
     let i = g.y * len + g.x;
     let v = G[i];
@@ -415,15 +392,13 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 
 //!KERNEL argmax
 // Index and value of the largest logit of one row (lowest index among equals).
-@group(0) @binding(2) var<storage, read> L: array<f32>;
-@group(0) @binding(3) var<storage, read_write> R: array<u32>;
 var<workgroup> bv: array<f32, 256>;
 var<workgroup> bi: array<u32, 256>;
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) li: u32) {
-    let vocab = pu(0u);
+    let vocab = P.vocab;
     var row = 0u;
-    if (pu(1u) != 0u) { row = S.n - 1u; }
+    if (P.all_rows != 0u) { row = S.n - 1u; }
     let o = row * vocab;
     var best = -3.4e38;
     var idx = 0xffffffffu;

@@ -5,9 +5,9 @@ use std::cell::RefCell;
 
 use tandem_core::sampling::SamplingParams;
 
-use crate::machine::{
-    self, Action, Channel, Config, DraftModel, Event, Machine, Strategy, Verdict,
-};
+use tandem_core::protocol::{Outcome, Verify, VerifyResult};
+
+use crate::machine::{self, Action, Channel, Config, DraftModel, Event, Machine, Strategy};
 
 wit_bindgen::generate!({
     path: "../wit",
@@ -111,24 +111,72 @@ impl api::Guest for Component {
     type Session = Session;
 }
 
-fn to_action(a: Action) -> api::Action {
-    match a {
-        Action::Send(b) => api::Action::Send(api::Block {
+// The WIT records and the machine's types (tandem-core's where they exist): every
+// conversion between them is here.
+
+impl From<Action> for api::Action {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Send(b) => api::Action::Send(b.into()),
+            Action::Emit(t) => api::Action::Emit(t),
+            Action::Wait => api::Action::Wait,
+            Action::Done => api::Action::Done,
+        }
+    }
+}
+
+impl From<Verify> for api::Block {
+    fn from(b: Verify) -> Self {
+        api::Block {
             round: b.round,
             pos: b.pos,
             prev: b.prev,
             tokens: b.tokens,
             q: b.q,
-        }),
-        Action::Emit(t) => api::Action::Emit(t),
-        Action::Wait => api::Action::Wait,
-        Action::Done => api::Action::Done,
+        }
     }
 }
 
-impl api::GuestSession for Session {
-    fn new(c: api::Config) -> Self {
-        let cfg = Config {
+impl From<api::VerifyResult> for VerifyResult {
+    fn from(r: api::VerifyResult) -> Self {
+        VerifyResult {
+            round: r.round,
+            accepted: r.accepted,
+            outcome: match r.token {
+                Some(t) => Outcome::Token(t),
+                None => Outcome::Residual(r.residual),
+            },
+            verify_us: 0,
+        }
+    }
+}
+
+impl From<api::ChannelSample> for Channel {
+    fn from(c: api::ChannelSample) -> Self {
+        Channel {
+            rtt_ms: c.rtt_ms as f64,
+            bandwidth_bps: c.bandwidth_bps as f64,
+            verify_ms: c.verify_ms as f64,
+            draft_ms: c.draft_ms as f64,
+            energy_j: c.energy_j as f64,
+        }
+    }
+}
+
+impl From<api::Event> for Event {
+    fn from(ev: api::Event) -> Self {
+        match ev {
+            api::Event::First(t) => Event::First(t),
+            api::Event::Verdict(r) => Event::Result(r.into()),
+            api::Event::Hint((round, tokens)) => Event::Hint(round, tokens),
+            api::Event::Channel(c) => Event::Channel(c.into()),
+        }
+    }
+}
+
+impl From<api::Config> for Config {
+    fn from(c: api::Config) -> Self {
+        Config {
             params: SamplingParams {
                 temperature: c.temperature,
                 top_p: c.top_p,
@@ -146,13 +194,36 @@ impl api::GuestSession for Session {
             fixed_gamma: c.fixed_gamma.map(|g| g as usize),
             max_draft: c.max_draft as usize,
             energy_budget: c.energy_budget.map(f64::from),
-        };
+        }
+    }
+}
+
+impl From<machine::Stats> for api::Stats {
+    fn from(s: machine::Stats) -> Self {
+        api::Stats {
+            rounds: s.rounds,
+            drafted: s.drafted,
+            accepted: s.accepted,
+            drafted_in_flight: s.drafted_in_flight,
+            pipelined_kept: s.pipelined_kept,
+            hints: s.hints,
+            hints_used: s.hints_used,
+            hint_kept: s.hint_kept,
+            gamma_counts: s.gamma_counts,
+            alpha: s.alpha,
+        }
+    }
+}
+
+impl api::GuestSession for Session {
+    fn new(c: api::Config) -> Self {
         #[cfg(feature = "hostile")]
         let hostile = c.model.clone();
         let model = NnModel {
-            name: c.model,
+            name: c.model.clone(),
             ctx: None,
         };
+        let cfg = Config::from(c);
         Session {
             machine: RefCell::new(Machine::new(model, cfg)),
             #[cfg(feature = "hostile")]
@@ -165,24 +236,7 @@ impl api::GuestSession for Session {
     }
 
     fn handle(&self, ev: api::Event) -> Result<(), String> {
-        let ev = match ev {
-            api::Event::First(t) => Event::First(t),
-            api::Event::Verdict(r) => Event::Result(Verdict {
-                round: r.round,
-                accepted: r.accepted as usize,
-                token: r.token,
-                residual: r.residual,
-            }),
-            api::Event::Hint((round, tokens)) => Event::Hint(round, tokens),
-            api::Event::Channel(c) => Event::Channel(Channel {
-                rtt_ms: c.rtt_ms as f64,
-                bandwidth_bps: c.bandwidth_bps as f64,
-                verify_ms: c.verify_ms as f64,
-                draft_ms: c.draft_ms as f64,
-                energy_j: c.energy_j as f64,
-            }),
-        };
-        self.machine.borrow_mut().handle(ev)
+        self.machine.borrow_mut().handle(ev.into())
     }
 
     fn step(&self) -> Result<Vec<api::Action>, String> {
@@ -205,24 +259,12 @@ impl api::GuestSession for Session {
             .borrow_mut()
             .step()?
             .into_iter()
-            .map(to_action)
+            .map(api::Action::from)
             .collect())
     }
 
     fn stats(&self) -> api::Stats {
-        let s: machine::Stats = self.machine.borrow().stats();
-        api::Stats {
-            rounds: s.rounds,
-            drafted: s.drafted,
-            accepted: s.accepted,
-            drafted_in_flight: s.drafted_in_flight,
-            pipelined_kept: s.pipelined_kept,
-            hints: s.hints,
-            hints_used: s.hints_used,
-            hint_kept: s.hint_kept,
-            gamma_counts: s.gamma_counts,
-            alpha: s.alpha,
-        }
+        self.machine.borrow().stats().into()
     }
 }
 

@@ -3,6 +3,7 @@
 //! host delivers events and carries out actions.
 
 use tandem_core::accept::sample_correction;
+use tandem_core::protocol::{Outcome, Verify, VerifyResult};
 use tandem_core::sampling::{Rng, SamplingParams, distribution, prob_of, sample_from};
 
 use crate::policy::Policy;
@@ -53,19 +54,6 @@ pub struct Config {
     pub energy_budget: Option<f64>,
 }
 
-/// A verdict from the verifier.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
-    /// Round.
-    pub round: u32,
-    /// Drafts accepted.
-    pub accepted: usize,
-    /// Bonus or greedy correction.
-    pub token: Option<u32>,
-    /// Top-K of p when a sampled draft was rejected.
-    pub residual: Vec<(u32, f32)>,
-}
-
 /// Link and device measurements from the host.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Channel {
@@ -87,33 +75,18 @@ pub enum Event {
     /// The verifier's first token.
     First(u32),
     /// A block's verdict.
-    Result(Verdict),
+    Result(VerifyResult),
     /// Early-exit predictions for a round.
     Hint(u32, Vec<u32>),
     /// Measurements.
     Channel(Channel),
 }
 
-/// A block to verify.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Block {
-    /// Round.
-    pub round: u32,
-    /// Position of the first draft.
-    pub pos: u32,
-    /// Last committed token.
-    pub prev: u32,
-    /// Drafts.
-    pub tokens: Vec<u32>,
-    /// q of each draft.
-    pub q: Vec<f32>,
-}
-
 /// What the guest asks of the host.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Send a block.
-    Send(Block),
+    /// Send a block to verify.
+    Send(Verify),
     /// Show committed tokens.
     Emit(Vec<u32>),
     /// Wait for the next event.
@@ -355,7 +328,7 @@ impl<M: DraftModel> Machine<M> {
         }
     }
 
-    fn result(&mut self, v: Verdict) -> Result<(), String> {
+    fn result(&mut self, v: VerifyResult) -> Result<(), String> {
         let Some(f) = self.inflight.take() else {
             return Err(format!(
                 "result for round {} with no block in flight",
@@ -369,19 +342,19 @@ impl<M: DraftModel> Machine<M> {
             ));
         }
         let gamma = f.drafts.len();
-        let n = v.accepted;
+        let n = v.accepted as usize;
         if n > gamma {
             return Err(format!("{n} of {gamma} drafts accepted"));
         }
-        let next = match v.token {
-            Some(t) => t,
-            None => {
-                if v.residual.is_empty() {
+        let next = match v.outcome {
+            Outcome::Token(t) => t,
+            Outcome::Residual(top) => {
+                if top.is_empty() {
                     return Err("a result with neither a token nor a residual".into());
                 }
                 let dist = f.drafts.get(n).and_then(|d| d.dist.as_ref());
                 let q = |id: u32| dist.map_or(0.0, |d| prob_of(d, id));
-                sample_correction(&v.residual, q, &mut self.rng)
+                sample_correction(&top, q, &mut self.rng)
             }
         };
         self.stats.accepted += n as u32;
@@ -550,12 +523,12 @@ impl<M: DraftModel> Machine<M> {
         Ok(actions)
     }
 
-    fn send_block(&mut self, gamma: usize) -> Block {
+    fn send_block(&mut self, gamma: usize) -> Verify {
         let drafts: Vec<Draft> = self.ahead.drain(..gamma).collect();
         let round = self.next_round;
         self.next_round += 1;
         let pos = self.committed.len();
-        let block = Block {
+        let block = Verify {
             round,
             pos: pos as u32,
             prev: self.committed[pos - 1],
@@ -668,7 +641,7 @@ mod tests {
         m.handle(Event::First(first)).unwrap();
         history.push(first);
         let mut out = Vec::new();
-        let mut pending: Option<(Block, usize)> = None;
+        let mut pending: Option<(Verify, usize)> = None;
         for _ in 0..10_000 {
             // Deliver a result after `delay` calls.
             if let Some((b, wait)) = pending.take() {
@@ -683,11 +656,11 @@ mod tests {
                     history.truncate(b.pos as usize);
                     history.extend_from_slice(&b.tokens[..n]);
                     history.push(t);
-                    m.handle(Event::Result(Verdict {
+                    m.handle(Event::Result(VerifyResult {
                         round: b.round,
-                        accepted: n,
-                        token: Some(t),
-                        residual: vec![],
+                        accepted: n as u32,
+                        outcome: Outcome::Token(t),
+                        verify_us: 0,
                     }))
                     .unwrap();
                 } else {
@@ -834,11 +807,11 @@ mod tests {
                 return emitted;
             }
             if let Some(b) = sent {
-                m.handle(Event::Result(Verdict {
+                m.handle(Event::Result(VerifyResult {
                     round: b.round,
-                    accepted: b.tokens.len(),
-                    token: Some(next),
-                    residual: vec![],
+                    accepted: b.tokens.len() as u32,
+                    outcome: Outcome::Token(next),
+                    verify_us: 0,
                 }))
                 .unwrap();
             }
@@ -870,11 +843,11 @@ mod tests {
         m.prefill(&[1, 2]).unwrap();
         assert!(m.prefill(&[1]).is_err());
         m.handle(Event::First(3)).unwrap();
-        let r = Verdict {
+        let r = VerifyResult {
             round: 7,
             accepted: 0,
-            token: Some(1),
-            residual: vec![],
+            outcome: Outcome::Token(1),
+            verify_us: 0,
         };
         assert!(m.handle(Event::Result(r)).is_err(), "no block in flight");
         m.handle(Event::Hint(3, vec![1, 2])).unwrap(); // stale hints are ignored

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
+use tandem_core::protocol::{Outcome, Verify, VerifyResult};
 use wasmtime::component::{Component, Linker, ResourceAny, ResourceTable};
 use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -21,6 +22,36 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::tandem::drafter::session_api as api;
+
+// The WIT records and tandem-core's types: every conversion between them on the host's
+// side is here.
+
+impl From<api::Block> for Verify {
+    fn from(b: api::Block) -> Self {
+        Verify {
+            round: b.round,
+            pos: b.pos,
+            prev: b.prev,
+            tokens: b.tokens,
+            q: b.q,
+        }
+    }
+}
+
+impl From<VerifyResult> for api::VerifyResult {
+    fn from(r: VerifyResult) -> Self {
+        let (token, residual) = match r.outcome {
+            Outcome::Token(t) => (Some(t), Vec::new()),
+            Outcome::Residual(top) => (None, top),
+        };
+        api::VerifyResult {
+            round: r.round,
+            accepted: r.accepted,
+            token,
+            residual,
+        }
+    }
+}
 
 /// How much a guest may use.
 #[derive(Debug, Clone, Copy)]

@@ -31,7 +31,7 @@ pub struct DemoArgs {
     /// Where the draft model runs: auto, off, or part of an adapter's name (`tandem gpu
     /// list`).
     #[arg(long, default_value = "auto")]
-    pub gpu: tandem_gpu::GpuChoice,
+    pub gpu: tandem_models::GpuChoice,
 }
 
 const PROMPT: &str = "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n";
@@ -73,30 +73,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     print!("{prompt}");
     let generate_args = GenerateArgs {
-        verifier: format!("http://{}", server.addr),
         drafter: args.drafter.clone(),
-        draft_model: draft.display().to_string(),
         prompt,
         max_tokens: args.max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
         strategy: args.strategy,
-        gamma: None,
-        no_pipeline: false,
-        no_hints: false,
-        max_draft: 16,
-        energy_budget: None,
-        draft_watts: None,
-        uplink_bps: 0.0,
-        token: None,
-        tls_ca: None,
-        guest_memory_mb: 256,
-        graph_name: "draft".into(),
-        guest_timeout: 60.0,
-        stats_json: None,
-        quiet: false,
         gpu: args.gpu.clone(),
+        ..GenerateArgs::with_defaults(
+            &format!("http://{}", server.addr),
+            &draft.display().to_string(),
+        )
     };
     let stats = crate::generate::run(&generate_args, &mut std::io::stdout())
         .context("the demo run failed")?;

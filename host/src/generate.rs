@@ -5,19 +5,18 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tandem_core::protocol::{
-    BackboneClaim, ClientMsg, Hello, Outcome, ServerMsg, Verify, WireSampling,
-};
+use tandem_client::{Endpoint, SessionClient, SessionReceiver, SessionSender};
+use tandem_core::protocol::{Accepted, BackboneClaim, ClientMsg, Hello, ServerMsg};
 use tandem_core::sampling::SamplingParams;
 use tandem_models::{IncrementalDecoder, Tokenizer};
-use tandem_verifier::{Endpoint, SessionClient};
 
 use crate::component::{Drafter, GuestLimits, Runtime, api};
-use crate::nn::{ComputeMeter, DraftModel, NamedGraphs};
+use crate::nn::{ComputeMeter, DraftModel, MeterReading, NamedGraphs};
 
 /// How to work with the verifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +107,38 @@ pub struct GenerateArgs {
     /// Where the draft model runs: auto (the first hardware GPU, else the CPU), off (the
     /// CPU), or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
     #[arg(long, default_value = "auto")]
-    pub gpu: tandem_gpu::GpuChoice,
+    pub gpu: tandem_models::GpuChoice,
+}
+
+impl GenerateArgs {
+    /// The sampling options.
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+
+    /// `tandem generate --verifier VERIFIER --draft-model DRAFT_MODEL`: every other option
+    /// at its command-line default (the defaults are written once, in the attributes above).
+    #[cfg(feature = "demo")]
+    pub fn with_defaults(verifier: &str, draft_model: &str) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Generate {
+            #[command(flatten)]
+            args: GenerateArgs,
+        }
+        Generate::parse_from([
+            "generate",
+            "--verifier",
+            verifier,
+            "--draft-model",
+            draft_model,
+        ])
+        .args
+    }
 }
 
 /// `target/wasm32-wasip2/wasm/tandem_guest_drafter.wasm` beside the running binary's target
@@ -127,7 +157,7 @@ pub fn default_drafter() -> PathBuf {
 }
 
 /// What a run measured.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunStats {
     /// Strategy.
     pub strategy: String,
@@ -278,16 +308,7 @@ impl LinkState {
                     energy_j: *energy as f32,
                 }))?;
                 *energy = 0.0;
-                let (token, residual) = match r.outcome {
-                    Outcome::Token(t) => (Some(t), Vec::new()),
-                    Outcome::Residual(top) => (None, top),
-                };
-                drafter.handle(&api::Event::Verdict(api::VerifyResult {
-                    round: r.round,
-                    accepted: r.accepted,
-                    token,
-                    residual,
-                }))
+                drafter.handle(&api::Event::Verdict(r.into()))
             }
             ServerMsg::Error { code, message } => bail!("verifier error {code:?}: {message}"),
             ServerMsg::Accepted(_) => bail!("the verifier sent Accepted twice"),
@@ -366,34 +387,8 @@ fn strategy_name(args: &GenerateArgs) -> String {
 }
 
 fn endpoint(args: &GenerateArgs) -> anyhow::Result<Endpoint> {
-    let (tls, rest) = if let Some(r) = args.verifier.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = args.verifier.strip_prefix("http://") {
-        (false, r)
-    } else {
-        (false, args.verifier.as_str())
-    };
-    let addr = rest.trim_end_matches('/').to_string();
-    if addr.is_empty() || !addr.contains(':') {
-        bail!(
-            "bad --verifier `{}`: expected http://HOST:PORT or https://HOST:PORT",
-            args.verifier
-        );
-    }
-    let tls = if tls {
-        let ca = args.tls_ca.clone().context(
-            "an https:// verifier needs --tls-ca FILE.pem (the CA that signed its certificate)",
-        )?;
-        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-        Some((ca, host.trim_matches(['[', ']']).to_string()))
-    } else {
-        None
-    };
-    Ok(Endpoint {
-        addr,
-        tls,
-        bearer: args.token.clone(),
-    })
+    Endpoint::parse(&args.verifier, args.tls_ca.clone(), args.token.clone())
+        .map_err(|e| anyhow::anyhow!("--verifier: {e:#}"))
 }
 
 enum Incoming {
@@ -461,89 +456,349 @@ pub fn run_prepared(
     args: &GenerateArgs,
     out: &mut dyn Write,
 ) -> anyhow::Result<RunStats> {
-    let ep = endpoint(args)?;
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
-    params.validate()?;
-    let runtime = &prepared.runtime;
-    let tokenizer = &prepared.tokenizer;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    args.sampling().validate()?;
+    let prompt = prepared.tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt is empty: give the text to continue with --prompt");
     }
-    let meter = Arc::new(ComputeMeter::default());
-    let mut graphs = NamedGraphs::default();
-    if args.strategy != StrategyArg::CloudAr {
-        let model = prepared
-            .model
-            .as_ref()
-            .context("the draft model was not loaded (prepared for cloud-ar)")?;
-        graphs.insert(args.graph_name.clone(), model.graph(meter.clone()));
+    let mut driver = SessionDriver::open(prepared, args, &prompt)?;
+    let mut drafter = driver.start_drafter(prepared, args, &prompt)?;
+    driver.run(&mut drafter, &prepared.tokenizer, out)?;
+    let stats = driver.finish(drafter, prepared, args)?;
+    if let Some(p) = &args.stats_json {
+        write_stats(&stats, p)?;
+    }
+    Ok(stats)
+}
+
+fn write_stats(stats: &RunStats, path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(stats)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// One session with the verifier, driven from the host's side: it carries messages
+/// between the verifier and the drafter component, measures the link and the draft
+/// compute, and collects the committed text.
+struct SessionDriver {
+    rt: tokio::runtime::Runtime,
+    tx: SessionSender,
+    events: mpsc::Receiver<(Instant, Incoming)>,
+    bytes_down: Arc<AtomicUsize>,
+    accepted: Accepted,
+    link: LinkState,
+    meter: Arc<ComputeMeter>,
+    last_reading: MeterReading,
+    /// Moving average of the backend's draft step, ms.
+    draft_ms: f64,
+    watts: f64,
+    /// Joules drafted since the last channel sample.
+    energy_since: f64,
+    started: Instant,
+    ttft: Option<Duration>,
+    step_time: Duration,
+    wait_time: Duration,
+    decoder: IncrementalDecoder,
+    text: String,
+    ids: Vec<u32>,
+    quiet: bool,
+}
+
+/// How long the verifier may stay silent before the generation fails.
+const IDLE: Duration = Duration::from_secs(300);
+
+impl SessionDriver {
+    /// Connects, says Hello, sends the prompt and waits for the verifier to accept.
+    fn open(prepared: &Prepared, args: &GenerateArgs, prompt: &[u32]) -> anyhow::Result<Self> {
+        let ep = endpoint(args)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let connecting = Instant::now();
+        let client = rt.block_on(SessionClient::connect(&ep))?;
+        let connect_ms = connecting.elapsed().as_secs_f64() * 1000.0;
+        let (tx, rx) = client.split();
+        let (events_tx, events) = mpsc::channel();
+        let bytes_down = Arc::new(AtomicUsize::new(0));
+        rt.spawn(pump(rx, events_tx, bytes_down.clone()));
+
+        let started = Instant::now();
+        tx.send(&ClientMsg::Hello(Hello {
+            tokenizer: prepared.tok_fp,
+            backbone: prepared.backbone,
+            family: None,
+            sampling: args.sampling(),
+            max_tokens: args.max_tokens,
+            token: args.token.clone(),
+        }))?;
+        tx.send(&ClientMsg::Prefill(prompt.to_vec()))?;
+        let accepted = match next_msg(&events)?.1 {
+            ServerMsg::Accepted(a) => a,
+            ServerMsg::Error { code, message } => {
+                bail!("the verifier refused: {code:?}: {message}")
+            }
+            other => bail!("expected Accepted from the verifier, got {other:?}"),
+        };
+        Ok(SessionDriver {
+            rt,
+            tx,
+            events,
+            bytes_down,
+            accepted,
+            link: LinkState::new(connect_ms, args.uplink_bps),
+            meter: Arc::new(ComputeMeter::default()),
+            last_reading: MeterReading::default(),
+            draft_ms: 0.0,
+            watts: args.draft_watts.unwrap_or(0.0) as f64,
+            energy_since: 0.0,
+            started,
+            ttft: None,
+            step_time: Duration::ZERO,
+            wait_time: Duration::ZERO,
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            ids: Vec::new(),
+            quiet: args.quiet,
+        })
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let started = Instant::now();
-    let client = rt.block_on(SessionClient::connect(&ep))?;
-    let connect_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (tx, mut rx) = client.split();
-    let (ev_tx, ev_rx) = mpsc::channel::<(Instant, Incoming)>();
-    let down = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let down_r = down.clone();
-    rt.spawn(async move {
+    /// Instantiates the drafter component for this session and starts its prefill (which
+    /// overlaps the verifier's).
+    fn start_drafter(
+        &mut self,
+        prepared: &Prepared,
+        args: &GenerateArgs,
+        prompt: &[u32],
+    ) -> anyhow::Result<Drafter> {
+        let mut graphs = NamedGraphs::default();
+        if args.strategy != StrategyArg::CloudAr {
+            let model = prepared
+                .model
+                .as_ref()
+                .context("the draft model was not loaded (prepared for cloud-ar)")?;
+            graphs.insert(args.graph_name.clone(), model.graph(self.meter.clone()));
+        }
+        let config = guest_config(args, &prepared.tokenizer, &self.accepted);
+        let limits = GuestLimits {
+            memory: args.guest_memory_mb << 20,
+            call_timeout: Duration::from_secs_f64(args.guest_timeout),
+        };
+        let mut drafter = Drafter::new(&prepared.runtime, graphs, &config, limits)?;
+        drafter.prefill(prompt)?;
+        Ok(drafter)
+    }
+
+    /// Steps the drafter and carries out its actions until it is done.
+    fn run(
+        &mut self,
+        drafter: &mut Drafter,
+        tokenizer: &Tokenizer,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
         loop {
-            let m = rx.recv().await;
-            down_r.store(rx.bytes_down, std::sync::atomic::Ordering::Relaxed);
-            let (msg, end) = match m {
-                Ok(Some(m)) => (Incoming::Msg(m), false),
-                Ok(None) => (Incoming::End, true),
-                Err(e) => (Incoming::Failed(format!("{e:#}")), true),
-            };
-            if ev_tx.send((Instant::now(), msg)).is_err() || end {
-                break;
+            self.deliver_pending(drafter)?;
+            let step_started = Instant::now();
+            let actions = drafter.step()?;
+            self.step_time += step_started.elapsed();
+            self.read_meter();
+            for action in actions {
+                match action {
+                    api::Action::Send(b) => self.send(b)?,
+                    api::Action::Emit(tokens) => self.emit(&tokens, tokenizer, out)?,
+                    api::Action::Wait => {
+                        let waiting = Instant::now();
+                        let (at, msg) = next_msg(&self.events)?;
+                        self.wait_time += waiting.elapsed();
+                        self.deliver(drafter, at, msg)?;
+                    }
+                    api::Action::Done => {
+                        let tail = self.decoder.finish(tokenizer)?;
+                        self.write(&tail, out)?;
+                        return Ok(());
+                    }
+                }
             }
         }
-    });
+    }
 
-    let t0 = Instant::now();
-    tx.send(&ClientMsg::Hello(Hello {
-        tokenizer: prepared.tok_fp,
-        backbone: prepared.backbone,
-        family: None,
-        sampling: WireSampling {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        max_tokens: args.max_tokens,
-        token: args.token.clone(),
-    }))?;
-    tx.send(&ClientMsg::Prefill(prompt.clone()))?;
-    let wait_msg = |timeout: Duration| -> anyhow::Result<(Instant, ServerMsg)> {
-        match ev_rx.recv_timeout(timeout) {
-            Ok((t, Incoming::Msg(m))) => Ok((t, m)),
-            Ok((_, Incoming::End)) => bail!("the verifier closed the session"),
-            Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
-            Err(_) => bail!("no message from the verifier for {timeout:?}"),
+    /// Everything that arrived goes to the guest before its next step.
+    fn deliver_pending(&mut self, drafter: &mut Drafter) -> anyhow::Result<()> {
+        loop {
+            match self.events.try_recv() {
+                Ok((at, Incoming::Msg(m))) => self.deliver(drafter, at, m)?,
+                Ok((_, Incoming::End)) => bail!("the verifier closed the session early"),
+                Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
+                Err(_) => return Ok(()),
+            }
         }
-    };
-    let accepted = match wait_msg(Duration::from_secs(300))?.1 {
-        ServerMsg::Accepted(a) => a,
-        ServerMsg::Error { code, message } => bail!("the verifier refused: {code:?}: {message}"),
-        other => bail!("expected Accepted from the verifier, got {other:?}"),
-    };
+    }
+
+    fn deliver(
+        &mut self,
+        drafter: &mut Drafter,
+        at: Instant,
+        msg: ServerMsg,
+    ) -> anyhow::Result<()> {
+        self.link
+            .deliver(drafter, at, msg, self.draft_ms, &mut self.energy_since)
+    }
+
+    /// Updates the draft-step average and the energy drafted from the compute meter.
+    fn read_meter(&mut self) {
+        let now = self.meter.read();
+        let last = self.last_reading;
+        if now.steps > last.steps {
+            let step = (now.step_time - last.step_time).as_secs_f64() * 1000.0
+                / (now.steps - last.steps) as f64;
+            self.draft_ms = if self.draft_ms == 0.0 {
+                step
+            } else {
+                self.draft_ms * 0.8 + step * 0.2
+            };
+        }
+        self.energy_since += self.watts * (now.total - last.total).as_secs_f64();
+        self.last_reading = now;
+    }
+
+    fn send(&mut self, b: api::Block) -> anyhow::Result<()> {
+        self.link.sent(b.round, b.tokens.len());
+        self.tx.send(&ClientMsg::Verify(b.into()))
+    }
+
+    fn emit(
+        &mut self,
+        tokens: &[u32],
+        tokenizer: &Tokenizer,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
+        self.ttft.get_or_insert_with(|| self.started.elapsed());
+        for &t in tokens {
+            self.ids.push(t);
+            let piece = self.decoder.push(tokenizer, t)?;
+            self.write(&piece, out)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, piece: &str, out: &mut dyn Write) -> anyhow::Result<()> {
+        if !self.quiet {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
+        }
+        self.text.push_str(piece);
+        Ok(())
+    }
+
+    /// Closes the session (waiting for the verifier to end its stream, so every byte it
+    /// sent is counted) and gathers the statistics.
+    fn finish(
+        self,
+        mut drafter: Drafter,
+        prepared: &Prepared,
+        args: &GenerateArgs,
+    ) -> anyhow::Result<RunStats> {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let _ = self.tx.send(&ClientMsg::Close);
+        let closing = Instant::now() + Duration::from_secs(2);
+        while let Some(left) = closing.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok((_, Incoming::Msg(_))) => continue,
+                _ => break,
+            }
+        }
+        let s = drafter.stats()?;
+        let guest_s = drafter.time_in_guest().as_secs_f64();
+        drop(drafter);
+        let computed = self.meter.read();
+        let n = self.ids.len().max(1) as f64;
+        let stats = RunStats {
+            strategy: strategy_name(args),
+            draft_backend: prepared
+                .model
+                .as_ref()
+                .map_or_else(|| "-".to_string(), DraftModel::backend),
+            target: format!("{}@{}", self.accepted.family, self.accepted.version),
+            tokens: self.ids.len(),
+            tokens_per_s: self.ids.len() as f64 / seconds.max(1e-9),
+            token_ids: self.ids,
+            text: self.text,
+            seconds,
+            ttft_s: self.ttft.unwrap_or_default().as_secs_f64(),
+            rounds: s.rounds,
+            drafted: s.drafted,
+            accepted: s.accepted,
+            mean_per_round: if s.rounds > 0 {
+                (s.accepted + s.rounds) as f64 / s.rounds as f64
+            } else {
+                0.0
+            },
+            drafted_in_flight: s.drafted_in_flight,
+            pipelined_kept: s.pipelined_kept,
+            hints: s.hints,
+            hints_used: s.hints_used,
+            hint_kept: s.hint_kept,
+            gamma_counts: s.gamma_counts,
+            up_bytes_per_token: self.tx.bytes_up() as f64 / n,
+            down_bytes_per_token: self.bytes_down.load(Ordering::Relaxed) as f64 / n,
+            rtt_ms: self.link.rtt_ms,
+            draft_ms: self.draft_ms,
+            verify_by_gamma: self.link.verify_by_gamma(),
+            component_cached: prepared.runtime.from_cache,
+            step_s: self.step_time.as_secs_f64(),
+            guest_s,
+            compute_s: computed.total.as_secs_f64(),
+            draft_steps: computed.steps,
+            compute_step_ms: computed.step_time.as_secs_f64() * 1e3 / computed.steps.max(1) as f64,
+            sandbox_overhead: guest_s / computed.total.as_secs_f64().max(1e-9) - 1.0,
+            wait_s: self.wait_time.as_secs_f64(),
+            other_s: (seconds - self.step_time.as_secs_f64() - self.wait_time.as_secs_f64())
+                .max(0.0),
+        };
+        self.rt.shutdown_timeout(Duration::from_millis(100));
+        Ok(stats)
+    }
+}
+
+/// The next message from the verifier, waiting at most [`IDLE`].
+fn next_msg(events: &mpsc::Receiver<(Instant, Incoming)>) -> anyhow::Result<(Instant, ServerMsg)> {
+    match events.recv_timeout(IDLE) {
+        Ok((t, Incoming::Msg(m))) => Ok((t, m)),
+        Ok((_, Incoming::End)) => bail!("the verifier closed the session"),
+        Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
+        Err(_) => bail!("no message from the verifier for {IDLE:?}"),
+    }
+}
+
+/// Forwards the verifier's messages, stamped with their arrival time, to the driver's
+/// channel, and keeps the count of bytes received.
+async fn pump(
+    mut rx: SessionReceiver,
+    events: mpsc::Sender<(Instant, Incoming)>,
+    bytes_down: Arc<AtomicUsize>,
+) {
+    loop {
+        let m = rx.recv().await;
+        bytes_down.store(rx.bytes_down, Ordering::Relaxed);
+        let (msg, end) = match m {
+            Ok(Some(m)) => (Incoming::Msg(m), false),
+            Ok(None) => (Incoming::End, true),
+            Err(e) => (Incoming::Failed(format!("{e:#}")), true),
+        };
+        if events.send((Instant::now(), msg)).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The drafter component's configuration: the user's options within the limits the
+/// verifier accepted.
+fn guest_config(args: &GenerateArgs, tokenizer: &Tokenizer, accepted: &Accepted) -> api::Config {
     let strategy = match args.strategy {
         StrategyArg::Tandem => api::Strategy::Tandem,
         StrategyArg::Sync => api::Strategy::Sync,
-        StrategyArg::CloudAr => api::Strategy::CloudAr,
-        StrategyArg::CloudSd => unreachable!("cloud-sd runs without the component"),
+        StrategyArg::CloudAr | StrategyArg::CloudSd => api::Strategy::CloudAr,
     };
-    let config = api::Config {
+    api::Config {
         model: args.graph_name.clone(),
         temperature: args.temperature,
         top_p: args.top_p,
@@ -556,284 +811,50 @@ pub fn run_prepared(
         fixed_gamma: args.gamma,
         max_draft: args.max_draft.min(accepted.max_draft),
         energy_budget: args.energy_budget,
-    };
-    let limits = GuestLimits {
-        memory: args.guest_memory_mb << 20,
-        call_timeout: Duration::from_secs_f64(args.guest_timeout),
-    };
-    let mut drafter = Drafter::new(runtime, graphs, &config, limits)?;
-    // The draft model's prefill overlaps the verifier's.
-    drafter.prefill(&prompt)?;
-
-    let mut decoder = IncrementalDecoder::new();
-    let mut text = String::new();
-    let mut ids = Vec::new();
-    let mut ttft = None;
-    let mut link = LinkState::new(connect_ms, args.uplink_bps);
-    let mut last_reading = meter.read();
-    let mut draft_ms = 0.0;
-    let watts = args.draft_watts.unwrap_or(0.0) as f64;
-    let mut energy_since = 0.0;
-
-    let idle = Duration::from_secs(300);
-    let mut step_time = Duration::ZERO;
-    let mut wait_time = Duration::ZERO;
-    'run: loop {
-        // Everything that arrived goes to the guest before its next step.
-        loop {
-            match ev_rx.try_recv() {
-                Ok((at, Incoming::Msg(m))) => {
-                    link.deliver(&mut drafter, at, m, draft_ms, &mut energy_since)?
-                }
-                Ok((_, Incoming::End)) => bail!("the verifier closed the session early"),
-                Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
-                Err(_) => break,
-            }
-        }
-        let step_started = Instant::now();
-        let actions = drafter.step()?;
-        step_time += step_started.elapsed();
-        let now = meter.read();
-        if now.steps > last_reading.steps {
-            let step = (now.step_time - last_reading.step_time).as_secs_f64() * 1000.0
-                / (now.steps - last_reading.steps) as f64;
-            draft_ms = if draft_ms == 0.0 {
-                step
-            } else {
-                draft_ms * 0.8 + step * 0.2
-            };
-        }
-        energy_since += watts * (now.total - last_reading.total).as_secs_f64();
-        last_reading = now;
-        for a in actions {
-            match a {
-                api::Action::Send(b) => {
-                    link.sent(b.round, b.tokens.len());
-                    tx.send(&ClientMsg::Verify(Verify {
-                        round: b.round,
-                        pos: b.pos,
-                        prev: b.prev,
-                        tokens: b.tokens,
-                        q: b.q,
-                    }))?;
-                }
-                api::Action::Emit(tokens) => {
-                    if ttft.is_none() {
-                        ttft = Some(t0.elapsed());
-                    }
-                    for t in tokens {
-                        ids.push(t);
-                        let piece = decoder.push(tokenizer, t)?;
-                        if !args.quiet {
-                            out.write_all(piece.as_bytes())?;
-                            out.flush()?;
-                        }
-                        text.push_str(&piece);
-                    }
-                }
-                api::Action::Wait => {
-                    let wait_started = Instant::now();
-                    let (at, m) = wait_msg(idle)?;
-                    wait_time += wait_started.elapsed();
-                    link.deliver(&mut drafter, at, m, draft_ms, &mut energy_since)?;
-                }
-                api::Action::Done => break 'run,
-            }
-        }
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    let tail = decoder.finish(tokenizer)?;
-    if !args.quiet {
-        out.write_all(tail.as_bytes())?;
-        out.flush()?;
-    }
-    text.push_str(&tail);
-    let _ = tx.send(&ClientMsg::Close);
-    let s = drafter.stats()?;
-    let n = ids.len().max(1) as f64;
-    let computed = meter.read();
-    let guest_s = drafter.time_in_guest().as_secs_f64();
-    // Let the reader record the last bytes.
-    std::thread::sleep(Duration::from_millis(5));
-    let stats = RunStats {
-        strategy: strategy_name(args),
-        draft_backend: prepared
-            .model
-            .as_ref()
-            .map_or_else(|| "-".to_string(), DraftModel::backend),
-        target: format!("{}@{}", accepted.family, accepted.version),
-        tokens: ids.len(),
-        token_ids: ids.clone(),
-        text,
-        seconds,
-        tokens_per_s: ids.len() as f64 / seconds.max(1e-9),
-        ttft_s: ttft.unwrap_or_default().as_secs_f64(),
-        rounds: s.rounds,
-        drafted: s.drafted,
-        accepted: s.accepted,
-        mean_per_round: if s.rounds > 0 {
-            (s.accepted + s.rounds) as f64 / s.rounds as f64
-        } else {
-            0.0
-        },
-        drafted_in_flight: s.drafted_in_flight,
-        pipelined_kept: s.pipelined_kept,
-        hints: s.hints,
-        hints_used: s.hints_used,
-        hint_kept: s.hint_kept,
-        gamma_counts: s.gamma_counts,
-        up_bytes_per_token: tx.bytes_up() as f64 / n,
-        down_bytes_per_token: down.load(std::sync::atomic::Ordering::Relaxed) as f64 / n,
-        rtt_ms: link.rtt_ms,
-        draft_ms,
-        verify_by_gamma: link.verify_by_gamma(),
-        component_cached: runtime.from_cache,
-        step_s: step_time.as_secs_f64(),
-        guest_s,
-        compute_s: computed.total.as_secs_f64(),
-        draft_steps: computed.steps,
-        compute_step_ms: computed.step_time.as_secs_f64() * 1e3 / computed.steps.max(1) as f64,
-        sandbox_overhead: guest_s / computed.total.as_secs_f64().max(1e-9) - 1.0,
-        wait_s: wait_time.as_secs_f64(),
-        other_s: (seconds - step_time.as_secs_f64() - wait_time.as_secs_f64()).max(0.0),
-    };
-    drop(drafter);
-    rt.shutdown_timeout(Duration::from_millis(100));
-    if let Some(p) = &args.stats_json {
-        std::fs::write(p, serde_json::to_string_pretty(&stats)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    Ok(stats)
 }
 
-/// The cloud-sd baseline: the verifier drafts and verifies by itself (`"speculative": true`
-/// completions, SSE); the device only reads the tokens.
+/// The cloud-sd baseline: the verifier drafts and verifies by itself; the device only
+/// reads the tokens.
 fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
-    use http_body_util::BodyExt;
     let ep = endpoint(args)?;
-    if ep.tls.is_some() {
-        bail!("cloud-sd talks plain HTTP/1.1 to the verifier; use an http:// address");
-    }
-    let body = serde_json::json!({
-        "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "top_p": args.top_p, "seed": args.seed, "stream": true, "speculative": true,
-        "gamma": args.gamma.unwrap_or(4),
-    })
-    .to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let t0 = Instant::now();
-    let up = body.len();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&ep.addr)
-            .await
-            .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
-        tcp.set_nodelay(true)?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let mut req = hyper::Request::post("/v1/completions")
-            .header("host", &ep.addr)
-            .header("content-type", "application/json");
-        if let Some(t) = &ep.bearer {
-            req = req.header("authorization", format!("Bearer {t}"));
+    let req = tandem_client::cloud_sd::Request {
+        prompt: &args.prompt,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        gamma: args.gamma.unwrap_or(4),
+    };
+    let got = rt.block_on(tandem_client::cloud_sd::stream(&ep, &req, |piece| {
+        if !args.quiet {
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
         }
-        let resp = send
-            .send_request(req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
-            .await?;
-        let status = resp.status();
-        let mut resp_body = resp.into_body();
-        let mut buf = Vec::new();
-        let mut text = String::new();
-        let mut down = 0usize;
-        let mut ttft = None;
-        let mut tokens = 0usize;
-        let mut target = String::new();
-        while let Some(frame) = resp_body.frame().await {
-            let Ok(data) = frame?.into_data() else {
-                continue;
-            };
-            down += data.len();
-            buf.extend_from_slice(&data);
-            if !status.is_success() {
-                continue;
-            }
-            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..end + 2).collect();
-                let event = String::from_utf8_lossy(&event);
-                let Some(data) = event.trim().strip_prefix("data: ") else {
-                    continue;
-                };
-                if data == "[DONE]" {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(data)?;
-                if let Some(m) = v["error"]["message"].as_str() {
-                    bail!("the verifier failed: {m}");
-                }
-                target = v["model"].as_str().unwrap_or_default().to_string();
-                let piece = v["choices"][0]["text"].as_str().unwrap_or_default();
-                if !piece.is_empty() {
-                    ttft.get_or_insert_with(|| t0.elapsed());
-                    if !args.quiet {
-                        out.write_all(piece.as_bytes())?;
-                        out.flush()?;
-                    }
-                    text.push_str(piece);
-                }
-                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                    tokens = n as usize;
-                }
-            }
-        }
-        if !status.is_success() {
-            bail!(
-                "the verifier refused the cloud-sd request: HTTP {status}: {}",
-                String::from_utf8_lossy(&buf)
-            );
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let n = tokens.max(1) as f64;
-        let stats = RunStats {
-            strategy: "cloud-sd".into(),
-            draft_backend: "-".into(),
-            target,
-            tokens,
-            token_ids: Vec::new(),
-            text,
-            seconds,
-            tokens_per_s: tokens as f64 / seconds.max(1e-9),
-            ttft_s: ttft.unwrap_or_default().as_secs_f64(),
-            rounds: 0,
-            drafted: 0,
-            accepted: 0,
-            mean_per_round: 0.0,
-            drafted_in_flight: 0,
-            pipelined_kept: 0,
-            hints: 0,
-            hints_used: 0,
-            hint_kept: 0,
-            gamma_counts: Vec::new(),
-            up_bytes_per_token: up as f64 / n,
-            down_bytes_per_token: down as f64 / n,
-            rtt_ms: 0.0,
-            draft_ms: 0.0,
-            verify_by_gamma: Vec::new(),
-            component_cached: false,
-            step_s: 0.0,
-            guest_s: 0.0,
-            compute_s: 0.0,
-            draft_steps: 0,
-            compute_step_ms: 0.0,
-            sandbox_overhead: 0.0,
-            wait_s: seconds,
-            other_s: 0.0,
-        };
-        if let Some(p) = &args.stats_json {
-            std::fs::write(p, serde_json::to_string_pretty(&stats)? + "\n")
-                .with_context(|| format!("writing {}", p.display()))?;
-        }
-        Ok(stats)
-    })
+        Ok(())
+    }))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let n = got.tokens.max(1) as f64;
+    let stats = RunStats {
+        strategy: "cloud-sd".into(),
+        draft_backend: "-".into(),
+        target: got.target,
+        tokens: got.tokens,
+        text: got.text,
+        seconds,
+        tokens_per_s: got.tokens as f64 / seconds.max(1e-9),
+        ttft_s: got.ttft.as_secs_f64(),
+        up_bytes_per_token: got.bytes_up as f64 / n,
+        down_bytes_per_token: got.bytes_down as f64 / n,
+        wait_s: seconds,
+        ..RunStats::default()
+    };
+    if let Some(p) = &args.stats_json {
+        write_stats(&stats, p)?;
+    }
+    Ok(stats)
 }

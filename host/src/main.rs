@@ -3,11 +3,13 @@
 //! generation).
 
 mod component;
+#[cfg(feature = "demo")]
 mod demo;
 mod generate;
 mod models_cmd;
 mod nn;
 mod serve;
+#[cfg(feature = "train")]
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[cfg(feature = "demo")]
     /// Fetch a real draft/target pair, start a verifier on loopback and stream a code
     /// completion through the drafter component, with a stats line.
     Demo(demo::DemoArgs),
@@ -34,12 +37,14 @@ enum Command {
     /// Generate text with speculative decoding: the drafter component drafts on this
     /// device, a verifier checks the drafts.
     Generate(generate::GenerateArgs),
+    #[cfg(feature = "train")]
     /// Train exit adapters and shared-backbone drafter heads (CPU, distillation from the
     /// model's own final layer).
     Train {
         #[command(subcommand)]
         command: train_cmd::TrainCommand,
     },
+    #[cfg(feature = "gpu")]
     /// GPU adapters for drafting (wgpu: Vulkan, Metal, DX12, GL).
     Gpu {
         #[command(subcommand)]
@@ -52,6 +57,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "gpu")]
 #[derive(Subcommand)]
 enum GpuCommand {
     /// The adapters wgpu finds: name, backend, device type, driver, and which `--gpu auto`
@@ -59,6 +65,7 @@ enum GpuCommand {
     List,
 }
 
+#[cfg(feature = "gpu")]
 fn gpu_list() -> anyhow::Result<()> {
     let found = tandem_gpu::list_adapters();
     if found.is_empty() {
@@ -107,9 +114,9 @@ struct LinkShaperArgs {
 fn link_shaper(args: &LinkShaperArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let shaper = tandem_verifier::shaper::start(
+        let shaper = tandem_client::shaper::start(
             args.upstream,
-            tandem_verifier::shaper::Link {
+            tandem_client::shaper::Link {
                 delay: std::time::Duration::from_secs_f64(args.rtt_ms / 2000.0),
                 rate_bps: (args.rate_bps > 0).then_some(args.rate_bps),
             },
@@ -123,15 +130,21 @@ fn link_shaper(args: &LinkShaperArgs) -> anyhow::Result<()> {
 
 fn main() {
     // SAFETY: first thing in main, before any thread exists.
-    unsafe { tandem_gpu::skip_device_select_layer() };
+    #[cfg(feature = "gpu")]
+    unsafe {
+        tandem_gpu::skip_device_select_layer()
+    };
     tandem_models::init_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models { command } => models_cmd::run(command),
+        #[cfg(feature = "train")]
         Command::Train { command } => train_cmd::run(command),
+        #[cfg(feature = "gpu")]
         Command::Gpu {
             command: GpuCommand::List,
         } => gpu_list(),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(&args),
         Command::Generate(args) => generate::run(&args, &mut std::io::stdout()).map(|s| {
             if !args.quiet {

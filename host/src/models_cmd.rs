@@ -13,7 +13,7 @@ use tandem_models::catalog::catalog;
 use tandem_models::fetch::{CacheState, FetchEvent, cache_state, fetch, resolve};
 use tandem_models::{IncrementalDecoder, Tokenizer};
 
-use crate::nn::{DraftModel, DraftSession};
+use crate::nn::DraftModel;
 
 /// `tandem models` subcommands.
 #[derive(Subcommand)]
@@ -76,7 +76,7 @@ pub enum ModelsCommand {
         /// Where the model runs: auto (the first hardware GPU, else the CPU), off (the CPU),
         /// or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
         #[arg(long, default_value = "auto")]
-        gpu: tandem_gpu::GpuChoice,
+        gpu: tandem_models::GpuChoice,
     },
 }
 
@@ -223,11 +223,11 @@ fn generate(
     prompt: &str,
     max_tokens: usize,
     params: &SamplingParams,
-    gpu: &tandem_gpu::GpuChoice,
+    gpu: &tandem_models::GpuChoice,
 ) -> Result<()> {
     let path = resolve(model)?;
     let t0 = Instant::now();
-    let mut session = DraftSession::new(&DraftModel::load(&path, gpu)?)?;
+    let mut session = DraftModel::load(&path, gpu)?.session()?;
     let tok = match tokenizer {
         Some(json) => Tokenizer::from_json_file(json, &["<|im_end|>", "<|endoftext|>", "</s>"])
             .with_context(|| format!("loading tokenizer {}", json.display()))?,
@@ -255,25 +255,36 @@ fn generate(
     write!(out, "{prompt}")?;
     out.flush()?;
     let t1 = Instant::now();
-    let mut next = step(&mut session, &ids, 0, params, &mut rng)?;
-    let prefill = t1.elapsed();
-    let t2 = Instant::now();
-    let mut generated = 0;
-    for _ in 0..max_tokens {
-        if tok.eos_tokens().contains(&next) {
-            break;
-        }
-        generated += 1;
-        write!(out, "{}", dec.push(&tok, next)?)?;
-        out.flush()?;
-        if generated == max_tokens {
-            break;
-        }
-        let pos = ids.len() + generated - 1;
-        next = step(&mut session, &[next], pos, params, &mut rng)?;
-    }
+    let mut first = None;
+    let generated = tandem_models::draft::decode(
+        session.as_mut(),
+        &ids,
+        max_tokens,
+        !params.is_greedy(),
+        |f| match f.logits {
+            Some(logits) => sample(&logits, params, &mut rng),
+            None => f.argmax,
+        },
+        |t, _| {
+            first.get_or_insert_with(Instant::now);
+            if tok.eos_tokens().contains(&t) {
+                return Ok(false);
+            }
+            write!(out, "{}", dec.push(&tok, t)?)?;
+            out.flush()?;
+            Ok::<_, anyhow::Error>(true)
+        },
+    )?;
+    let generated = generated.len()
+        - usize::from(
+            generated
+                .last()
+                .is_some_and(|t| tok.eos_tokens().contains(t)),
+        );
     writeln!(out, "{}", dec.finish(&tok)?)?;
-    let decode = t2.elapsed().as_secs_f64();
+    let first = first.unwrap_or_else(Instant::now);
+    let prefill = first.duration_since(t1);
+    let decode = first.elapsed().as_secs_f64();
     eprintln!(
         "prompt {} tokens in {:.2}s; generated {generated} tokens, {:.1} tok/s",
         ids.len(),
@@ -285,20 +296,6 @@ fn generate(
         }
     );
     Ok(())
-}
-
-/// Runs `tokens` at `pos..` and samples the next token (greedy reads back only the argmax).
-fn step(
-    session: &mut DraftSession,
-    tokens: &[u32],
-    pos: usize,
-    params: &SamplingParams,
-    rng: &mut Rng,
-) -> Result<u32> {
-    Ok(match session.forward(tokens, pos, !params.is_greedy())? {
-        (_, Some(logits)) => sample(&logits, params, rng),
-        (argmax, None) => argmax,
-    })
 }
 
 fn info(model: &str) -> Result<()> {

@@ -1,7 +1,8 @@
 //! The host's wasi:nn backends for graph encoding `ggml`, in the shape of wasmtime-wasi-nn's
 //! backend traits (`BackendInner` loads graphs, `BackendGraph` makes execution contexts,
-//! `BackendExecutionContext` computes). A graph runs on the CPU (tandem-models) or on the
-//! wgpu adapter `--gpu` chose (tandem-gpu); the guest cannot tell which.
+//! `BackendExecutionContext` computes). A graph runs on the CPU (tandem-models) or, in builds
+//! with the `gpu` feature, on the wgpu adapter `--gpu` chose (tandem-gpu); either is a
+//! `tandem_models::DraftForward` sequence, and the guest cannot tell which.
 //!
 //! Named tensors (see `wit/drafter.wit`): inputs `tokens` (I32 [n]), `pos` (I64 [1]),
 //! optional `logits` (U8 [1] = 1); outputs `argmax` (I32 [1]) and, when asked, `logits`
@@ -11,8 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_gpu::{GpuChoice, GpuModel, GpuSession, Want};
-use tandem_models::{KvCache, Model};
+use tandem_models::{CpuSequence, DraftForward, GpuChoice, Model};
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
     NamedTensor,
@@ -96,7 +96,7 @@ pub struct DraftGraph {
 impl BackendGraph for DraftGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
         let ctx: Box<dyn BackendExecutionContext> = Box::new(DraftContext {
-            session: DraftSession::new(&self.model).map_err(|e| err(format!("{e:#}")))?,
+            session: self.model.session().map_err(|e| err(format!("{e:#}")))?,
             meter: self.meter.clone(),
         });
         Ok(ctx.into())
@@ -104,7 +104,7 @@ impl BackendGraph for DraftGraph {
 }
 
 struct DraftContext {
-    session: DraftSession,
+    session: Box<dyn DraftForward>,
     meter: Arc<ComputeMeter>,
 }
 
@@ -201,66 +201,12 @@ impl BackendExecutionContext for DraftContext {
         let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
         let d = decode_inputs(&inputs)?;
         let started = Instant::now();
-        let (argmax, logits) = self
+        let out = self
             .session
             .forward(&d.tokens, d.pos, d.want_logits)
             .map_err(|e| err(format!("draft model: {e:#}")))?;
         self.meter.record(started.elapsed(), d.tokens.len());
-        Ok(Some(encode_outputs(argmax, logits.as_deref())))
-    }
-}
-
-/// One sequence of a draft model (its KV cache) on the backend the model was loaded on.
-pub enum DraftSession {
-    /// tandem-models on the CPU.
-    Cpu(Arc<Model>, KvCache),
-    /// tandem-gpu: the cache lives on the device.
-    Gpu(Box<GpuSession>),
-}
-
-impl DraftSession {
-    /// A new, empty sequence of `model`.
-    pub fn new(model: &DraftModel) -> anyhow::Result<Self> {
-        Ok(match model {
-            DraftModel::Cpu(m) => DraftSession::Cpu(m.clone(), m.new_cache()),
-            DraftModel::Gpu(m) => DraftSession::Gpu(Box::new(GpuSession::new(m.clone())?)),
-        })
-    }
-
-    /// The model's vocabulary size.
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            DraftSession::Cpu(m, _) => m.config().vocab_size,
-            DraftSession::Gpu(s) => s.model().config().vocab_size,
-        }
-    }
-
-    /// Runs `tokens` at positions `pos..` (rolling back what lies at or after `pos`) and
-    /// returns the last position's argmax and, with `want_logits`, its logits (the GPU reads
-    /// back only what is returned).
-    pub fn forward(
-        &mut self,
-        tokens: &[u32],
-        pos: usize,
-        want_logits: bool,
-    ) -> anyhow::Result<(u32, Option<Vec<f32>>)> {
-        Ok(match self {
-            DraftSession::Cpu(m, cache) => {
-                let logits = m.forward_last(tokens, pos, cache)?;
-                let last = logits.last();
-                let argmax = tandem_core::sampling::argmax(last);
-                (argmax, want_logits.then(|| last.to_vec()))
-            }
-            DraftSession::Gpu(s) => {
-                let want = if want_logits {
-                    Want::LastLogits
-                } else {
-                    Want::Argmax
-                };
-                let out = s.forward(tokens, pos, want)?;
-                (out.argmax, want_logits.then_some(out.logits))
-            }
-        })
+        Ok(Some(encode_outputs(out.argmax, out.logits.as_deref())))
     }
 }
 
@@ -270,24 +216,46 @@ pub enum DraftModel {
     /// tandem-models on the CPU.
     Cpu(Arc<Model>),
     /// tandem-gpu on a wgpu adapter.
-    Gpu(Arc<GpuModel>),
+    #[cfg(feature = "gpu")]
+    Gpu(Arc<tandem_gpu::GpuModel>),
 }
 
 impl DraftModel {
     /// Loads the model at `path` on the GPU `choice` names, or on the CPU: with `off`, when
     /// `auto` finds no hardware adapter, or when the GPU backend cannot run this model (said
-    /// once per process on stderr). A name that matches no adapter is an error.
+    /// once per process on stderr). A name that matches no adapter is an error, and so is
+    /// any name in a build without the `gpu` feature.
     pub fn load(path: &std::path::Path, choice: &GpuChoice) -> anyhow::Result<DraftModel> {
+        use anyhow::Context;
+        #[cfg(feature = "gpu")]
+        if let Some(m) = Self::load_gpu(path, choice)? {
+            return Ok(m);
+        }
+        #[cfg(not(feature = "gpu"))]
+        if let GpuChoice::Named(name) = choice {
+            anyhow::bail!(
+                "--gpu {name}: this tandem was built without its GPU backend (cargo feature \
+                 `gpu`); use --gpu off, or build with default features"
+            );
+        }
+        Ok(DraftModel::Cpu(Arc::new(Model::load(path).with_context(
+            || format!("loading the draft model {}", path.display()),
+        )?)))
+    }
+
+    /// The model on the GPU `choice` names, or `None` for the CPU.
+    #[cfg(feature = "gpu")]
+    fn load_gpu(path: &std::path::Path, choice: &GpuChoice) -> anyhow::Result<Option<Self>> {
         use anyhow::Context;
         static SAID: std::sync::Once = std::sync::Once::new();
         let say = |msg: String| SAID.call_once(|| eprintln!("{msg}"));
         match tandem_gpu::Gpu::open(choice)? {
             Some(gpu) => {
                 let name = gpu.info.to_string();
-                match GpuModel::load(gpu, path) {
+                match tandem_gpu::GpuModel::load(gpu, path) {
                     Ok(m) => {
                         say(format!("running the model on the GPU: {name}"));
-                        return Ok(DraftModel::Gpu(m));
+                        return Ok(Some(DraftModel::Gpu(m)));
                     }
                     Err(e @ tandem_gpu::Error::Unsupported { .. }) => {
                         say(format!("{e}; running the model on the CPU"))
@@ -302,9 +270,16 @@ impl DraftModel {
             ),
             None => {}
         }
-        Ok(DraftModel::Cpu(Arc::new(Model::load(path).with_context(
-            || format!("loading the draft model {}", path.display()),
-        )?)))
+        Ok(None)
+    }
+
+    /// A new, empty sequence of the model on its backend.
+    pub fn session(&self) -> anyhow::Result<Box<dyn DraftForward>> {
+        Ok(match self {
+            DraftModel::Cpu(m) => Box::new(CpuSequence::new(m.clone())),
+            #[cfg(feature = "gpu")]
+            DraftModel::Gpu(m) => Box::new(tandem_gpu::GpuSession::new(m.clone())?),
+        })
     }
 
     /// The wasi:nn graph that runs it.
@@ -319,6 +294,7 @@ impl DraftModel {
     pub fn backend(&self) -> String {
         match self {
             DraftModel::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "gpu")]
             DraftModel::Gpu(m) => m.adapter().name.clone(),
         }
     }

@@ -108,7 +108,7 @@ impl Drop for Verifier {
 fn verifier(
     early_exit: Option<usize>,
     delay_ms: u64,
-) -> (Verifier, Option<tandem_verifier::shaper::Shaper>) {
+) -> (Verifier, Option<tandem_client::shaper::Shaper>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let config = ServerConfig {
         early_exit_layer: early_exit,
@@ -124,9 +124,9 @@ fn verifier(
         let srv = tandem_verifier::start(state).await.unwrap();
         let shaper = if delay_ms > 0 {
             Some(
-                tandem_verifier::shaper::start(
+                tandem_client::shaper::start(
                     srv.addr,
-                    tandem_verifier::shaper::Link {
+                    tandem_client::shaper::Link {
                         delay: Duration::from_millis(delay_ms / 2),
                         rate_bps: None,
                     },

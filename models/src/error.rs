@@ -119,6 +119,9 @@ pub enum Error {
     /// The tokenizer could not be built or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A backend outside this crate (a GPU device) failed to run a sequence.
+    #[error("{0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// An error from the tensor engine.
     #[error("tensor engine: {0}")]
     Candle(#[from] candle_core::Error),

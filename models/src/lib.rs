@@ -5,6 +5,8 @@
 //!   exits (with optional trained [`ExitAdapter`]s) handed out mid-forward.
 //! - [`backbone`]: tokenizer and backbone fingerprints and the backbone split that makes a
 //!   drafter GGUF.
+//! - [`draft`]: one sequence of a model on any backend ([`DraftForward`], the CPU's
+//!   [`CpuSequence`]) and the one decode loop.
 //! - [`Tokenizer`] and [`IncrementalDecoder`] (native only).
 //! - [`catalog`] and [`fetch`] (native only): the real models this project uses.
 
@@ -12,6 +14,7 @@ pub mod adapter;
 pub mod backbone;
 pub mod catalog;
 mod config;
+pub mod draft;
 mod error;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fetch;
@@ -26,6 +29,7 @@ mod weights;
 pub use adapter::{ExitAdapter, LowRankAdapter};
 pub use backbone::{BackboneFingerprint, Fingerprints, TokenizerFingerprint};
 pub use config::{Architecture, Config};
+pub use draft::{CpuSequence, DraftForward, Forwarded, GpuChoice};
 pub use error::{Error, Result};
 pub use model::{ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, load_tensors};
 #[cfg(not(target_arch = "wasm32"))]

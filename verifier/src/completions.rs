@@ -1,13 +1,10 @@
 //! `POST /v1/completions`: OpenAI-compatible text completion on the target alone (for
 //! clients without a drafter), JSON or server-sent events (`"stream": true`).
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
 use tandem_core::accept::{judge, sample_correction};
 use tandem_core::protocol::Outcome;
 use tandem_core::sampling::{
@@ -16,53 +13,32 @@ use tandem_core::sampling::{
 use tandem_models::{IncrementalDecoder, KvPrecision, Model};
 use tokio::sync::mpsc;
 
-use crate::body::ChannelBody;
 use crate::registry::Target;
-use crate::server::{Body, State, error};
+use crate::server::{ServerDraft, State};
+use tandem_client::openai::{ApiError, Body, CompletionRequest, Kind, Meta, Piece, parse, respond};
 
-#[derive(serde::Deserialize)]
-struct CompletionRequest {
-    model: Option<String>,
+/// A completion request with this server's defaults filled in.
+struct Completion {
     prompt: String,
-    #[serde(default = "default_max_tokens")]
     max_tokens: usize,
-    #[serde(default = "one")]
-    temperature: f32,
-    #[serde(default = "one")]
-    top_p: f32,
-    #[serde(default)]
-    seed: u64,
-    #[serde(default)]
-    stream: bool,
-    /// tandem extension: speculative decoding with the server's own draft model
-    /// (`--draft`), the "cloud-sd" baseline.
-    #[serde(default)]
-    speculative: bool,
-    /// Draft length for `speculative`.
-    #[serde(default = "default_gamma")]
-    gamma: usize,
+    params: SamplingParams,
+    /// `Some(γ)`: the cloud-sd baseline with the server's draft model.
+    speculative: Option<usize>,
 }
 
-fn default_gamma() -> usize {
-    4
-}
-
-fn default_max_tokens() -> usize {
-    16
-}
-
-fn one() -> f32 {
-    1.0
-}
-
-enum Piece {
-    Text(String),
-    Done {
-        finish_reason: &'static str,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
-    Failed(String),
+impl Completion {
+    fn from_request(r: &CompletionRequest) -> Completion {
+        Completion {
+            prompt: r.prompt.clone(),
+            max_tokens: r.common.max_tokens.unwrap_or(16) as usize,
+            params: SamplingParams {
+                temperature: r.common.temperature.unwrap_or(1.0),
+                top_p: r.common.top_p.unwrap_or(1.0),
+                seed: r.common.seed.unwrap_or(0),
+            },
+            speculative: r.speculative.then_some(r.gamma.unwrap_or(4)),
+        }
+    }
 }
 
 /// Picks the target a completion names: `family`, `family@version`, or the newest loaded.
@@ -174,12 +150,12 @@ fn decode(
 fn generate(
     target: &Target,
     draft: Option<(&Model, usize)>,
-    req: &CompletionRequest,
+    req: &Completion,
     max_context: usize,
     kv: KvPrecision,
     emit: &mut dyn FnMut(Piece) -> bool,
 ) {
-    let fail = |m: String| Piece::Failed(m);
+    let fail = |m: String| Piece::Failed(ApiError::invalid(m));
     let tokens = match target.tokenizer.encode(&req.prompt) {
         Ok(t) if !t.is_empty() => t,
         Ok(_) => {
@@ -200,11 +176,7 @@ fn generate(
         )));
         return;
     }
-    let params = SamplingParams {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-    };
+    let params = req.params;
     let mut decoder = IncrementalDecoder::new();
     let mut generated = 0;
     let mut finish_reason = "length";
@@ -259,84 +231,38 @@ fn generate(
 pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        Err(e) => return ApiError::invalid(format!("reading the body: {e}")).response(),
     };
-    let creq: CompletionRequest = match serde_json::from_slice(&body) {
+    let creq: CompletionRequest = match parse(&body, "JSON with a string `prompt`") {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("bad completion request: {e} (expected JSON with a string `prompt`)"),
-            );
-        }
+        Err(e) => return e.response(),
     };
-    let params = SamplingParams {
-        temperature: creq.temperature,
-        top_p: creq.top_p,
-        seed: creq.seed,
-    };
-    if let Err(e) = params.validate() {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
-    }
-    let limits = state.config.limits;
-    if creq.max_tokens > limits.max_tokens {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "max_tokens {} exceeds this server's limit of {}",
-                creq.max_tokens, limits.max_tokens
-            ),
-        );
-    }
-    let target = match pick(&state, creq.model.as_deref()) {
+    let completion = Completion::from_request(&creq);
+    let (target, draft) = match admit(&state, &creq, &completion) {
         Ok(t) => t,
-        Err(m) => return error(StatusCode::NOT_FOUND, m),
-    };
-    let draft = if creq.speculative {
-        let Some(d) = state.draft.clone() else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "`speculative` needs a draft model on the server: start it with --draft NAME|PATH",
-            );
-        };
-        if d.tokenizer_fp != target.tokenizer_fp {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the server's draft model {} does not share the tokenizer of {}",
-                    d.path.display(),
-                    target.id()
-                ),
-            );
-        }
-        if creq.gamma > limits.max_draft {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "gamma {} exceeds this server's limit of {}",
-                    creq.gamma, limits.max_draft
-                ),
-            );
-        }
-        Some(d)
-    } else {
-        None
+        Err(e) => return e.response(),
     };
     let Some(slot) = state.enter() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, state.busy_message());
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            state.busy_message(),
+        )
+        .response();
     };
-    let stream = creq.stream;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Piece>();
+    let limits = state.config.limits;
+    let (tx, rx) = mpsc::unbounded_channel::<Piece>();
     let gen_target = target.clone();
     let metrics = state.metrics.clone();
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
         let _use = gen_target.enter();
-        let draft = draft.as_ref().map(|d| (&d.model, creq.gamma));
+        let draft = draft.as_ref().zip(completion.speculative);
+        let draft = draft.map(|(d, gamma)| (&d.model, gamma));
         generate(
             &gen_target,
             draft,
-            &creq,
+            &completion,
             limits.max_context,
             limits.kv_cache,
             &mut |p| {
@@ -350,87 +276,52 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
             },
         );
     });
-    let id = format!(
-        "cmpl-{:x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    );
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let model_id = target.id();
-    // One completion object (or SSE chunk): text, finish reason, and usage when known.
-    let body = move |text: &str, finish: Option<&str>, usage: Option<(usize, usize)>| {
-        let mut v = serde_json::json!({
-            "id": id, "object": "text_completion", "created": created, "model": model_id,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
-        });
-        if let Some((prompt, completion)) = usage {
-            v["usage"] = serde_json::json!({"prompt_tokens": prompt, "completion_tokens": completion,
-                                            "total_tokens": prompt + completion});
-        }
-        v
-    };
-    if !stream {
-        let mut text = String::new();
-        while let Some(p) = rx.recv().await {
-            match p {
-                Piece::Text(t) => text.push_str(&t),
-                Piece::Failed(m) => return error(StatusCode::BAD_REQUEST, m),
-                Piece::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    let v = body(
-                        &text,
-                        Some(finish_reason),
-                        Some((prompt_tokens, completion_tokens)),
-                    );
-                    return Response::builder()
-                        .header("content-type", "application/json")
-                        .body(http_body_util::Full::new(Bytes::from(format!("{v}\n"))).boxed())
-                        .unwrap();
-                }
-            }
-        }
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "generation stopped early",
-        );
+    respond(
+        Meta::new(Kind::Completion, target.id()),
+        creq.common.stream,
+        rx,
+    )
+    .await
+}
+
+/// Checks a request against this server's limits and finds its target (and, for the
+/// cloud-sd baseline, the draft model).
+fn admit(
+    state: &State,
+    creq: &CompletionRequest,
+    c: &Completion,
+) -> Result<(Arc<Target>, Option<Arc<ServerDraft>>), ApiError> {
+    c.params
+        .validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let limits = state.config.limits;
+    if c.max_tokens > limits.max_tokens {
+        return Err(ApiError::invalid(format!(
+            "max_tokens {} exceeds this server's limit of {}",
+            c.max_tokens, limits.max_tokens
+        )));
     }
-    let (out, sse) = ChannelBody::new();
-    tokio::spawn(async move {
-        let chunk = |v: serde_json::Value| Bytes::from(format!("data: {v}\n\n"));
-        while let Some(p) = rx.recv().await {
-            let b = match p {
-                Piece::Text(t) => chunk(body(&t, None, None)),
-                Piece::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                } => chunk(body(
-                    "",
-                    Some(finish_reason),
-                    Some((prompt_tokens, completion_tokens)),
-                )),
-                Piece::Failed(m) => Bytes::from(format!(
-                    "data: {}\n\n",
-                    serde_json::json!({"error": {"message": m}})
-                )),
-            };
-            if out.send(b).is_err() {
-                return;
-            }
-        }
-        let _ = out.send(Bytes::from_static(b"data: [DONE]\n\n"));
-    });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .header("cache-control", "no-cache")
-        .body(sse.boxed())
-        .unwrap()
+    let target = pick(state, creq.common.model.as_deref()).map_err(ApiError::not_found)?;
+    let Some(gamma) = c.speculative else {
+        return Ok((target, None));
+    };
+    let Some(d) = state.draft.clone() else {
+        return Err(ApiError::invalid(
+            "`speculative` needs a draft model on the server: start it with --draft NAME|PATH",
+        ));
+    };
+    if d.tokenizer_fp != target.tokenizer_fp {
+        return Err(ApiError::invalid(format!(
+            "the server's draft model {} does not share the tokenizer of {}",
+            d.path.display(),
+            target.id()
+        )));
+    }
+    if gamma > limits.max_draft {
+        return Err(ApiError::invalid(format!(
+            "gamma {gamma} exceeds this server's limit of {}",
+            limits.max_draft
+        )));
+    }
+    Ok((target, Some(d)))
 }

@@ -4,16 +4,12 @@
 //! one round trip per token over the same protocol (a `Verify` with no drafts), and
 //! OpenAI-compatible `/v1/completions`.
 
-pub mod body;
-pub mod client;
 mod completions;
 pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
-pub mod shaper;
 
-pub use client::{Endpoint, SessionClient};
-pub use registry::{Registry, Target, TargetSpec};
+pub use registry::{LoadError, Registry, Target, TargetSpec};
 pub use server::{RunningServer, ServerConfig, State, start};
 pub use session::{Limits, Session, SessionError};

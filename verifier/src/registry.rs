@@ -58,6 +58,32 @@ impl std::str::FromStr for TargetSpec {
     }
 }
 
+/// Why a target could not be loaded: one variant per answer an admin gets.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A target of that family and version serves already.
+    #[error(
+        "target {id} is already loaded; give a new version (FAMILY@VERSION=...) or retire it first"
+    )]
+    AlreadyLoaded {
+        /// `family@version`.
+        id: String,
+    },
+    /// The model could not be found, read or checked.
+    #[error("{0:#}")]
+    Model(#[from] anyhow::Error),
+}
+
+impl LoadError {
+    /// The HTTP status `POST /admin/targets` answers with.
+    pub fn status(&self) -> hyper::StatusCode {
+        match self {
+            LoadError::AlreadyLoaded { .. } => hyper::StatusCode::CONFLICT,
+            LoadError::Model(_) => hyper::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
 /// One loaded target version.
 pub struct Target {
     /// Family name.
@@ -218,16 +244,13 @@ impl Registry {
     }
 
     /// Adds a loaded target; it serves new sessions from now on.
-    pub fn add(&self, target: Target) -> anyhow::Result<Arc<Target>> {
+    pub fn add(&self, target: Target) -> Result<Arc<Target>, LoadError> {
         let mut all = self.targets.write().unwrap();
         if all
             .iter()
             .any(|t| t.family == target.family && t.version == target.version)
         {
-            bail!(
-                "target {} is already loaded; give a new version (FAMILY@VERSION=...) or retire it first",
-                target.id()
-            );
+            return Err(LoadError::AlreadyLoaded { id: target.id() });
         }
         target.seq.store(
             self.next_seq.fetch_add(1, Ordering::SeqCst),

@@ -10,7 +10,6 @@ use std::sync::{Arc, mpsc};
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,19 +17,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tandem_core::protocol::{
     Accepted, ClientMsg, ErrorCode, FrameDecoder, Hello, Message, ProtocolError, ServerMsg,
 };
-use tandem_core::sampling::SamplingParams;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::body::ChannelBody;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, Target, TargetSpec};
+use crate::registry::{LoadError, Registry, Target, TargetSpec};
 use crate::session::{Limits, Session, SessionError};
+use tandem_client::body::ChannelBody;
+use tandem_client::openai::{ApiError, json_response};
 
 /// Response body of every endpoint.
-pub type Body = BoxBody<Bytes, Infallible>;
+pub use tandem_client::openai::Body;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -125,7 +124,7 @@ impl State {
     }
 
     /// Loads a target and makes it serve new sessions (blocking: reads the model).
-    pub fn load(&self, spec: &TargetSpec) -> anyhow::Result<Arc<Target>> {
+    pub fn load(&self, spec: &TargetSpec) -> Result<Arc<Target>, LoadError> {
         let (family, version) = self.registry.name_for(spec);
         let target = Target::load(spec, family, version, self.config.early_exit_layer)?;
         let target = self.registry.add(target)?;
@@ -261,19 +260,19 @@ fn full(b: impl Into<Bytes>) -> Body {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(full(format!("{v}\n")))
-        .unwrap()
+    json_response(status, &v)
 }
 
-/// An OpenAI-style error body.
+/// An error in the one shape both servers use (`tandem_client::openai::ApiError`).
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        serde_json::json!({"error": {"message": message.into(), "code": status.as_u16()}}),
-    )
+    let kind = match status {
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::CONFLICT => "conflict_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    ApiError::new(status, kind, message).response()
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
@@ -389,14 +388,7 @@ async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     let st = state.clone();
     match tokio::task::spawn_blocking(move || st.load(&spec)).await {
         Ok(Ok(t)) => json(StatusCode::CREATED, t.describe()),
-        Ok(Err(e)) => {
-            let status = if e.to_string().contains("already loaded") {
-                StatusCode::CONFLICT
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            error(status, format!("{e:#}"))
-        }
+        Ok(Err(e)) => error(e.status(), e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -572,11 +564,7 @@ async fn open_session(
             "missing or wrong bearer token: put a token from the server's --token-file in Hello or the Authorization header",
         ));
     }
-    let params = SamplingParams {
-        temperature: hello.sampling.temperature,
-        top_p: hello.sampling.top_p,
-        seed: hello.sampling.seed,
-    };
+    let params = hello.sampling;
     params
         .validate()
         .map_err(|e| SessionError::new(ErrorCode::BadRequest, e.to_string()))?;

@@ -10,9 +10,10 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tandem_client::{Endpoint, SessionClient};
 use tandem_core::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use tandem_core::sampling::SamplingParams;
-use tandem_verifier::{Endpoint, ServerConfig, SessionClient};
+use tandem_verifier::ServerConfig;
 
 /// A `tandem-verifier serve` process, killed when dropped.
 struct Verifier {
@@ -165,6 +166,8 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
     .await;
     assert_eq!(s, 400);
     assert!(body.contains("prompt"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
     let (s, body) = http(
         a,
         "POST",
@@ -187,6 +190,22 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
     let (s, body) = http(a, "POST", "/admin/targets", Some("s3cret"), &load).await;
     assert_eq!(s, 201, "{body}");
     assert!(body.contains("\"version\":\"2\""), "{body}");
+    // The same version again is a conflict, in the one error shape of both servers.
+    let again = format!(
+        r#"{{"model": "{}", "family": "smollm2-135m", "version": "2"}}"#,
+        smol().display()
+    );
+    let (s, body) = http(a, "POST", "/admin/targets", Some("s3cret"), &again).await;
+    assert_eq!(s, 409, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "conflict_error", "{body}");
+    assert_eq!(v["error"]["code"], 409, "{body}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already loaded")
+    );
     let (s, body) = http(
         a,
         "POST",

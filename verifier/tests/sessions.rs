@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use tandem_client::{Endpoint, SessionClient};
 use tandem_core::protocol::{ClientMsg, ErrorCode, Message, ServerMsg, Verify};
 use tandem_core::sampling::SamplingParams;
-use tandem_verifier::{Endpoint, Limits, ServerConfig, SessionClient};
+use tandem_verifier::{Limits, ServerConfig};
 
 fn greedy() -> SamplingParams {
     SamplingParams::default()

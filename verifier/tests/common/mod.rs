@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use tandem_client::{Endpoint, SessionClient};
 use tandem_core::protocol::{
-    Accepted, BackboneClaim, ClientMsg, Hello, Outcome, ServerMsg, Verify, WireSampling,
+    Accepted, BackboneClaim, ClientMsg, Hello, Outcome, ServerMsg, Verify,
 };
 use tandem_core::sampling::{Rng, SamplingParams, argmax, distribution, sample_from};
 use tandem_models::{Model, Tokenizer};
-use tandem_verifier::{Endpoint, RunningServer, ServerConfig, SessionClient, State, TargetSpec};
+use tandem_verifier::{RunningServer, ServerConfig, State, TargetSpec};
 
 /// The test target.
 pub const SMOL: &str = "smollm2-135m";
@@ -106,7 +107,7 @@ pub fn hello(sampling: SamplingParams, max_tokens: u32) -> Hello {
             fingerprint: fp.backbone.0,
         }),
         family: None,
-        sampling: WireSampling {
+        sampling: tandem_core::sampling::SamplingParams {
             temperature: sampling.temperature,
             top_p: sampling.top_p,
             seed: sampling.seed,

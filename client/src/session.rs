@@ -1,5 +1,5 @@
 //! A session client: one HTTP/2 stream (`POST /v1/session`) carrying protocol frames both
-//! ways, over cleartext h2c or TLS. Used by the edge host and by the tests.
+//! ways, over cleartext h2c or TLS.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,29 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::body::ChannelBody;
-
-/// How to reach a verifier.
-#[derive(Clone, Debug)]
-pub struct Endpoint {
-    /// `host:port`.
-    pub addr: String,
-    /// TLS: PEM file of the CA that signed the server's certificate, and the server name
-    /// to check; `None` for cleartext h2c.
-    pub tls: Option<(std::path::PathBuf, String)>,
-    /// Bearer token sent in the `Authorization` header.
-    pub bearer: Option<String>,
-}
-
-impl Endpoint {
-    /// A cleartext endpoint without a token.
-    pub fn plain(addr: impl Into<String>) -> Self {
-        Endpoint {
-            addr: addr.into(),
-            tls: None,
-            bearer: None,
-        }
-    }
-}
+use crate::endpoint::Endpoint;
 
 /// The sending half of a split session stream.
 #[derive(Clone)]
@@ -131,6 +109,21 @@ fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// Sends `req` as the first stream of a new HTTP/2 connection over `io`.
+async fn send_over<T>(
+    io: TokioIo<T>,
+    req: hyper::Request<ChannelBody>,
+) -> anyhow::Result<hyper::Response<Incoming>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .context("HTTP/2 handshake with the verifier")?;
+    tokio::spawn(conn);
+    Ok(send.send_request(req).await?)
+}
+
 impl SessionClient {
     /// Opens a session stream (no message is sent yet).
     pub async fn connect(ep: &Endpoint) -> anyhow::Result<SessionClient> {
@@ -146,14 +139,7 @@ impl SessionClient {
         }
         let req = req.body(body)?;
         let resp = match &ep.tls {
-            None => {
-                let (mut send, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                        .await
-                        .context("HTTP/2 handshake with the verifier")?;
-                tokio::spawn(conn);
-                send.send_request(req).await?
-            }
+            None => send_over(TokioIo::new(tcp), req).await?,
             Some((ca, name)) => {
                 let name = rustls_pki_types::ServerName::try_from(name.clone())
                     .with_context(|| format!("bad TLS server name `{name}`"))?;
@@ -161,12 +147,7 @@ impl SessionClient {
                     .connect(name, tcp)
                     .await
                     .context("TLS handshake with the verifier")?;
-                let (mut send, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                        .await
-                        .context("HTTP/2 handshake with the verifier")?;
-                tokio::spawn(conn);
-                send.send_request(req).await?
+                send_over(TokioIo::new(tls), req).await?
             }
         };
         let status = resp.status();
