@@ -5,6 +5,7 @@
 //! servers speak ([`openai`]). Among tandem's crates it depends on tandem-core only, so the
 //! edge build links no server code.
 
+pub mod auth;
 pub mod body;
 pub mod cloud_sd;
 pub mod endpoint;

@@ -252,15 +252,34 @@ impl api::GuestSession for Session {
                     std::hint::black_box(&hoard);
                 }
             }
+            // Returns no action, ever.
+            "hostile-spin" => return Ok(Vec::new()),
+            // Opens execution contexts (each a KV cache on the host) until refused.
+            "hostile-contexts" => {
+                let g =
+                    graph::load_by_name(&self.hostile).map_err(|e| nn_err("load-by-name", e))?;
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(
+                        g.init_execution_context()
+                            .map_err(|e| nn_err("init-execution-context", e))?,
+                    );
+                }
+            }
             _ => {}
         }
-        Ok(self
-            .machine
-            .borrow_mut()
-            .step()?
-            .into_iter()
-            .map(api::Action::from)
-            .collect())
+        #[allow(unused_mut)]
+        let mut actions = self.machine.borrow_mut().step()?;
+        // Emits ids the verifier did not commit.
+        #[cfg(feature = "hostile")]
+        if self.hostile == "hostile-flip" {
+            for a in &mut actions {
+                if let Action::Emit(tokens) = a {
+                    tokens.iter_mut().for_each(|t| *t ^= 1);
+                }
+            }
+        }
+        Ok(actions.into_iter().map(api::Action::from).collect())
     }
 
     fn stats(&self) -> api::Stats {

@@ -14,6 +14,7 @@ use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_nn::wit::WasiNnCtx;
 
+use crate::cache::CompiledCache;
 use crate::nn::NamedGraphs;
 
 wasmtime::component::bindgen!({
@@ -137,6 +138,8 @@ fn engine() -> anyhow::Result<Engine> {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // One linear memory per module: the memory limit then bounds what a component holds.
+    config.wasm_multi_memory(false);
     let engine = Engine::new(&config).map_err(wt)?;
     // One ticker for the process: the epoch moves every 10 ms.
     let weak = engine.weak();
@@ -152,15 +155,21 @@ fn engine() -> anyhow::Result<Engine> {
     Ok(ENGINE.get_or_init(|| engine).clone())
 }
 
-/// Where compiled components are cached: `$TANDEM_WASM_CACHE`, else next to the model cache.
+/// Where compiled components are cached: `$TANDEM_WASM_CACHE`, else
+/// `$XDG_CACHE_HOME/tandem/wasm`, else `~/.cache/tandem/wasm` — a directory of this user's
+/// (see [`crate::cache`]).
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_WASM_CACHE") {
         return PathBuf::from(d);
     }
-    tandem_models::fetch::cache_dir()
-        .parent()
-        .map(|p| p.join("wasm"))
-        .unwrap_or_else(|| PathBuf::from(".tandem-wasm-cache"))
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    match base {
+        Some(b) => b.join("tandem").join("wasm"),
+        None => PathBuf::from(".tandem-wasm-cache"),
+    }
 }
 
 impl Runtime {
@@ -185,23 +194,31 @@ impl Runtime {
             std::hash::Hasher::finish(&compat)
         );
         let dir = cache_dir();
-        let cache_path = dir.join(key);
+        let cache = CompiledCache::open(&dir)
+            .map_err(|e| tracing_warn(&format!("compiled-component cache: {e}")))
+            .ok();
         let mut from_cache = false;
         let mut component = None;
-        if cache_path.exists() {
-            // SAFETY: the file was written by `Component::serialize` of this engine
-            // configuration (the name carries its compatibility hash) into our own cache
-            // directory; a file that fails to load is recompiled.
-            match unsafe { Component::deserialize_file(&engine, &cache_path) } {
-                Ok(c) => {
-                    component = Some(c);
-                    from_cache = true;
+        match cache.as_ref().map(|c| c.get(&key)) {
+            Some(Ok(Some(compiled))) => {
+                // SAFETY: the bytes carry this user's HMAC tag for this name, so this
+                // user's host wrote them with `Component::serialize` of an engine with this
+                // compatibility hash (part of the name); a file that fails to load is
+                // recompiled.
+                match unsafe { Component::deserialize(&engine, &compiled) } {
+                    Ok(c) => {
+                        component = Some(c);
+                        from_cache = true;
+                    }
+                    Err(e) => tracing_warn(&format!(
+                        "ignoring the cached compiled component {key}: {e}"
+                    )),
                 }
-                Err(e) => tracing_warn(&format!(
-                    "ignoring the cached compiled component {}: {e}",
-                    cache_path.display()
-                )),
             }
+            Some(Err(e)) => tracing_warn(&format!(
+                "ignoring a cached compiled component: {e}; compiling"
+            )),
+            Some(Ok(None)) | None => {}
         }
         let component = match component {
             Some(c) => c,
@@ -212,12 +229,10 @@ impl Runtime {
                         wasm.display()
                     )
                 })?;
-                if let Ok(serialized) = c.serialize() {
-                    let _ = std::fs::create_dir_all(&dir);
-                    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-                    if std::fs::write(&tmp, serialized).is_ok() {
-                        let _ = std::fs::rename(&tmp, &cache_path);
-                    }
+                if let (Some(cache), Ok(serialized)) = (&cache, c.serialize())
+                    && let Err(e) = cache.put(&key, &serialized)
+                {
+                    tracing_warn(&format!("could not cache the compiled component: {e}"));
                 }
                 c
             }
@@ -324,8 +339,14 @@ impl Drafter {
         ) -> wasmtime::Result<Result<T, String>>,
     ) -> anyhow::Result<T> {
         let session = self.session;
+        crate::nn::take_backend_error();
         let r = self.call(|b, s| f(&b.tandem_drafter_session_api().session(), s, session))?;
-        r.map_err(|m| anyhow::anyhow!("drafter: {m}"))
+        r.map_err(|m| match crate::nn::take_backend_error() {
+            Some(backend) => {
+                anyhow::anyhow!("drafter: {m} (the host's wasi:nn backend: {backend})")
+            }
+            None => anyhow::anyhow!("drafter: {m}"),
+        })
     }
 
     /// Runs the prompt through the draft model.

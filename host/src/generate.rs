@@ -16,6 +16,7 @@ use tandem_core::sampling::SamplingParams;
 use tandem_models::{IncrementalDecoder, Tokenizer};
 
 use crate::component::{Drafter, GuestLimits, Runtime, api};
+use crate::ledger::Ledger;
 use crate::nn::{ComputeMeter, DraftModel, MeterReading, NamedGraphs};
 
 /// How to work with the verifier.
@@ -501,6 +502,13 @@ struct SessionDriver {
     text: String,
     ids: Vec<u32>,
     quiet: bool,
+    /// What the verifier committed: every emitted token is checked against it.
+    ledger: Ledger,
+    /// The component, for errors.
+    drafter_path: PathBuf,
+    /// Steps in a row that returned no action, and how many are allowed.
+    idle_steps: usize,
+    max_idle_steps: usize,
 }
 
 /// How long the verifier may stay silent before the generation fails.
@@ -544,7 +552,6 @@ impl SessionDriver {
             tx,
             events,
             bytes_down,
-            accepted,
             link: LinkState::new(connect_ms, args.uplink_bps),
             meter: Arc::new(ComputeMeter::default()),
             last_reading: MeterReading::default(),
@@ -559,6 +566,13 @@ impl SessionDriver {
             text: String::new(),
             ids: Vec::new(),
             quiet: args.quiet,
+            ledger: Ledger::new(args.max_tokens.min(accepted.max_tokens) as usize),
+            drafter_path: args.drafter.clone(),
+            idle_steps: 0,
+            // A step drafts at most one token; a block and the one drafted ahead of it
+            // take at most 2 × max_draft steps without an action.
+            max_idle_steps: 64 + 8 * args.max_draft.min(accepted.max_draft) as usize,
+            accepted,
         })
     }
 
@@ -601,6 +615,19 @@ impl SessionDriver {
             let actions = drafter.step()?;
             self.step_time += step_started.elapsed();
             self.read_meter();
+            self.idle_steps = if actions.is_empty() {
+                self.idle_steps + 1
+            } else {
+                0
+            };
+            if self.idle_steps > self.max_idle_steps {
+                bail!(
+                    "the drafter component {} ran {} steps in a row without sending, emitting \
+                     or waiting; it is stopped (a draft step drafts one token)",
+                    self.drafter_path.display(),
+                    self.idle_steps
+                );
+            }
             for action in actions {
                 match action {
                     api::Action::Send(b) => self.send(b)?,
@@ -639,6 +666,7 @@ impl SessionDriver {
         at: Instant,
         msg: ServerMsg,
     ) -> anyhow::Result<()> {
+        self.ledger.observe(&msg);
         self.link
             .deliver(drafter, at, msg, self.draft_ms, &mut self.energy_since)
     }
@@ -662,6 +690,7 @@ impl SessionDriver {
 
     fn send(&mut self, b: api::Block) -> anyhow::Result<()> {
         self.link.sent(b.round, b.tokens.len());
+        self.ledger.sent(b.round, &b.tokens);
         self.tx.send(&ClientMsg::Verify(b.into()))
     }
 
@@ -671,6 +700,13 @@ impl SessionDriver {
         tokenizer: &Tokenizer,
         out: &mut dyn Write,
     ) -> anyhow::Result<()> {
+        self.ledger.emit(tokens).map_err(|e| {
+            anyhow::anyhow!(
+                "the drafter component {} {e}: its output is not the target's, so the \
+                 generation stops",
+                self.drafter_path.display()
+            )
+        })?;
         self.ttft.get_or_insert_with(|| self.started.elapsed());
         for &t in tokens {
             self.ids.push(t);

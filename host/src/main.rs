@@ -2,10 +2,12 @@
 //! a verifier, and the `models` subcommands (catalog, fetch, split, fingerprint, local
 //! generation).
 
+mod cache;
 mod component;
 #[cfg(feature = "demo")]
 mod demo;
 mod generate;
+mod ledger;
 mod models_cmd;
 mod nn;
 mod serve;

@@ -20,8 +20,22 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{Backend, ExecutionContext, Graph, GraphRegistry, Tensor};
 
+/// A backend error. wasi-nn shows the guest only "Failed while accessing backend", so the
+/// message is also kept for the host: the call into the guest runs on this thread, and
+/// [`take_backend_error`] after it fails tells the user what the backend refused.
 fn err(msg: impl Into<String>) -> BackendError {
-    BackendError::BackendAccess(wasmtime::Error::msg(msg.into()))
+    let msg = msg.into();
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(msg.clone()));
+    BackendError::BackendAccess(wasmtime::Error::msg(msg))
+}
+
+thread_local! {
+    static LAST_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The last error a backend returned on this thread, if any (cleared).
+pub fn take_backend_error() -> Option<String> {
+    LAST_ERROR.with(|e| e.borrow_mut().take())
 }
 
 /// Time spent in draft-model compute, shared with the host's driver: all calls (for
@@ -91,13 +105,32 @@ impl BackendInner for CpuBackend {
 pub struct DraftGraph {
     model: DraftModel,
     meter: Arc<ComputeMeter>,
+    /// Execution contexts alive (each holds a KV cache outside the guest's memory).
+    contexts: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Execution contexts a session's graph may have alive at once: a drafter needs one; each
+/// holds a KV cache of host memory that the guest's memory limit does not see.
+pub const MAX_CONTEXTS: usize = 4;
 
 impl BackendGraph for DraftGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.contexts.fetch_add(1, SeqCst) >= MAX_CONTEXTS {
+            self.contexts.fetch_sub(1, SeqCst);
+            return Err(err(format!(
+                "the drafter component asked for more than {MAX_CONTEXTS} execution contexts \
+                 at once (each holds a KV cache of host memory)"
+            )));
+        }
+        let session = self.model.session().map_err(|e| {
+            self.contexts.fetch_sub(1, SeqCst);
+            err(format!("{e:#}"))
+        })?;
         let ctx: Box<dyn BackendExecutionContext> = Box::new(DraftContext {
-            session: self.model.session().map_err(|e| err(format!("{e:#}")))?,
+            session,
             meter: self.meter.clone(),
+            alive: self.contexts.clone(),
         });
         Ok(ctx.into())
     }
@@ -106,6 +139,13 @@ impl BackendGraph for DraftGraph {
 struct DraftContext {
     session: Box<dyn DraftForward>,
     meter: Arc<ComputeMeter>,
+    alive: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for DraftContext {
+    fn drop(&mut self) {
+        self.alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The decoded inputs of one compute call.
@@ -287,6 +327,7 @@ impl DraftModel {
         Box::new(DraftGraph {
             model: self.clone(),
             meter,
+            contexts: Default::default(),
         })
     }
 

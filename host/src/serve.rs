@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tandem_client::auth::{read_token_file, token_matches};
 use tandem_client::openai::{
     ApiError, Body, ChatMessage, ChatRequest, Common, CompletionRequest, Kind, Meta, Piece,
     json_response, parse, respond,
@@ -27,6 +28,13 @@ pub struct ServeArgs {
     /// Address of the local API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// File of bearer tokens (one per line) that API clients must send; without it the API
+    /// is open to whoever reaches `--listen`.
+    #[arg(long)]
+    pub api_token_file: Option<std::path::PathBuf>,
+    /// Generations running at once; more requests are answered 429.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent: usize,
     /// Verifier, drafter, draft model and defaults for requests (`--prompt` is ignored).
     #[command(flatten)]
     pub generate: GenerateArgs,
@@ -36,6 +44,9 @@ struct Shared {
     prepared: Prepared,
     defaults: GenerateArgs,
     model_id: String,
+    api_tokens: Vec<String>,
+    running: Arc<tokio::sync::Semaphore>,
+    max_concurrent: usize,
 }
 
 /// Formats chat messages with the ChatML template the catalog models use.
@@ -88,6 +99,21 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         (&Method::POST, "/v1/chat/completions") => Kind::Chat,
         _ => return Ok(ApiError::not_found(format!("no endpoint {path}")).response()),
     };
+    if let Err(e) = admit(&shared, &req) {
+        return Ok(e.response());
+    }
+    let Ok(permit) = shared.running.clone().try_acquire_owned() else {
+        return Ok(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "{} generations are running, the most this server runs at once \
+                 (--max-concurrent); retry later",
+                shared.max_concurrent
+            ),
+        )
+        .response());
+    };
     let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return Ok(ApiError::invalid(format!("reading the body: {e}")).response()),
@@ -99,6 +125,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
     let sh = shared.clone();
     std::thread::spawn(move || {
+        let _permit = permit;
         let mut w = ChannelWriter(tx.clone());
         let piece = match run_prepared(&sh.prepared, &args, &mut w) {
             Ok(s) => Piece::Done {
@@ -123,6 +150,41 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         let _ = tx.send(piece);
     });
     Ok(respond(Meta::new(kind, shared.model_id.clone()), stream, rx).await)
+}
+
+/// Checks the request's token and content type. JSON is required so that a web page
+/// cannot make a browser post a form here (which needs no CORS preflight) and spend the
+/// operator's verifier.
+fn admit(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
+    if !shared.api_tokens.is_empty() {
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !token_matches(token, &shared.api_tokens) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing or wrong bearer token: send `Authorization: Bearer <token>` with a \
+                 token from this server's --api-token-file",
+            ));
+        }
+    }
+    let json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "send the request as JSON with `Content-Type: application/json`",
+        ));
+    }
+    Ok(())
 }
 
 /// The generation a request asks for (the server's options where it is silent), and
@@ -173,10 +235,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                 .to_string_lossy()
                 .into_owned())
     );
+    if args.max_concurrent == 0 {
+        anyhow::bail!("--max-concurrent must be at least 1");
+    }
+    let api_tokens = match &args.api_token_file {
+        Some(p) => read_token_file(p)?,
+        None => Vec::new(),
+    };
     let shared = Arc::new(Shared {
         prepared,
         defaults: args.generate.clone(),
         model_id,
+        api_tokens,
+        running: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
+        max_concurrent: args.max_concurrent,
     });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -248,6 +248,47 @@ fn greedy_output_equals_target_only_for_every_strategy() {
             }
         }
     }
+    // A tampered compiled component is never deserialized: it is recompiled (with a
+    // warning) and the next start uses the fresh one.
+    let cached: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let mut bytes = std::fs::read(&cached[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&cached[0], &bytes).unwrap();
+    for (tampered, want_cached) in [(true, false), (false, true)] {
+        let o = generate(
+            &[
+                "--verifier",
+                &v.url,
+                "--drafter",
+                wasm.to_str().unwrap(),
+                "--draft-model",
+                drafter_model().to_str().unwrap(),
+                "--prompt",
+                PROMPTS[0],
+                "--max-tokens",
+                "4",
+                "--strategy",
+                "cloud-ar",
+                "--stats-json",
+                json.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        let s = stats(&o, &json);
+        assert_eq!(s["component_cached"], want_cached);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            err.contains("does not carry this user's cache tag"),
+            tampered,
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -342,6 +383,13 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
     for (behaviour, want) in [
         ("hostile-loop", "ran longer than the limit"),
         ("hostile-alloc", "memory past the limit of 64 MiB"),
+        // Emits token ids the verifier did not commit: the host refuses to print them.
+        ("hostile-flip", "but the verifier committed"),
+        // Steps forever without an action (each call returns at once).
+        (
+            "hostile-spin",
+            "steps in a row without sending, emitting or waiting",
+        ),
     ] {
         let o = generate(
             &[
@@ -368,6 +416,13 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(want), "{behaviour}: {err}");
         assert!(!err.contains("panicked"), "{behaviour}: {err}");
+        if behaviour == "hostile-flip" {
+            // Nothing the target did not produce reached stdout, and the error names the
+            // component.
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(out.trim().is_empty(), "{behaviour} printed: {out}");
+            assert!(err.contains("tandem_guest_drafter.wasm"), "{err}");
+        }
     }
     // The verifier is still serving after the failed sessions.
     let json = dir.path().join("after.json");
@@ -430,18 +485,36 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
 }
 
 /// One HTTP/1.1 request with a plain TCP socket, as any OpenAI client would send it.
+/// The API token the `tandem serve` test requires.
+const API_TOKEN: &str = "t0ken";
+
 fn http_post(addr: &str, path: &str, body: &str) -> String {
-    use std::io::{Read, Write};
+    let headers =
+        format!("Content-Type: application/json\r\nAuthorization: Bearer {API_TOKEN}\r\n");
+    http_post_raw(addr, path, body, &headers)
+}
+
+/// A POST with exactly these header lines (each ending in CRLF); returns the raw response.
+fn http_post_raw(addr: &str, path: &str, body: &str, headers: &str) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    post_stream(addr, path, body, headers)
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+/// Sends a POST and returns the connection, to read the response from.
+fn post_stream(addr: &str, path: &str, body: &str, headers: &str) -> std::net::TcpStream {
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    s
 }
 
 #[test]
@@ -450,6 +523,8 @@ fn openai_clients_get_speculative_completions_from_tandem_serve() {
     let wasm = guest(false);
     let (v, _) = verifier(None, 0);
     let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, format!("{API_TOKEN}\n")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
         .args([
             "serve",
@@ -463,6 +538,10 @@ fn openai_clients_get_speculative_completions_from_tandem_serve() {
             drafter_model().to_str().unwrap(),
             "--gamma",
             "3",
+            "--api-token-file",
+            tokens.to_str().unwrap(),
+            "--max-concurrent",
+            "1",
         ])
         .env("TANDEM_WASM_CACHE", dir.path())
         .stdout(std::process::Stdio::piped())
@@ -523,6 +602,36 @@ fn openai_clients_get_speculative_completions_from_tandem_serve() {
         resp.starts_with("HTTP/1.1 400") && resp.contains("messages"),
         "{resp}"
     );
+    // Without the API token, or not as JSON (a form a web page could post): refused
+    // before any generation.
+    let ok_body = r#"{"prompt": "x", "max_tokens": 1}"#;
+    let json = "Content-Type: application/json\r\n";
+    let resp = http_post_raw(&addr, "/v1/completions", ok_body, json);
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    assert!(resp.contains("--api-token-file"), "{resp}");
+    let form = format!(
+        "Content-Type: application/x-www-form-urlencoded\r\nAuthorization: Bearer {API_TOKEN}\r\n"
+    );
+    let resp = http_post_raw(&addr, "/v1/completions", ok_body, &form);
+    assert!(resp.starts_with("HTTP/1.1 415"), "{resp}");
+    // One generation at a time (--max-concurrent 1): while a long stream runs, the next
+    // request is answered 429; after it, requests are served again.
+    let auth = format!("{json}Authorization: Bearer {API_TOKEN}\r\n");
+    let long = serde_json::json!({"prompt": prompt, "max_tokens": 200, "temperature": 0,
+                                  "stream": true})
+    .to_string();
+    let mut running = post_stream(&addr, "/v1/completions", &long, &auth);
+    let mut first = [0u8; 12];
+    std::io::Read::read_exact(&mut running, &mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let resp = http_post(&addr, "/v1/completions", ok_body);
+    assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
+    assert!(resp.contains("--max-concurrent"), "{resp}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut running, &mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    let resp = http_post(&addr, "/v1/completions", ok_body);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     drop(kill);
 }
 

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+use tandem_client::auth::read_token_file;
 use tandem_models::KvPrecision;
 use tandem_verifier::{Limits, ServerConfig, State, TargetSpec, start};
 
@@ -47,10 +48,25 @@ struct Serve {
     /// Entries of the target distribution sent when a sampled draft is rejected.
     #[arg(long, default_value_t = 32)]
     top_k: usize,
-    /// File of accepted bearer tokens, one per line; every endpoint but /healthz and
-    /// /metrics then requires one.
+    /// File of accepted bearer tokens for sessions and completions, one per line. Required
+    /// to listen on an address other than loopback (see --insecure-no-auth).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// File of bearer tokens for the admin API (/admin/targets), one per line. Without it
+    /// the admin API is open on a server without --token-file and off on one with it.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Listen off loopback without any token: anyone who reaches the port can use the
+    /// verifier and load and retire targets.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Directory whose GGUF files POST /admin/targets may load (catalog names are always
+    /// allowed); without it the admin API loads catalog models only.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Targets loaded at once, at most (--target ones included).
+    #[arg(long, default_value_t = 8)]
+    max_targets: usize,
     /// TLS certificate chain (PEM); with --tls-key serves HTTPS instead of cleartext.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -85,24 +101,6 @@ enum KvCacheArg {
     F16,
 }
 
-fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the token file {}", path.display()))?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    if tokens.is_empty() {
-        bail!(
-            "the token file {} holds no token (one per line)",
-            path.display()
-        );
-    }
-    Ok(tokens)
-}
-
 async fn serve(args: Serve) -> anyhow::Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
@@ -112,6 +110,34 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             "--hint-confidence must be in [0, 1) (a probability; 0 sends every hint), got {}",
             args.hint_confidence
         );
+    }
+    if !args.listen.ip().is_loopback() && args.token_file.is_none() {
+        if !args.insecure_no_auth {
+            bail!(
+                "refusing to listen on {} without tokens: anyone who reaches it could use \
+                 the verifier and load targets. Give --token-file (and --admin-token-file \
+                 for the admin API), or --insecure-no-auth if you mean it",
+                args.listen
+            );
+        }
+        eprintln!(
+            "tandem-verifier: WARNING: --insecure-no-auth: listening on {} with no \
+             authentication; anyone who reaches this port can use the verifier{}",
+            args.listen,
+            if args.admin_token_file.is_none() {
+                " and load and retire targets"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(dir) = &args.model_dir
+        && !dir.is_dir()
+    {
+        bail!("--model-dir {} is not a directory", dir.display());
+    }
+    if args.max_targets == 0 {
+        bail!("--max-targets must be at least 1");
     }
     let config = ServerConfig {
         listen: args.listen,
@@ -131,9 +157,15 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         },
         early_exit_layer: args.early_exit_layer,
         tokens: match &args.token_file {
-            Some(p) => read_tokens(p)?,
+            Some(p) => read_token_file(p)?,
             None => Vec::new(),
         },
+        admin_tokens: match &args.admin_token_file {
+            Some(p) => read_token_file(p)?,
+            None => Vec::new(),
+        },
+        model_dir: args.model_dir.clone(),
+        max_targets: args.max_targets,
         tls: args.tls_cert.zip(args.tls_key),
     };
     let scheme = if config.tls.is_some() {

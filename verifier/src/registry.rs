@@ -25,6 +25,15 @@ pub struct TargetSpec {
     pub early_exit_layer: Option<usize>,
 }
 
+/// Whether `s` can name a family or a version: 1–64 of `A-Z a-z 0-9 . _ -`, not starting
+/// with a dot (names appear in URLs such as `DELETE /admin/targets/{family}/{version}`).
+pub fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 impl std::str::FromStr for TargetSpec {
     type Err = anyhow::Error;
 
@@ -41,9 +50,8 @@ impl std::str::FromStr for TargetSpec {
             None => (None, None),
         };
         if model.is_empty()
-            || family.as_deref() == Some("")
-            || version.as_deref() == Some("")
-            || family.as_deref().is_some_and(|f| f.contains('/'))
+            || family.as_deref().is_some_and(|f| !valid_name(f))
+            || version.as_deref().is_some_and(|v| !valid_name(v))
         {
             bail!(
                 "bad target `{s}`: expected [FAMILY[@VERSION]=]NAME|PATH, e.g. smollm2@2=smollm2-135m"
@@ -69,6 +77,24 @@ pub enum LoadError {
         /// `family@version`.
         id: String,
     },
+    /// As many targets as the server allows are loaded.
+    #[error(
+        "{max} targets are loaded, the most this verifier serves (--max-targets); retire one \
+         first (DELETE /admin/targets/FAMILY/VERSION)"
+    )]
+    TooMany {
+        /// The cap.
+        max: usize,
+    },
+    /// The family or version is not a usable name.
+    #[error(
+        "bad target name `{name}`: families and versions are 1–64 of A-Z a-z 0-9 . _ - (not \
+         starting with a dot)"
+    )]
+    BadName {
+        /// The name.
+        name: String,
+    },
     /// The model could not be found, read or checked.
     #[error("{0:#}")]
     Model(#[from] anyhow::Error),
@@ -78,8 +104,10 @@ impl LoadError {
     /// The HTTP status `POST /admin/targets` answers with.
     pub fn status(&self) -> hyper::StatusCode {
         match self {
-            LoadError::AlreadyLoaded { .. } => hyper::StatusCode::CONFLICT,
-            LoadError::Model(_) => hyper::StatusCode::BAD_REQUEST,
+            LoadError::AlreadyLoaded { .. } | LoadError::TooMany { .. } => {
+                hyper::StatusCode::CONFLICT
+            }
+            LoadError::BadName { .. } | LoadError::Model(_) => hyper::StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -243,14 +271,18 @@ impl Registry {
         (family, version)
     }
 
-    /// Adds a loaded target; it serves new sessions from now on.
-    pub fn add(&self, target: Target) -> Result<Arc<Target>, LoadError> {
+    /// Adds a loaded target; it serves new sessions from now on. At most `max` serve at
+    /// once.
+    pub fn add(&self, target: Target, max: usize) -> Result<Arc<Target>, LoadError> {
         let mut all = self.targets.write().unwrap();
         if all
             .iter()
             .any(|t| t.family == target.family && t.version == target.version)
         {
             return Err(LoadError::AlreadyLoaded { id: target.id() });
+        }
+        if all.len() >= max {
+            return Err(LoadError::TooMany { max });
         }
         target.seq.store(
             self.next_seq.fetch_add(1, Ordering::SeqCst),

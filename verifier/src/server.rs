@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::metrics::Metrics;
 use crate::registry::{LoadError, Registry, Target, TargetSpec};
 use crate::session::{Limits, Session, SessionError};
+use tandem_client::auth::token_matches;
 use tandem_client::body::ChannelBody;
 use tandem_client::openai::{ApiError, json_response};
 
@@ -40,8 +41,16 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Default early-exit layer for targets that do not name one.
     pub early_exit_layer: Option<usize>,
-    /// Accepted bearer tokens; empty means no authentication.
+    /// Bearer tokens accepted for sessions and completions; empty means no authentication.
     pub tokens: Vec<String>,
+    /// Bearer tokens accepted for `/admin`. Empty: the admin API is open when `tokens` is
+    /// empty too (a loopback development server) and closed otherwise.
+    pub admin_tokens: Vec<String>,
+    /// The directory `POST /admin/targets` may load files from (catalog names are always
+    /// allowed); `None`: catalog names only.
+    pub model_dir: Option<PathBuf>,
+    /// Targets loaded at once, at most.
+    pub max_targets: usize,
     /// TLS certificate chain and private key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -53,6 +62,9 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             early_exit_layer: None,
             tokens: Vec::new(),
+            admin_tokens: Vec::new(),
+            model_dir: None,
+            max_targets: 8,
             tls: None,
         }
     }
@@ -93,6 +105,8 @@ pub struct State {
     pub config: ServerConfig,
     sessions: AtomicUsize,
     next_id: AtomicU64,
+    /// Held while an admin load runs: one at a time.
+    loading: std::sync::Mutex<()>,
 }
 
 /// A place among the server's concurrent sessions; freed when dropped.
@@ -120,14 +134,20 @@ impl State {
             config,
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            loading: std::sync::Mutex::new(()),
         })
     }
 
     /// Loads a target and makes it serve new sessions (blocking: reads the model).
     pub fn load(&self, spec: &TargetSpec) -> Result<Arc<Target>, LoadError> {
         let (family, version) = self.registry.name_for(spec);
+        for name in [&family, &version] {
+            if !crate::registry::valid_name(name) {
+                return Err(LoadError::BadName { name: name.clone() });
+            }
+        }
         let target = Target::load(spec, family, version, self.config.early_exit_layer)?;
-        let target = self.registry.add(target)?;
+        let target = self.registry.add(target, self.config.max_targets)?;
         info!(target = %target.id(), path = %target.path.display(),
               early_exit_layer = target.early_exit_layer, "target loaded");
         Ok(target)
@@ -161,7 +181,32 @@ impl State {
     }
 
     fn token_ok(&self, token: Option<&str>) -> bool {
-        token.is_some_and(|t| self.config.tokens.iter().any(|k| k == t))
+        token_matches(token, &self.config.tokens)
+    }
+
+    /// Whether a request may use `/admin`, or the error to answer with.
+    fn admin_ok(&self, token: Option<&str>) -> Result<(), (StatusCode, &'static str)> {
+        let c = &self.config;
+        if c.admin_tokens.is_empty() {
+            return if c.tokens.is_empty() {
+                Ok(())
+            } else {
+                Err((
+                    StatusCode::FORBIDDEN,
+                    "the admin API is off: this verifier requires tokens but has no admin \
+                     token; start it with --admin-token-file",
+                ))
+            };
+        }
+        if token_matches(token, &c.admin_tokens) {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin bearer token: send `Authorization: Bearer <token>` with \
+                 a token from the server's --admin-token-file",
+            ))
+        }
     }
 }
 
@@ -267,6 +312,8 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     let kind = match status {
         StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
         StatusCode::NOT_FOUND => "not_found_error",
         StatusCode::CONFLICT => "conflict_error",
         s if s.is_server_error() => "server_error",
@@ -296,8 +343,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         _ => {}
     }
-    let auth_required = !state.config.tokens.is_empty();
     let header_token = bearer(&req).map(str::to_owned);
+    if path.starts_with("/admin/") || path == "/admin" {
+        if let Err((status, message)) = state.admin_ok(header_token.as_deref()) {
+            state.metrics.unauthorized();
+            return Ok(error(status, message));
+        }
+        return Ok(admin(state, req, &method, &path).await);
+    }
+    let auth_required = !state.config.tokens.is_empty();
     let header_ok = !auth_required || state.token_ok(header_token.as_deref());
     // A session may carry its token in Hello instead of the header; everything else needs
     // the header.
@@ -312,6 +366,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let resp = match (&method, path.as_str()) {
         (&Method::POST, "/v1/session") => session_endpoint(state, req, header_ok),
         (&Method::POST, "/v1/completions") => crate::completions::handle(state, req).await,
+        (_, "/v1/session" | "/v1/completions" | "/healthz" | "/metrics") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        ),
+        _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
+    };
+    Ok(resp)
+}
+
+/// The admin API (the caller is authorized).
+async fn admin(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    method: &Method,
+    path: &str,
+) -> Response<Body> {
+    match (method, path) {
         (&Method::GET, "/admin/targets") => {
             let list: Vec<_> = state.registry.list().iter().map(|t| t.describe()).collect();
             json(StatusCode::OK, serde_json::json!({ "targets": list }))
@@ -343,15 +414,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                 ),
             }
         }
-        (_, "/v1/session" | "/v1/completions" | "/admin/targets" | "/healthz" | "/metrics") => {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
-            )
-        }
+        (_, "/admin/targets") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        ),
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
-    };
-    Ok(resp)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -379,17 +447,107 @@ async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
             );
         }
     };
+    let model = match admin_model(&state.config, &load.model) {
+        Ok(m) => m,
+        Err((status, message)) => return error(status, message),
+    };
     let spec = TargetSpec {
         family: load.family,
         version: load.version,
-        model: load.model,
+        model,
         early_exit_layer: load.early_exit_layer,
     };
     let st = state.clone();
-    match tokio::task::spawn_blocking(move || st.load(&spec)).await {
-        Ok(Ok(t)) => json(StatusCode::CREATED, t.describe()),
-        Ok(Err(e)) => error(e.status(), e.to_string()),
+    let requested = load.model;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let Ok(_one_at_a_time) = st.loading.try_lock() else {
+            return None;
+        };
+        Some(st.load(&spec))
+    })
+    .await;
+    match loaded {
+        Ok(Some(Ok(t))) => json(StatusCode::CREATED, t.describe()),
+        Ok(Some(Err(LoadError::Model(e)))) => {
+            // The details name server paths: they go to the log, not to the client.
+            tracing::warn!(model = %requested, error = %format!("{e:#}"), "admin load failed");
+            error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "could not load `{requested}` as a target: {} (the verifier's log has the \
+                     details)",
+                    load_failure(&e)
+                ),
+            )
+        }
+        Ok(Some(Err(e))) => error(e.status(), e.to_string()),
+        Ok(None) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "another target is loading; retry when it is done",
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// What an admin may load: a catalog name, or a file under `--model-dir` (resolved, with
+/// symlinks followed, and still under it). Errors never name server paths.
+fn admin_model(config: &ServerConfig, model: &str) -> Result<String, (StatusCode, String)> {
+    if tandem_models::catalog::lookup(model).is_ok() {
+        return Ok(model.to_string());
+    }
+    let Some(dir) = &config.model_dir else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{model}` is not a catalog model, and this verifier loads files only from a \
+                 model directory (start it with --model-dir DIR)"
+            ),
+        ));
+    };
+    let outside = || {
+        (
+            StatusCode::FORBIDDEN,
+            format!("`{model}` is not a file under the verifier's model directory"),
+        )
+    };
+    // Checked before touching the file system, so that nothing outside the directory can
+    // be probed for existence.
+    let rel = std::path::Path::new(model);
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(outside());
+    }
+    let root = dir.canonicalize().map_err(|_| outside())?;
+    let file = root.join(model).canonicalize().map_err(|_| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no model `{model}` in the verifier's model directory"),
+        )
+    })?;
+    if !file.starts_with(&root) || !file.is_file() {
+        return Err(outside());
+    }
+    Ok(file.display().to_string())
+}
+
+/// What went wrong loading a model, without the paths the full error names.
+fn load_failure(e: &anyhow::Error) -> String {
+    use tandem_models::Error as M;
+    match e.chain().find_map(|c| c.downcast_ref::<M>()) {
+        Some(M::InvalidGguf { .. }) => "not a valid GGUF file".into(),
+        Some(M::UnsupportedArchitecture { found, .. }) => {
+            format!("architecture `{found}` is not supported (llama, qwen2 are)")
+        }
+        Some(M::UnsupportedTensorType { tensor, dtype, .. }) => {
+            format!("tensor `{tensor}` is stored as {dtype}, which tandem cannot load")
+        }
+        Some(M::MissingOrMalformed { what, .. }) => what.clone(),
+        Some(M::Io { .. }) => "the file cannot be read".into(),
+        Some(M::Fetch { reason, .. }) => format!("fetching it failed: {reason}"),
+        _ => "the model was refused".into(),
     }
 }
 

@@ -85,7 +85,26 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# accepted tokens\ns3cret\n").unwrap();
-    let v = spawn_verifier(&["--target", SMOL, "--token-file", tokens.to_str().unwrap()]);
+    let admin_tokens = dir.path().join("admin-tokens");
+    std::fs::write(&admin_tokens, "adm1n\n").unwrap();
+    // The model directory admins may load from: a file that is not a model, and a symlink
+    // that leads out of it.
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    std::fs::write(models.join("junk.gguf"), b"not a model").unwrap();
+    std::os::unix::fs::symlink(smol(), models.join("escape.gguf")).unwrap();
+    let v = spawn_verifier(&[
+        "--target",
+        SMOL,
+        "--token-file",
+        tokens.to_str().unwrap(),
+        "--admin-token-file",
+        admin_tokens.to_str().unwrap(),
+        "--model-dir",
+        models.to_str().unwrap(),
+        "--max-targets",
+        "2",
+    ]);
     let a = v.addr.as_str();
 
     // Health and metrics are open; everything else needs the token.
@@ -180,22 +199,19 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
     assert!(body.contains("smollm2-135m@1"), "{body}");
 
     // Admin: list, load a second version, retire the first.
-    let (s, body) = http(a, "GET", "/admin/targets", Some("s3cret"), "").await;
+    let (s, body) = http(a, "GET", "/admin/targets", Some("adm1n"), "").await;
     assert_eq!(s, 200);
     assert!(body.contains("\"version\":\"1\""), "{body}");
-    let load = format!(
-        r#"{{"model": "{}", "family": "smollm2-135m"}}"#,
-        smol().display()
-    );
-    let (s, body) = http(a, "POST", "/admin/targets", Some("s3cret"), &load).await;
+    // A client token is not an admin token.
+    let (s, body) = http(a, "GET", "/admin/targets", Some("s3cret"), "").await;
+    assert_eq!(s, 401, "{body}");
+    let load = r#"{"model": "smollm2-135m", "family": "smollm2-135m"}"#.to_string();
+    let (s, body) = http(a, "POST", "/admin/targets", Some("adm1n"), &load).await;
     assert_eq!(s, 201, "{body}");
     assert!(body.contains("\"version\":\"2\""), "{body}");
     // The same version again is a conflict, in the one error shape of both servers.
-    let again = format!(
-        r#"{{"model": "{}", "family": "smollm2-135m", "version": "2"}}"#,
-        smol().display()
-    );
-    let (s, body) = http(a, "POST", "/admin/targets", Some("s3cret"), &again).await;
+    let again = r#"{"model": "smollm2-135m", "family": "smollm2-135m", "version": "2"}"#;
+    let (s, body) = http(a, "POST", "/admin/targets", Some("adm1n"), again).await;
     assert_eq!(s, 409, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "conflict_error", "{body}");
@@ -206,20 +222,50 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
             .unwrap()
             .contains("already loaded")
     );
-    let (s, body) = http(
-        a,
-        "POST",
-        "/admin/targets",
-        Some("s3cret"),
-        r#"{"model": "/nonexistent.gguf"}"#,
-    )
-    .await;
+    // Loads stay inside the model directory and answer without server paths.
+    let secret_dir = models.canonicalize().unwrap();
+    for (model, status, says) in [
+        (
+            "/etc/passwd",
+            403,
+            "not a file under the verifier's model directory",
+        ),
+        (
+            "../tokens",
+            403,
+            "not a file under the verifier's model directory",
+        ),
+        (
+            "escape.gguf",
+            403,
+            "not a file under the verifier's model directory",
+        ),
+        ("missing.gguf", 404, "no model `missing.gguf`"),
+        ("junk.gguf", 400, "not a valid GGUF file"),
+    ] {
+        let req = format!(r#"{{"model": "{model}", "family": "x", "version": "9"}}"#);
+        let (s, body) = http(a, "POST", "/admin/targets", Some("adm1n"), &req).await;
+        assert_eq!(s, status, "{model}: {body}");
+        assert!(body.contains(says), "{model}: {body}");
+        assert!(
+            !body.contains(secret_dir.to_str().unwrap()),
+            "{model}: {body}"
+        );
+    }
+    // Names that could not be retired through the URL are refused; so is a third target.
+    let bad = r#"{"model": "smollm2-135m", "family": "a/b"}"#;
+    let (s, body) = http(a, "POST", "/admin/targets", Some("adm1n"), bad).await;
     assert_eq!(s, 400, "{body}");
+    assert!(body.contains("bad target name `a/b`"), "{body}");
+    let third = r#"{"model": "smollm2-135m", "family": "smollm2-135m", "version": "3"}"#;
+    let (s, body) = http(a, "POST", "/admin/targets", Some("adm1n"), third).await;
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("--max-targets"), "{body}");
     let (s, _) = http(
         a,
         "DELETE",
         "/admin/targets/smollm2-135m/1",
-        Some("s3cret"),
+        Some("adm1n"),
         "",
     )
     .await;
@@ -228,50 +274,47 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
         a,
         "DELETE",
         "/admin/targets/smollm2-135m/1",
-        Some("s3cret"),
+        Some("adm1n"),
         "",
     )
     .await;
     assert_eq!(s, 404);
-    let (_, body) = http(a, "GET", "/admin/targets", Some("s3cret"), "").await;
+    let (_, body) = http(a, "GET", "/admin/targets", Some("adm1n"), "").await;
     assert!(
         !body.contains("\"version\":\"1\"") && body.contains("\"version\":\"2\""),
         "{body}"
     );
 }
 
-#[test]
-fn binary_reports_bad_arguments_clearly() {
+/// Runs `tandem-verifier serve ARGS`, which must fail; returns its stderr.
+fn refused(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem-verifier"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--target",
-            "no-such-model",
-        ])
+        .arg("serve")
+        .args(args)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn binary_reports_bad_arguments_clearly() {
+    let err = refused(&["--listen", "127.0.0.1:0", "--target", "no-such-model"]);
     assert!(
         err.contains("no-such-model") && err.contains("smollm2-135m"),
         "{err}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem-verifier"))
-        .args(["serve", "--target", SMOL, "--early-exit-layer", "30"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--target", SMOL, "--early-exit-layer", "30"]);
     assert!(err.contains("early-exit layer 30"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem-verifier"))
-        .args(["serve", "--target", SMOL, "--hint-confidence", "1.5"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--target", SMOL, "--hint-confidence", "1.5"]);
     assert!(err.contains("--hint-confidence must be in [0, 1)"), "{err}");
+    // Off loopback without a token is refused before any model is read or port bound.
+    let err = refused(&["--listen", "0.0.0.0:0", "--target", "no-such-model"]);
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without tokens")
+            && err.contains("--insecure-no-auth"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
