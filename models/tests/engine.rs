@@ -355,26 +355,202 @@ fn bad_input_gives_clear_errors() {
 
 /// A minimal GGUF v3 whose only tensor has ggml type `code`.
 fn write_gguf_with_type(path: &Path, tensor: &str, code: u32) {
+    let b = gguf_bytes(&[], &[(tensor, &[256, 4], code, 0)], 1024);
+    std::fs::write(path, b).unwrap();
+}
+
+/// A GGUF v3 by hand: `general.architecture = llama`, then `extra` metadata (key, value
+/// type, value bytes), then tensors (name, dims, type, offset), then `data` zero bytes
+/// after the 32-byte aligned header.
+fn gguf_bytes(
+    extra: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, &[u64], u32, u64)],
+    data: usize,
+) -> Vec<u8> {
+    fn string(b: &mut Vec<u8>, s: &str) {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    }
     let mut b = Vec::new();
     b.extend(0x4655_4747u32.to_le_bytes());
     b.extend(3u32.to_le_bytes());
-    b.extend(1u64.to_le_bytes()); // tensors
-    b.extend(1u64.to_le_bytes()); // metadata
-    let key = "general.architecture";
-    b.extend((key.len() as u64).to_le_bytes());
-    b.extend(key.as_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((extra.len() as u64 + 1).to_le_bytes());
+    string(&mut b, "general.architecture");
     b.extend(8u32.to_le_bytes());
-    b.extend(5u64.to_le_bytes());
-    b.extend(b"llama");
-    b.extend((tensor.len() as u64).to_le_bytes());
-    b.extend(tensor.as_bytes());
-    b.extend(2u32.to_le_bytes());
-    b.extend(256u64.to_le_bytes());
-    b.extend(4u64.to_le_bytes());
-    b.extend(code.to_le_bytes());
-    b.extend(0u64.to_le_bytes());
-    b.resize(b.len().next_multiple_of(32) + 1024, 0);
-    std::fs::write(path, b).unwrap();
+    string(&mut b, "llama");
+    for (key, ty, value) in extra {
+        string(&mut b, key);
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    }
+    for (name, dims, code, offset) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(code.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    b.resize(b.len().next_multiple_of(32) + data, 0);
+    b
+}
+
+/// Crafted headers are refused with an error, before anything is sized from them: no
+/// division by a zero alignment, no allocation from a count or a dimension the file cannot
+/// hold, no rope wider than a head.
+#[test]
+fn crafted_gguf_headers_are_refused_before_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = "blk.0.ffn_up.weight";
+    let huge = (1u64 << 62).to_le_bytes().to_vec();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "alignment 0",
+            gguf_bytes(
+                &[("general.alignment", 4, 0u32.to_le_bytes().to_vec())],
+                &[],
+                64,
+            ),
+            "general.alignment",
+        ),
+        (
+            "alignment 48",
+            gguf_bytes(
+                &[("general.alignment", 4, 48u32.to_le_bytes().to_vec())],
+                &[],
+                64,
+            ),
+            "power of two",
+        ),
+        (
+            "huge string",
+            gguf_bytes(&[("k", 8, huge.clone())], &[], 64),
+            "claims",
+        ),
+        (
+            "huge array",
+            gguf_bytes(
+                &[("k", 9, [0u32.to_le_bytes().to_vec(), huge.clone()].concat())],
+                &[],
+                64,
+            ),
+            "claims",
+        ),
+        (
+            "deep arrays",
+            gguf_bytes(
+                &[(
+                    "k",
+                    9,
+                    [9u32.to_le_bytes(), 9u32.to_le_bytes()]
+                        .iter()
+                        .flat_map(|b| [b.to_vec(), 1u64.to_le_bytes().to_vec()].concat())
+                        .chain(9u32.to_le_bytes())
+                        .chain(1u64.to_le_bytes())
+                        .collect(),
+                )],
+                &[],
+                64,
+            ),
+            "nested",
+        ),
+        (
+            "overflowing dims",
+            gguf_bytes(&[], &[(t, &[1 << 40, 1 << 40], 0, 0)], 64),
+            "dimension",
+        ),
+        (
+            "zero dim",
+            gguf_bytes(&[], &[(t, &[0, 4], 0, 0)], 64),
+            "dimension",
+        ),
+        (
+            "five dims",
+            gguf_bytes(&[], &[(t, &[1, 1, 1, 1, 1], 0, 0)], 64),
+            "dimensions",
+        ),
+        (
+            "data past the end",
+            gguf_bytes(&[], &[(t, &[256, 1024], 0, 0)], 64),
+            "truncated",
+        ),
+        (
+            "misaligned",
+            gguf_bytes(&[], &[(t, &[4], 0, 3)], 64),
+            "aligned",
+        ),
+        (
+            "declared twice",
+            gguf_bytes(&[], &[(t, &[4], 0, 0), (t, &[4], 0, 32)], 64),
+            "twice",
+        ),
+        (
+            "partial block",
+            gguf_bytes(&[], &[(t, &[33, 2], 8, 0)], 4096),
+            "blocks",
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let p = dir.path().join("crafted.gguf");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = Model::load(&p)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"));
+        assert!(
+            matches!(e, Error::InvalidGguf { .. }) && e.to_string().contains(want),
+            "{what}: {e}"
+        );
+        // Counts beyond the file are refused too.
+        let mut counted = bytes.clone();
+        counted[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&p, &counted).unwrap();
+        let e = Model::load(&p).err().unwrap();
+        assert!(e.to_string().contains("more than the file"), "{what}: {e}");
+    }
+
+    // Hyper-parameters of a real file changed to ones the forward cannot run with.
+    let src = model(SMOL);
+    for (key, value, want) in [
+        (
+            "llama.rope.dimension_count",
+            Value::U32(128),
+            "rope dimension 128",
+        ),
+        (
+            "llama.rope.dimension_count",
+            Value::U32(7),
+            "rope dimension 7",
+        ),
+        ("llama.block_count", Value::U32(0), "block_count is 0"),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(f32::NAN),
+            "epsilon",
+        ),
+    ] {
+        let p = dir.path().join("hyper.gguf");
+        rewrite(
+            &src,
+            &p,
+            |md| {
+                let mut found = false;
+                for (k, v) in md.iter_mut() {
+                    if k == key {
+                        *v = value.clone();
+                        found = true;
+                    }
+                }
+                if !found {
+                    md.push((key.to_string(), value.clone()));
+                }
+            },
+            |_| {},
+        );
+        let e = Model::load(&p).err().unwrap().to_string();
+        assert!(e.contains(want), "{key}: {e}");
+    }
 }
 
 #[test]

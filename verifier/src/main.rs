@@ -88,6 +88,20 @@ struct Serve {
     /// Seconds a session may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Seconds a session may last in all, busy or not; the device then resumes in a new
+    /// session by re-sending its history.
+    #[arg(long, default_value_t = 3600)]
+    max_session_time: u64,
+    /// Open connections at most; further ones are closed on accept.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Concurrent HTTP/2 streams (sessions, requests) per connection.
+    #[arg(long, default_value_t = 16)]
+    max_streams: u32,
+    /// Seconds a connection has to send its first bytes, finish the TLS handshake and send
+    /// a complete HTTP/1 header (also the HTTP/2 keepalive timeout).
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
     /// How sessions' KV caches store keys and values: f32, or f16 (half the memory per
     /// session; logits move by the rounding, batch invariance is kept).
     #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
@@ -139,6 +153,17 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     if args.max_targets == 0 {
         bail!("--max-targets must be at least 1");
     }
+    for (flag, v) in [
+        ("--max-session-time", args.max_session_time),
+        ("--max-connections", args.max_connections as u64),
+        ("--max-streams", args.max_streams as u64),
+        ("--handshake-timeout", args.handshake_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
     let config = ServerConfig {
         listen: args.listen,
         limits: Limits {
@@ -148,6 +173,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             max_draft: args.max_draft,
             top_k: args.top_k,
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_session_time: Duration::from_secs(args.max_session_time),
             hint_confidence: args.hint_confidence,
             kv_cache: match args.kv_cache {
                 KvCacheArg::F32 => KvPrecision::F32,
@@ -167,6 +193,9 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         model_dir: args.model_dir.clone(),
         max_targets: args.max_targets,
         tls: args.tls_cert.zip(args.tls_key),
+        max_connections: args.max_connections,
+        max_streams: args.max_streams,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
     };
     let scheme = if config.tls.is_some() {
         "https"

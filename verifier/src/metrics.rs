@@ -30,6 +30,7 @@ pub struct Metrics {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     unauthorized: AtomicU64,
+    connections_refused: AtomicU64,
     verify: Mutex<Histogram>,
 }
 
@@ -58,6 +59,11 @@ impl Metrics {
     /// A request without a valid bearer token.
     pub fn unauthorized(&self) {
         self.unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection closed on accept because `--max-connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Tokens committed outside verify rounds (first tokens, completions).
@@ -162,6 +168,12 @@ impl Metrics {
             "counter",
             "Requests refused for a missing or wrong bearer token.",
             g(&self.unauthorized),
+        );
+        put(
+            "tandem_connections_refused_total",
+            "counter",
+            "Connections closed on accept at --max-connections.",
+            g(&self.connections_refused),
         );
         let h = self.verify.lock().unwrap();
         let _ = writeln!(

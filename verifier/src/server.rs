@@ -5,20 +5,21 @@ use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tandem_core::protocol::{
     Accepted, ClientMsg, ErrorCode, FrameDecoder, Hello, Message, ProtocolError, ServerMsg,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -53,6 +54,13 @@ pub struct ServerConfig {
     pub max_targets: usize,
     /// TLS certificate chain and private key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Open connections at most; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// Time a new connection has to send its first bytes, finish the TLS handshake and send
+    /// a complete HTTP/1 header; also the HTTP/2 keepalive ping timeout.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +74,9 @@ impl Default for ServerConfig {
             model_dir: None,
             max_targets: 8,
             tls: None,
+            max_connections: 512,
+            max_streams: 16,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -267,37 +278,83 @@ pub async fn start(state: Arc<State>) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let st = state.clone();
     let task = tokio::spawn(async move {
+        let connections = Arc::new(tokio::sync::Semaphore::new(st.config.max_connections));
+        let mut backoff = Duration::ZERO;
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff = Duration::ZERO;
+                    c
+                }
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
                     continue;
                 }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                st.metrics.connection_refused();
+                tracing::debug!(%peer, "connection refused: --max-connections reached");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let st = st.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let result = match tls {
-                    None => builder.serve_connection(TokioIo::new(tcp), service).await,
-                    Some(acceptor) => match acceptor.accept(tcp).await {
-                        Ok(s) => builder.serve_connection(TokioIo::new(s), service).await,
-                        Err(e) => {
-                            warn!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    },
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
+                let _permit = permit;
+                serve_connection(st, tcp, peer, tls).await;
             });
         }
     });
     Ok(RunningServer { addr, state, task })
+}
+
+/// Serves one accepted connection under the handshake and header timeouts.
+async fn serve_connection(
+    st: Arc<State>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let limit = st.config.handshake_timeout;
+    // A connection that sends nothing would hold a slot forever (HTTP version detection
+    // waits for the first bytes).
+    if !matches!(tokio::time::timeout(limit, tcp.peek(&mut [0u8; 1])).await, Ok(Ok(n)) if n > 0) {
+        tracing::debug!(%peer, "connection closed: nothing sent within the handshake timeout");
+        return;
+    }
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(st.config.max_streams);
+    let service = {
+        let st = st.clone();
+        hyper::service::service_fn(move |req| handle(st.clone(), req))
+    };
+    let result = match tls {
+        None => builder.serve_connection(TokioIo::new(tcp), service).await,
+        Some(acceptor) => match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), service).await,
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -653,10 +710,13 @@ async fn run_session(
         max_draft: state.config.limits.max_draft as u32,
         top_k: state.config.limits.top_k as u32,
     }));
-    let (events, rx) = mpsc::channel();
+    // Bounded: a client that sends faster than its rounds are verified is held back by
+    // HTTP/2 flow control once this fills, instead of growing the server's memory.
+    let (events, rx) = mpsc::channel(state.config.limits.inbound_queue.max(1));
     let worker_out = out.clone();
+    let limits = state.config.limits;
     let mut worker = tokio::task::spawn_blocking(move || {
-        let r = session_loop(session, rx, &worker_out, idle);
+        let r = session_loop(session, rx, &worker_out, limits);
         drop(slot);
         r
     });
@@ -667,13 +727,13 @@ async fn run_session(
         loop {
             match dec.next_message::<ClientMsg>() {
                 Ok(Some(m)) => {
-                    if events.send(Event::Msg(m)).is_err() {
+                    if events.send(Event::Msg(m)).await.is_err() {
                         break 'read;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = events.send(Event::Bad(e));
+                    let _ = events.send(Event::Bad(e)).await;
                     break 'read;
                 }
             }
@@ -689,7 +749,7 @@ async fn run_session(
                 Some(Err(_)) => break,
                 None => {
                     if let Err(e) = dec.finish() {
-                        let _ = events.send(Event::Bad(e));
+                        let _ = events.send(Event::Bad(e)).await;
                     }
                     break;
                 }
@@ -751,19 +811,25 @@ async fn open_session(
 /// Runs a session's messages in order; returns the rounds served and why it ended.
 fn session_loop(
     mut s: Session,
-    rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::Receiver<Event>,
     out: &Outbox,
-    idle: std::time::Duration,
+    limits: Limits,
 ) -> (usize, &'static str) {
+    let runtime = tokio::runtime::Handle::current();
+    let deadline = Instant::now() + limits.max_session_time;
+    let idle = limits.idle_timeout;
     let mut queue = VecDeque::new();
     let mut cancelled = HashSet::new();
     let mut rounds = 0;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
         let ev = match queue.pop_front() {
-            Some(e) => e,
-            None => match rx.recv_timeout(idle) {
-                Ok(e) => e,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+            Some(e) if !left.is_zero() => Some(e),
+            Some(_) => None,
+            None => match runtime.block_on(tokio::time::timeout(idle.min(left), rx.recv())) {
+                Ok(Some(e)) => Some(e),
+                Ok(None) => return (rounds, "stream ended"),
+                Err(_) if left > idle => {
                     out.send(&ServerMsg::Error {
                         code: ErrorCode::LimitExceeded,
                         message: format!(
@@ -773,8 +839,19 @@ fn session_loop(
                     });
                     return (rounds, "idle");
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return (rounds, "stream ended"),
+                Err(_) => None,
             },
+        };
+        let Some(ev) = ev.filter(|_| Instant::now() < deadline) else {
+            out.send(&ServerMsg::Error {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "the session reached its maximum time of {} s (--max-session-time); \
+                     open a new session and re-send the history to continue",
+                    limits.max_session_time.as_secs()
+                ),
+            });
+            return (rounds, "max session time");
         };
         let sent = match ev {
             Event::Bad(e) => {

@@ -30,6 +30,12 @@ pub struct Limits {
     pub max_frame: usize,
     /// A session with no message for this long is closed.
     pub idle_timeout: std::time::Duration,
+    /// A session is closed this long after it opened, busy or not (the device resumes in a
+    /// new session by re-sending its history).
+    pub max_session_time: std::time::Duration,
+    /// Messages of one session read ahead of its worker; beyond this the server stops
+    /// reading the stream and HTTP/2 flow control holds the client back.
+    pub inbound_queue: usize,
     /// A hint is sent only when the exit's top probability exceeds this at every position
     /// the hint covers (0 sends every hint).
     pub hint_confidence: f32,
@@ -47,6 +53,8 @@ impl Default for Limits {
             top_k: 32,
             max_frame: tandem_core::protocol::MAX_FRAME,
             idle_timeout: std::time::Duration::from_secs(300),
+            max_session_time: std::time::Duration::from_secs(3600),
+            inbound_queue: 64,
             hint_confidence: 0.0,
             kv_cache: KvPrecision::F32,
         }

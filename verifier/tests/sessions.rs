@@ -416,3 +416,149 @@ async fn silent_clients_are_closed_after_the_idle_timeout() {
     assert!(message.contains("no message"), "{message}");
     assert_eq!(srv.state.metrics.sessions_active(), 0);
 }
+
+/// A session lasts at most `max_session_time`, however busy or quiet it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_at_their_maximum_time() {
+    let config = ServerConfig {
+        limits: Limits {
+            max_session_time: Duration::from_secs(2),
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let ids = tokenizer().encode(PROMPTS[0]).unwrap();
+    let mut c = SessionClient::connect(&ep).await.unwrap();
+    c.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    c.send(&ClientMsg::Prefill(ids)).unwrap();
+    let msgs = drain(&mut c).await;
+    assert!(matches!(msgs[1], ServerMsg::First(_)), "{msgs:?}");
+    let (code, message) = error_code(&msgs).unwrap();
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(message.contains("maximum time of 2 s"), "{message}");
+    assert_eq!(srv.state.metrics.sessions_active(), 0);
+}
+
+fn metric(srv: &tandem_verifier::RunningServer, name: &str) -> f64 {
+    let text = srv.state.metrics.render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// While the worker is busy (a long prefill), the server reads at most its inbound queue of a
+/// client's messages ahead: a flood waits in HTTP/2 flow control, not in server memory, and
+/// is then served in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_reads_only_its_inbound_queue_ahead() {
+    let config = ServerConfig {
+        limits: Limits {
+            inbound_queue: 4,
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let one = tokenizer().encode(PROMPTS[1]).unwrap();
+    let prompt: Vec<u32> = one.iter().copied().cycle().take(1500).collect();
+    let (tx, mut rx) = SessionClient::connect(&ep).await.unwrap().split();
+    tx.send(&ClientMsg::Hello(hello(greedy(), 8))).unwrap();
+    tx.send(&ClientMsg::Prefill(prompt)).unwrap();
+    let flood = 30_000;
+    for r in 0..flood {
+        tx.send(&ClientMsg::Cancel(1_000_000 + r)).unwrap();
+    }
+    let sent = tx.bytes_up() as f64;
+    let first_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = first_seen.clone();
+    let reader = tokio::spawn(async move {
+        let mut msgs = Vec::new();
+        loop {
+            let m = match rx.recv().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => panic!("the session stream failed: {e:#}"),
+            };
+            if matches!(m, ServerMsg::First(_)) {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            msgs.push(m);
+        }
+        msgs
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read_during_prefill = metric(&srv, "tandem_bytes_in_total");
+    assert!(
+        !first_seen.load(std::sync::atomic::Ordering::SeqCst),
+        "the 1500-token prefill ended within 500 ms: lengthen it so the check runs while it is busy"
+    );
+    assert!(
+        read_during_prefill < sent / 2.0,
+        "the server read {read_during_prefill} of {sent} bytes while the session was busy"
+    );
+    // Once the prefill is done the rest is read and served; the session then ends cleanly.
+    while !first_seen.load(std::sync::atomic::Ordering::SeqCst) {
+        if reader.is_finished() {
+            panic!(
+                "the session ended before its first token: {:?}",
+                reader.await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..600 {
+        if metric(&srv, "tandem_bytes_in_total") >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&srv, "tandem_bytes_in_total"), sent);
+    tx.send(&ClientMsg::Close).unwrap();
+    let msgs = reader.await.unwrap();
+    assert!(error_code(&msgs).is_none(), "{msgs:?}");
+}
+
+/// Connections beyond `max_connections` are closed on accept; a connection that sends
+/// nothing, or an HTTP/1 header that never ends, is closed after the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_and_handshake_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ServerConfig {
+        max_connections: 2,
+        handshake_timeout: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let silent = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third connection is closed at once.
+    let mut third = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(30), third.read(&mut buf))
+        .await
+        .expect("the connection over the cap was left open");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(metric(&srv, "tandem_connections_refused_total") >= 1.0);
+    // The silent one and the slow header are closed by the timeout.
+    for (what, mut s) in [("silent", silent), ("slow header", slow)] {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "the {what} connection was never closed");
+    }
+    // With the slots free again, requests are served.
+    let mut ok = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    ok.read_to_end(&mut resp).await.unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
