@@ -7,6 +7,7 @@ mod heads;
 mod link;
 mod model;
 mod report;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,10 @@ enum Command {
     /// Draft-model decode speed on every wgpu adapter found and on the CPU engine, with
     /// GPU submissions and bytes moved per token; writes gpu.json.
     Gpu(gpu::Args),
+    /// Soak: many concurrent sessions against one verifier process for minutes, with a
+    /// malformed-frame flood, idle connections and hot-swaps; checks every token, prints
+    /// sessions, errors, round-time percentiles and peak RSS; writes soak.json.
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -43,6 +48,7 @@ fn main() {
         Command::E2e(args) => e2e::run(&args),
         Command::Heads(args) => heads::run(&args),
         Command::Gpu(args) => gpu::run(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     if let Err(e) = result {
         eprintln!("tandem-bench: error: {e:#}");

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tandem_core::protocol::{ClientMsg, FrameDecoder, MAX_FRAME, Message, ServerMsg};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -109,6 +109,16 @@ fn tls_connector(ca: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// Time to open the TCP connection to the verifier.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time for the TLS and HTTP/2 handshakes and the response headers.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// HTTP/2 pings while a session is open; a verifier that does not answer one within
+/// [`KEEPALIVE_TIMEOUT`] is taken as lost (the host then resumes elsewhere).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Sends `req` as the first stream of a new HTTP/2 connection over `io`.
 async fn send_over<T>(
     io: TokioIo<T>,
@@ -117,7 +127,12 @@ async fn send_over<T>(
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(io)
         .await
         .context("HTTP/2 handshake with the verifier")?;
     tokio::spawn(conn);
@@ -125,11 +140,30 @@ where
 }
 
 impl SessionClient {
-    /// Opens a session stream (no message is sent yet).
+    /// Opens a session stream (no message is sent yet), within [`CONNECT_TIMEOUT`] and
+    /// [`HANDSHAKE_TIMEOUT`].
     pub async fn connect(ep: &Endpoint) -> anyhow::Result<SessionClient> {
-        let tcp = TcpStream::connect(&ep.addr)
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ep.addr))
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "connecting to the verifier at {} timed out after {CONNECT_TIMEOUT:?}",
+                    ep.addr
+                )
+            })?
             .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::open_stream(ep, tcp))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the verifier at {} did not complete the TLS/HTTP/2 handshake within \
+                     {HANDSHAKE_TIMEOUT:?}",
+                    ep.addr
+                )
+            })?
+    }
+
+    async fn open_stream(ep: &Endpoint, tcp: TcpStream) -> anyhow::Result<SessionClient> {
         tcp.set_nodelay(true)?;
         let (tx, body) = ChannelBody::new();
         let mut req = hyper::Request::post("/v1/session")

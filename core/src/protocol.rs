@@ -183,6 +183,9 @@ pub enum ErrorCode {
     Busy = 6,
     /// The model failed.
     Internal = 7,
+    /// The session reached the server's maximum session time; the device continues in a new
+    /// session by re-sending its history.
+    Expired = 8,
 }
 
 impl ErrorCode {
@@ -196,6 +199,7 @@ impl ErrorCode {
             5 => LimitExceeded,
             6 => Busy,
             7 => Internal,
+            8 => Expired,
             _ => return None,
         })
     }

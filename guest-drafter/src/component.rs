@@ -266,6 +266,24 @@ impl api::GuestSession for Session {
                     );
                 }
             }
+            // One compute far longer than the session could need, or a KV cache grown a
+            // block at a time until the host refuses.
+            "hostile-long" | "hostile-kv" => {
+                let block = if self.hostile == "hostile-long" {
+                    100_000
+                } else {
+                    640
+                };
+                let mut m = NnModel {
+                    name: self.hostile.clone(),
+                    ctx: None,
+                };
+                let mut pos = 0;
+                loop {
+                    m.forward(&vec![1; block], pos, false)?;
+                    pos += block;
+                }
+            }
             _ => {}
         }
         #[allow(unused_mut)]

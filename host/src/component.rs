@@ -2,7 +2,7 @@
 //! time limits, given WASI (no files, no network) and the host's wasi:nn.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -75,8 +75,63 @@ impl Default for GuestLimits {
 /// Epoch ticks: one per 10 ms.
 const TICK: Duration = Duration::from_millis(10);
 
+/// One guest's memory budget (`--guest-memory-mb`), shared by its linear memory and the
+/// host memory it makes the host hold through wasi:nn (the KV caches of its execution
+/// contexts), so that neither can be used to go around the other.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    linear: AtomicUsize,
+    nn: AtomicUsize,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            limit,
+            linear: AtomicUsize::new(0),
+            nn: AtomicUsize::new(0),
+        })
+    }
+
+    /// Reserves `bytes` of host memory for wasi:nn, or says why not.
+    pub fn reserve_nn(&self, bytes: usize) -> Result<(), String> {
+        let mut cur = self.nn.load(Ordering::SeqCst);
+        loop {
+            let linear = self.linear.load(Ordering::SeqCst);
+            if linear + cur + bytes > self.limit {
+                return Err(format!(
+                    "its draft-model KV caches would hold {} MiB, which with its {} MiB of \
+                     linear memory passes its memory limit of {} MiB (--guest-memory-mb)",
+                    (cur + bytes) >> 20,
+                    linear >> 20,
+                    self.limit >> 20
+                ));
+            }
+            match self
+                .nn
+                .compare_exchange(cur, cur + bytes, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Returns `bytes` reserved with [`MemoryBudget::reserve_nn`].
+    pub fn release_nn(&self, bytes: usize) {
+        self.nn.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    /// Bytes reserved for wasi:nn now.
+    pub fn nn_bytes(&self) -> usize {
+        self.nn.load(Ordering::SeqCst)
+    }
+}
+
 struct Limiter {
-    max: usize,
+    budget: Arc<MemoryBudget>,
     denied: Arc<AtomicBool>,
 }
 
@@ -87,10 +142,12 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max {
+        let b = &self.budget;
+        if desired + b.nn_bytes() > b.limit {
             self.denied.store(true, Ordering::SeqCst);
             return Ok(false);
         }
+        b.linear.store(desired, Ordering::SeqCst);
         Ok(true)
     }
 
@@ -273,12 +330,14 @@ pub struct Drafter {
 }
 
 impl Drafter {
-    /// Instantiates the component and opens a session with `config`.
+    /// Instantiates the component and opens a session with `config`. `budget` is the
+    /// memory budget the graphs' execution contexts also draw from (`limits.memory` bytes).
     pub fn new(
         rt: &Runtime,
         graphs: NamedGraphs,
         config: &api::Config,
         limits: GuestLimits,
+        budget: Arc<MemoryBudget>,
     ) -> anyhow::Result<Drafter> {
         let denied = Arc::new(AtomicBool::new(false));
         let state = HostState {
@@ -286,7 +345,7 @@ impl Drafter {
             table: ResourceTable::new(),
             nn: WasiNnCtx::new(crate::nn::backends(), graphs.into()),
             limiter: Limiter {
-                max: limits.memory,
+                budget,
                 denied: denied.clone(),
             },
         };
@@ -384,7 +443,7 @@ fn explain(denied: &AtomicBool, limits: &GuestLimits, e: wasmtime::Error) -> any
     if denied.load(Ordering::SeqCst) {
         return anyhow::anyhow!(
             "the drafter component was stopped: it tried to grow its memory past the limit of \
-             {} MiB ({e})",
+             {} MiB, KV caches of its wasi-nn contexts included ({e})",
             limits.memory >> 20
         );
     }

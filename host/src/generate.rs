@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tandem_client::{Endpoint, SessionClient, SessionReceiver, SessionSender};
-use tandem_core::protocol::{Accepted, BackboneClaim, ClientMsg, Hello, ServerMsg};
+use tandem_core::protocol::{Accepted, BackboneClaim, ClientMsg, ErrorCode, Hello, ServerMsg};
 use tandem_core::sampling::SamplingParams;
 use tandem_models::{IncrementalDecoder, Tokenizer};
 
-use crate::component::{Drafter, GuestLimits, Runtime, api};
+use crate::component::{Drafter, GuestLimits, MemoryBudget, Runtime, api};
 use crate::ledger::Ledger;
-use crate::nn::{ComputeMeter, DraftModel, MeterReading, NamedGraphs};
+use crate::nn::{ComputeMeter, DraftModel, GraphLimits, MeterReading, NamedGraphs};
 
 /// How to work with the verifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,7 +35,9 @@ pub enum StrategyArg {
 /// Options of `tandem generate` (and the parts `tandem demo` reuses).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// Verifier address: http://HOST:PORT (h2c) or https://HOST:PORT (TLS).
+    /// Verifier address: http://HOST:PORT (h2c) or https://HOST:PORT (TLS). Several,
+    /// comma-separated, are replicas: the first that accepts serves, and if it is lost
+    /// mid-generation the host resumes on it or the next ones by re-sending its history.
     #[arg(long)]
     pub verifier: String,
     /// The drafter component (.wasm).
@@ -164,8 +166,10 @@ pub struct RunStats {
     pub strategy: String,
     /// Where the draft model ran: `cpu` or the GPU adapter's name (`-` for cloud strategies).
     pub draft_backend: String,
-    /// Target family@version that verified.
+    /// Target family@version that verified (the last session's).
     pub target: String,
+    /// Times the verifier was lost and the generation resumed in a new session.
+    pub resumes: usize,
     /// Generated tokens.
     pub tokens: usize,
     /// The generated token ids.
@@ -311,6 +315,10 @@ impl LinkState {
                 *energy = 0.0;
                 drafter.handle(&api::Event::Verdict(r.into()))
             }
+            ServerMsg::Error {
+                code: ErrorCode::Expired,
+                message,
+            } => Err(lost(message)),
             ServerMsg::Error { code, message } => bail!("verifier error {code:?}: {message}"),
             ServerMsg::Accepted(_) => bail!("the verifier sent Accepted twice"),
         }
@@ -338,8 +346,12 @@ impl RunStats {
             .filter(|(_, c)| **c > 0)
             .map(|(g, c)| format!("{g}×{c}"))
             .collect();
+        let resumed = match self.resumes {
+            0 => String::new(),
+            n => format!(" | resumed {n}×"),
+        };
         format!(
-            "[{}] {} tokens in {:.2} s: {:.1} tok/s, first token {:.0} ms | {:.2} tokens/round over {} rounds, {}/{} drafts accepted | γ {} | hints {} ({} used) | up {:.1} B/token, down {:.1} B/token | rtt ≈ {:.0} ms, draft step {:.1} ms ({})",
+            "[{}] {} tokens in {:.2} s: {:.1} tok/s, first token {:.0} ms | {:.2} tokens/round over {} rounds, {}/{} drafts accepted | γ {} | hints {} ({} used) | up {:.1} B/token, down {:.1} B/token | rtt ≈ {:.0} ms, draft step {:.1} ms ({}){resumed}",
             self.strategy,
             self.tokens,
             self.seconds,
@@ -387,9 +399,27 @@ fn strategy_name(args: &GenerateArgs) -> String {
     s
 }
 
+/// The endpoints of `--verifier URL[,URL...]`, in the order they are tried.
+fn endpoints(args: &GenerateArgs) -> anyhow::Result<Vec<Endpoint>> {
+    let list: Vec<Endpoint> = args
+        .verifier
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            Endpoint::parse(v, args.tls_ca.clone(), args.token.clone())
+                .map_err(|e| anyhow::anyhow!("--verifier {v}: {e:#}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if list.is_empty() {
+        bail!("--verifier names no endpoint: give http://HOST:PORT (or several, comma-separated)");
+    }
+    Ok(list)
+}
+
+/// The first endpoint of `--verifier` (cloud-sd runs on one verifier and does not resume).
 fn endpoint(args: &GenerateArgs) -> anyhow::Result<Endpoint> {
-    Endpoint::parse(&args.verifier, args.tls_ca.clone(), args.token.clone())
-        .map_err(|e| anyhow::anyhow!("--verifier: {e:#}"))
+    Ok(endpoints(args)?.swap_remove(0))
 }
 
 enum Incoming {
@@ -463,8 +493,18 @@ pub fn run_prepared(
         bail!("the prompt is empty: give the text to continue with --prompt");
     }
     let mut driver = SessionDriver::open(prepared, args, &prompt)?;
-    let mut drafter = driver.start_drafter(prepared, args, &prompt)?;
-    driver.run(&mut drafter, &prepared.tokenizer, out)?;
+    let mut drafter = driver.start_drafter(prepared, args, &prompt, args.max_tokens)?;
+    loop {
+        match driver.run(&mut drafter, &prepared.tokenizer, out) {
+            Ok(()) => break,
+            Err(e) if e.is::<Lost>() => {
+                if !driver.resume(prepared, args, &prompt, &mut drafter, &e, out)? {
+                    break;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let stats = driver.finish(drafter, prepared, args)?;
     if let Some(p) = &args.stats_json {
         write_stats(&stats, p)?;
@@ -482,10 +522,18 @@ fn write_stats(stats: &RunStats, path: &Path) -> anyhow::Result<()> {
 /// compute, and collects the committed text.
 struct SessionDriver {
     rt: tokio::runtime::Runtime,
-    tx: SessionSender,
-    events: mpsc::Receiver<(Instant, Incoming)>,
-    bytes_down: Arc<AtomicUsize>,
-    accepted: Accepted,
+    /// The endpoints of `--verifier`, and the one in use.
+    endpoints: Vec<Endpoint>,
+    at: usize,
+    conn: Connection,
+    /// Bytes sent and received on earlier (lost) sessions.
+    bytes_before: (usize, usize),
+    /// Tokens the whole generation may produce (the first session's grant).
+    budget: usize,
+    /// Sessions resumed after losing the verifier.
+    resumes: usize,
+    /// Statistics of the drafter instances of earlier sessions.
+    earlier: Option<(api::Stats, Duration)>,
     link: LinkState,
     meter: Arc<ComputeMeter>,
     last_reading: MeterReading,
@@ -502,7 +550,8 @@ struct SessionDriver {
     text: String,
     ids: Vec<u32>,
     quiet: bool,
-    /// What the verifier committed: every emitted token is checked against it.
+    /// What the verifier committed in this session: every emitted token is checked
+    /// against it.
     ledger: Ledger,
     /// The component, for errors.
     drafter_path: PathBuf,
@@ -511,48 +560,111 @@ struct SessionDriver {
     max_idle_steps: usize,
 }
 
-/// How long the verifier may stay silent before the generation fails.
-const IDLE: Duration = Duration::from_secs(300);
+/// One session stream with a verifier that accepted it.
+struct Connection {
+    tx: SessionSender,
+    events: mpsc::Receiver<(Instant, Incoming)>,
+    bytes_down: Arc<AtomicUsize>,
+    accepted: Accepted,
+    connect_ms: f64,
+}
 
-impl SessionDriver {
-    /// Connects, says Hello, sends the prompt and waits for the verifier to accept.
-    fn open(prepared: &Prepared, args: &GenerateArgs, prompt: &[u32]) -> anyhow::Result<Self> {
-        let ep = endpoint(args)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+impl Connection {
+    /// Connects, says Hello, sends `history` as the prefill and waits for the verifier to
+    /// accept. A refusal with Busy, or any transport failure, is [`Lost`] (another
+    /// endpoint may do).
+    fn open(
+        rt: &tokio::runtime::Runtime,
+        ep: &Endpoint,
+        prepared: &Prepared,
+        args: &GenerateArgs,
+        history: &[u32],
+        max_tokens: u32,
+    ) -> anyhow::Result<Connection> {
         let connecting = Instant::now();
-        let client = rt.block_on(SessionClient::connect(&ep))?;
+        let client = rt
+            .block_on(SessionClient::connect(ep))
+            .map_err(|e| lost(format!("{e:#}")))?;
         let connect_ms = connecting.elapsed().as_secs_f64() * 1000.0;
         let (tx, rx) = client.split();
         let (events_tx, events) = mpsc::channel();
         let bytes_down = Arc::new(AtomicUsize::new(0));
         rt.spawn(pump(rx, events_tx, bytes_down.clone()));
-
-        let started = Instant::now();
-        tx.send(&ClientMsg::Hello(Hello {
-            tokenizer: prepared.tok_fp,
-            backbone: prepared.backbone,
-            family: None,
-            sampling: args.sampling(),
-            max_tokens: args.max_tokens,
-            token: args.token.clone(),
-        }))?;
-        tx.send(&ClientMsg::Prefill(prompt.to_vec()))?;
+        let sent = tx
+            .send(&ClientMsg::Hello(Hello {
+                tokenizer: prepared.tok_fp,
+                backbone: prepared.backbone,
+                family: None,
+                sampling: args.sampling(),
+                max_tokens,
+                token: args.token.clone(),
+            }))
+            .and_then(|_| tx.send(&ClientMsg::Prefill(history.to_vec())));
+        sent.map_err(|e| lost(format!("{e:#}")))?;
         let accepted = match next_msg(&events)?.1 {
             ServerMsg::Accepted(a) => a,
+            ServerMsg::Error {
+                code: code @ (ErrorCode::Busy | ErrorCode::Expired),
+                message,
+            } => return Err(lost(format!("the verifier refused: {code:?}: {message}"))),
             ServerMsg::Error { code, message } => {
                 bail!("the verifier refused: {code:?}: {message}")
             }
             other => bail!("expected Accepted from the verifier, got {other:?}"),
         };
-        Ok(SessionDriver {
-            rt,
+        Ok(Connection {
             tx,
             events,
             bytes_down,
-            link: LinkState::new(connect_ms, args.uplink_bps),
+            accepted,
+            connect_ms,
+        })
+    }
+}
+
+/// How long the verifier may stay silent before the generation fails.
+const IDLE: Duration = Duration::from_secs(300);
+
+/// Times a generation resumes after losing its verifier before it gives up.
+const MAX_RESUMES: usize = 8;
+
+/// Passes over the endpoint list when resuming, and the pause before each pass after the
+/// first.
+const RESUME_PASSES: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
+
+impl SessionDriver {
+    /// Connects to the first endpoint of `--verifier` that accepts, says Hello, sends the
+    /// prompt and waits for the verifier to accept.
+    fn open(prepared: &Prepared, args: &GenerateArgs, prompt: &[u32]) -> anyhow::Result<Self> {
+        let endpoints = endpoints(args)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let started = Instant::now();
+        let mut failures = Vec::new();
+        let mut opened = None;
+        for (i, ep) in endpoints.iter().enumerate() {
+            match Connection::open(&rt, ep, prepared, args, prompt, args.max_tokens) {
+                Ok(c) => {
+                    opened = Some((i, c));
+                    break;
+                }
+                Err(e) if e.is::<Lost>() => failures.push(format!("{}: {e:#}", ep.addr)),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((at, conn)) = opened else {
+            bail!("no verifier could be reached: {}", failures.join("; "));
+        };
+        let accepted = &conn.accepted;
+        let budget = args.max_tokens.min(accepted.max_tokens) as usize;
+        Ok(SessionDriver {
+            link: LinkState::new(conn.connect_ms, args.uplink_bps),
             meter: Arc::new(ComputeMeter::default()),
             last_reading: MeterReading::default(),
             draft_ms: 0.0,
@@ -566,14 +678,90 @@ impl SessionDriver {
             text: String::new(),
             ids: Vec::new(),
             quiet: args.quiet,
-            ledger: Ledger::new(args.max_tokens.min(accepted.max_tokens) as usize),
+            ledger: Ledger::new(budget),
             drafter_path: args.drafter.clone(),
             idle_steps: 0,
-            // A step drafts at most one token; a block and the one drafted ahead of it
-            // take at most 2 × max_draft steps without an action.
-            max_idle_steps: 64 + 8 * args.max_draft.min(accepted.max_draft) as usize,
-            accepted,
+            max_idle_steps: max_idle_steps(args, accepted),
+            budget,
+            rt,
+            endpoints,
+            at,
+            conn,
+            bytes_before: (0, 0),
+            resumes: 0,
+            earlier: None,
         })
+    }
+
+    /// After the verifier was lost: opens a new session — on the same endpoint or the
+    /// next ones of `--verifier`, a few passes with pauses — whose prefill is the prompt
+    /// plus every token emitted so far, and starts a new drafter instance on the same
+    /// history. The target continues exactly where it was (its output depends only on the
+    /// history). False when nothing was left to generate.
+    fn resume(
+        &mut self,
+        prepared: &Prepared,
+        args: &GenerateArgs,
+        prompt: &[u32],
+        drafter: &mut Drafter,
+        why: &anyhow::Error,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<bool> {
+        if self.resumes >= MAX_RESUMES {
+            bail!(
+                "lost the verifier {} times; giving up: {why:#}",
+                self.resumes + 1
+            );
+        }
+        let left = self.budget - self.ids.len().min(self.budget);
+        if left == 0 {
+            // Everything was printed; only the goodbye was lost.
+            let tail = self.decoder.finish(&prepared.tokenizer)?;
+            self.write(&tail, out)?;
+            return Ok(false);
+        }
+        let s = drafter.stats()?;
+        let guest = drafter.time_in_guest();
+        self.earlier = Some(match self.earlier.take() {
+            None => (s, guest),
+            Some((e, g)) => (add_stats(e, s), g + guest),
+        });
+        self.bytes_before.0 += self.conn.tx.bytes_up();
+        self.bytes_before.1 += self.conn.bytes_down.load(Ordering::Relaxed);
+        let history: Vec<u32> = prompt.iter().chain(&self.ids).copied().collect();
+        let mut failures = Vec::new();
+        let n = self.endpoints.len();
+        for pause in RESUME_PASSES {
+            std::thread::sleep(pause);
+            for k in 0..n {
+                let i = (self.at + k) % n;
+                let ep = &self.endpoints[i];
+                match Connection::open(&self.rt, ep, prepared, args, &history, left as u32) {
+                    Ok(conn) => {
+                        eprintln!(
+                            "tandem: lost the verifier ({why:#}); resumed on {} after {} tokens",
+                            ep.addr,
+                            self.ids.len()
+                        );
+                        self.resumes += 1;
+                        self.at = i;
+                        self.ledger = Ledger::new(left.min(conn.accepted.max_tokens as usize));
+                        self.max_idle_steps = max_idle_steps(args, &conn.accepted);
+                        self.idle_steps = 0;
+                        self.conn = conn;
+                        *drafter = self.start_drafter(prepared, args, &history, left as u32)?;
+                        return Ok(true);
+                    }
+                    Err(e) if e.is::<Lost>() => failures.push(format!("{}: {e:#}", ep.addr)),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        bail!(
+            "lost the verifier ({why:#}) and could not resume after {} tokens: {}",
+            self.ids.len(),
+            failures.join("; ")
+        )
     }
 
     /// Instantiates the drafter component for this session and starts its prefill (which
@@ -583,21 +771,33 @@ impl SessionDriver {
         prepared: &Prepared,
         args: &GenerateArgs,
         prompt: &[u32],
+        max_tokens: u32,
     ) -> anyhow::Result<Drafter> {
+        let config = guest_config(args, &prepared.tokenizer, &self.conn.accepted, max_tokens);
+        let limits = GuestLimits {
+            memory: args.guest_memory_mb << 20,
+            call_timeout: Duration::from_secs_f64(args.guest_timeout),
+        };
+        let budget = MemoryBudget::new(limits.memory);
         let mut graphs = NamedGraphs::default();
         if args.strategy != StrategyArg::CloudAr {
             let model = prepared
                 .model
                 .as_ref()
                 .context("the draft model was not loaded (prepared for cloud-ar)")?;
-            graphs.insert(args.graph_name.clone(), model.graph(self.meter.clone()));
+            let graph_limits = GraphLimits {
+                budget: budget.clone(),
+                max_positions: prompt.len()
+                    + config.max_tokens as usize
+                    + 2 * config.max_draft as usize
+                    + 16,
+            };
+            graphs.insert(
+                args.graph_name.clone(),
+                model.graph(self.meter.clone(), graph_limits),
+            );
         }
-        let config = guest_config(args, &prepared.tokenizer, &self.accepted);
-        let limits = GuestLimits {
-            memory: args.guest_memory_mb << 20,
-            call_timeout: Duration::from_secs_f64(args.guest_timeout),
-        };
-        let mut drafter = Drafter::new(&prepared.runtime, graphs, &config, limits)?;
+        let mut drafter = Drafter::new(&prepared.runtime, graphs, &config, limits, budget)?;
         drafter.prefill(prompt)?;
         Ok(drafter)
     }
@@ -634,7 +834,7 @@ impl SessionDriver {
                     api::Action::Emit(tokens) => self.emit(&tokens, tokenizer, out)?,
                     api::Action::Wait => {
                         let waiting = Instant::now();
-                        let (at, msg) = next_msg(&self.events)?;
+                        let (at, msg) = next_msg(&self.conn.events)?;
                         self.wait_time += waiting.elapsed();
                         self.deliver(drafter, at, msg)?;
                     }
@@ -651,10 +851,14 @@ impl SessionDriver {
     /// Everything that arrived goes to the guest before its next step.
     fn deliver_pending(&mut self, drafter: &mut Drafter) -> anyhow::Result<()> {
         loop {
-            match self.events.try_recv() {
+            match self.conn.events.try_recv() {
                 Ok((at, Incoming::Msg(m))) => self.deliver(drafter, at, m)?,
-                Ok((_, Incoming::End)) => bail!("the verifier closed the session early"),
-                Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
+                Ok((_, Incoming::End)) => {
+                    return Err(lost("the verifier closed the session early"));
+                }
+                Ok((_, Incoming::Failed(e))) => {
+                    return Err(lost(format!("the session with the verifier failed: {e}")));
+                }
                 Err(_) => return Ok(()),
             }
         }
@@ -691,7 +895,10 @@ impl SessionDriver {
     fn send(&mut self, b: api::Block) -> anyhow::Result<()> {
         self.link.sent(b.round, b.tokens.len());
         self.ledger.sent(b.round, &b.tokens);
-        self.tx.send(&ClientMsg::Verify(b.into()))
+        self.conn
+            .tx
+            .send(&ClientMsg::Verify(b.into()))
+            .map_err(|e| lost(format!("{e:#}")))
     }
 
     fn emit(
@@ -728,22 +935,25 @@ impl SessionDriver {
     /// Closes the session (waiting for the verifier to end its stream, so every byte it
     /// sent is counted) and gathers the statistics.
     fn finish(
-        self,
+        mut self,
         mut drafter: Drafter,
         prepared: &Prepared,
         args: &GenerateArgs,
     ) -> anyhow::Result<RunStats> {
         let seconds = self.started.elapsed().as_secs_f64();
-        let _ = self.tx.send(&ClientMsg::Close);
+        let _ = self.conn.tx.send(&ClientMsg::Close);
         let closing = Instant::now() + Duration::from_secs(2);
         while let Some(left) = closing.checked_duration_since(Instant::now()) {
-            match self.events.recv_timeout(left) {
+            match self.conn.events.recv_timeout(left) {
                 Ok((_, Incoming::Msg(_))) => continue,
                 _ => break,
             }
         }
-        let s = drafter.stats()?;
-        let guest_s = drafter.time_in_guest().as_secs_f64();
+        let (s, guest) = match self.earlier.take() {
+            Some((e, g)) => (add_stats(e, drafter.stats()?), g + drafter.time_in_guest()),
+            None => (drafter.stats()?, drafter.time_in_guest()),
+        };
+        let guest_s = guest.as_secs_f64();
         drop(drafter);
         let computed = self.meter.read();
         let n = self.ids.len().max(1) as f64;
@@ -753,7 +963,11 @@ impl SessionDriver {
                 .model
                 .as_ref()
                 .map_or_else(|| "-".to_string(), DraftModel::backend),
-            target: format!("{}@{}", self.accepted.family, self.accepted.version),
+            target: format!(
+                "{}@{}",
+                self.conn.accepted.family, self.conn.accepted.version
+            ),
+            resumes: self.resumes,
             tokens: self.ids.len(),
             tokens_per_s: self.ids.len() as f64 / seconds.max(1e-9),
             token_ids: self.ids,
@@ -774,8 +988,11 @@ impl SessionDriver {
             hints_used: s.hints_used,
             hint_kept: s.hint_kept,
             gamma_counts: s.gamma_counts,
-            up_bytes_per_token: self.tx.bytes_up() as f64 / n,
-            down_bytes_per_token: self.bytes_down.load(Ordering::Relaxed) as f64 / n,
+            up_bytes_per_token: (self.bytes_before.0 + self.conn.tx.bytes_up()) as f64 / n,
+            down_bytes_per_token: (self.bytes_before.1
+                + self.conn.bytes_down.load(Ordering::Relaxed))
+                as f64
+                / n,
             rtt_ms: self.link.rtt_ms,
             draft_ms: self.draft_ms,
             verify_by_gamma: self.link.verify_by_gamma(),
@@ -795,13 +1012,32 @@ impl SessionDriver {
     }
 }
 
+/// The verifier was lost mid-generation (connection closed or failed, silent for [`IDLE`],
+/// session expired): the generation can resume in a new session.
+#[derive(Debug)]
+struct Lost(String);
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Lost {}
+
+fn lost(why: impl Into<String>) -> anyhow::Error {
+    Lost(why.into()).into()
+}
+
 /// The next message from the verifier, waiting at most [`IDLE`].
 fn next_msg(events: &mpsc::Receiver<(Instant, Incoming)>) -> anyhow::Result<(Instant, ServerMsg)> {
     match events.recv_timeout(IDLE) {
         Ok((t, Incoming::Msg(m))) => Ok((t, m)),
-        Ok((_, Incoming::End)) => bail!("the verifier closed the session"),
-        Ok((_, Incoming::Failed(e))) => bail!("the session with the verifier failed: {e}"),
-        Err(_) => bail!("no message from the verifier for {IDLE:?}"),
+        Ok((_, Incoming::End)) => Err(lost("the verifier closed the session")),
+        Ok((_, Incoming::Failed(e))) => {
+            Err(lost(format!("the session with the verifier failed: {e}")))
+        }
+        Err(_) => Err(lost(format!("no message from the verifier for {IDLE:?}"))),
     }
 }
 
@@ -826,9 +1062,40 @@ async fn pump(
     }
 }
 
+/// Steps in a row without an action that the drafter is allowed: a step drafts at most one
+/// token; a block and the one drafted ahead of it take at most 2 × max_draft steps.
+fn max_idle_steps(args: &GenerateArgs, accepted: &Accepted) -> usize {
+    64 + 8 * args.max_draft.min(accepted.max_draft) as usize
+}
+
+/// The drafter statistics of two instances (one generation resumed) added up.
+fn add_stats(a: api::Stats, b: api::Stats) -> api::Stats {
+    let n = a.gamma_counts.len().max(b.gamma_counts.len());
+    let at = |v: &[u32], i: usize| v.get(i).copied().unwrap_or(0);
+    api::Stats {
+        rounds: a.rounds + b.rounds,
+        drafted: a.drafted + b.drafted,
+        accepted: a.accepted + b.accepted,
+        drafted_in_flight: a.drafted_in_flight + b.drafted_in_flight,
+        pipelined_kept: a.pipelined_kept + b.pipelined_kept,
+        hints: a.hints + b.hints,
+        hints_used: a.hints_used + b.hints_used,
+        hint_kept: a.hint_kept + b.hint_kept,
+        gamma_counts: (0..n)
+            .map(|i| at(&a.gamma_counts, i) + at(&b.gamma_counts, i))
+            .collect(),
+        alpha: b.alpha,
+    }
+}
+
 /// The drafter component's configuration: the user's options within the limits the
 /// verifier accepted.
-fn guest_config(args: &GenerateArgs, tokenizer: &Tokenizer, accepted: &Accepted) -> api::Config {
+fn guest_config(
+    args: &GenerateArgs,
+    tokenizer: &Tokenizer,
+    accepted: &Accepted,
+    max_tokens: u32,
+) -> api::Config {
     let strategy = match args.strategy {
         StrategyArg::Tandem => api::Strategy::Tandem,
         StrategyArg::Sync => api::Strategy::Sync,
@@ -839,7 +1106,7 @@ fn guest_config(args: &GenerateArgs, tokenizer: &Tokenizer, accepted: &Accepted)
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        max_tokens: args.max_tokens.min(accepted.max_tokens),
+        max_tokens: max_tokens.min(accepted.max_tokens),
         eos: tokenizer.eos_tokens().to_vec(),
         strategy,
         pipeline: !args.no_pipeline,

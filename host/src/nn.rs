@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::component::MemoryBudget;
 use tandem_models::{CpuSequence, DraftForward, GpuChoice, Model};
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
@@ -107,6 +108,17 @@ pub struct DraftGraph {
     meter: Arc<ComputeMeter>,
     /// Execution contexts alive (each holds a KV cache outside the guest's memory).
     contexts: Arc<std::sync::atomic::AtomicUsize>,
+    limits: Arc<GraphLimits>,
+}
+
+/// What one session's draft graph may cost the host.
+pub struct GraphLimits {
+    /// The guest's memory budget, which every context's KV cache draws from.
+    pub budget: Arc<MemoryBudget>,
+    /// Positions a context may hold: the session's history, its tokens and a draft block
+    /// ahead. Also bounds the work of one compute call, which the epoch deadline cannot
+    /// interrupt.
+    pub max_positions: usize,
 }
 
 /// Execution contexts a session's graph may have alive at once: a drafter needs one; each
@@ -131,6 +143,9 @@ impl BackendGraph for DraftGraph {
             session,
             meter: self.meter.clone(),
             alive: self.contexts.clone(),
+            limits: self.limits.clone(),
+            kv_per_position: self.model.kv_bytes_per_position(),
+            reserved: 0,
         });
         Ok(ctx.into())
     }
@@ -140,11 +155,38 @@ struct DraftContext {
     session: Box<dyn DraftForward>,
     meter: Arc<ComputeMeter>,
     alive: Arc<std::sync::atomic::AtomicUsize>,
+    limits: Arc<GraphLimits>,
+    kv_per_position: usize,
+    /// Bytes of the budget this context's KV cache holds.
+    reserved: usize,
+}
+
+impl DraftContext {
+    /// Makes the budget hold `positions` of KV cache for this context, or says why not.
+    fn hold(&mut self, positions: usize) -> Result<(), BackendError> {
+        let max = self.limits.max_positions;
+        if positions > max {
+            return Err(err(format!(
+                "compute would extend the sequence to {positions} positions, beyond this \
+                 session's {max} (history + tokens asked + a draft block)"
+            )));
+        }
+        let need = positions * self.kv_per_position;
+        let budget = &self.limits.budget;
+        if need > self.reserved {
+            budget.reserve_nn(need - self.reserved).map_err(err)?;
+        } else {
+            budget.release_nn(self.reserved - need);
+        }
+        self.reserved = need;
+        Ok(())
+    }
 }
 
 impl Drop for DraftContext {
     fn drop(&mut self) {
         self.alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.limits.budget.release_nn(self.reserved);
     }
 }
 
@@ -240,6 +282,7 @@ impl BackendExecutionContext for DraftContext {
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
         let inputs = inputs.ok_or_else(|| err("compute needs named inputs"))?;
         let d = decode_inputs(&inputs)?;
+        self.hold(d.pos.saturating_add(d.tokens.len()))?;
         let started = Instant::now();
         let out = self
             .session
@@ -322,13 +365,24 @@ impl DraftModel {
         })
     }
 
-    /// The wasi:nn graph that runs it.
-    pub fn graph(&self, meter: Arc<ComputeMeter>) -> Box<dyn BackendGraph> {
+    /// The wasi:nn graph that runs it, within `limits`.
+    pub fn graph(&self, meter: Arc<ComputeMeter>, limits: GraphLimits) -> Box<dyn BackendGraph> {
         Box::new(DraftGraph {
             model: self.clone(),
             meter,
             contexts: Default::default(),
+            limits: Arc::new(limits),
         })
+    }
+
+    /// Bytes of KV cache one position costs (keys and values of every layer, f32).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let c = match self {
+            DraftModel::Cpu(m) => m.config(),
+            #[cfg(feature = "gpu")]
+            DraftModel::Gpu(m) => m.config(),
+        };
+        c.n_layer * c.kv_dim() * 2 * std::mem::size_of::<f32>()
     }
 
     /// `cpu`, or the adapter's name.

@@ -109,11 +109,18 @@ fn verifier(
     early_exit: Option<usize>,
     delay_ms: u64,
 ) -> (Verifier, Option<tandem_client::shaper::Shaper>) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let config = ServerConfig {
         early_exit_layer: early_exit,
         ..ServerConfig::default()
     };
+    verifier_with(config, delay_ms)
+}
+
+fn verifier_with(
+    config: ServerConfig,
+    delay_ms: u64,
+) -> (Verifier, Option<tandem_client::shaper::Shaper>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
     let (srv, shaper) = rt.block_on(async {
         // The verifier also drafts by itself, for the cloud-sd strategy.
         let draft =
@@ -390,6 +397,11 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
             "hostile-spin",
             "steps in a row without sending, emitting or waiting",
         ),
+        // wasi-nn: one compute past every position the session could need (its time cannot
+        // be cut by the epoch deadline, so it is refused before it starts), and a KV cache
+        // grown until it meets the memory budget it shares with linear memory.
+        ("hostile-long", "beyond this session's"),
+        ("hostile-kv", "KV caches would hold"),
     ] {
         let o = generate(
             &[
@@ -404,11 +416,22 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
                 "--prompt",
                 "hi",
                 "--guest-timeout",
-                "2",
+                // hostile-kv computes 1280 positions before it is refused.
+                if behaviour == "hostile-kv" {
+                    "120"
+                } else {
+                    "2"
+                },
                 "--guest-memory-mb",
                 "64",
                 "--max-tokens",
-                "4",
+                // Room for the KV cache (40 KB a position) to outgrow 64 MiB before the
+                // position cap.
+                if behaviour == "hostile-kv" {
+                    "2000"
+                } else {
+                    "4"
+                },
             ],
             dir.path(),
         );
@@ -753,4 +776,162 @@ fn the_gpu_backend_drafts_losslessly() {
         err.contains("no GPU adapter's name contains `no-such-adapter`") && err.contains(&adapter),
         "{err}"
     );
+}
+
+/// A `tandem-verifier serve` process on 127.0.0.1 (the binary beside `tandem`, which
+/// `cargo test --workspace` builds), killed when dropped.
+struct VerifierProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for VerifierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn verifier_process() -> VerifierProcess {
+    use std::io::BufRead;
+    let bin = Path::new(env!("CARGO_BIN_EXE_tandem")).with_file_name("tandem-verifier");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --release -p tandem-verifier` (the README's \
+         test command does)",
+        bin.display()
+    );
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--target"])
+        .arg(smol())
+        .args(["--early-exit-layer", "27"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("tandem-verifier listening on"), "{line:?}");
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    VerifierProcess { child, url }
+}
+
+/// The verifier process is killed mid-generation; the host resumes on the second replica
+/// of `--verifier A,B` by re-sending prompt + emitted tokens, and the text is the
+/// uninterrupted (target-only) one: no token lost or repeated.
+#[test]
+fn a_killed_verifier_is_resumed_on_a_replica_with_identical_output() {
+    use std::io::Read;
+    let wasm = guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let n = 160;
+    let prompt = PROMPTS[0];
+    let want = target_only(prompt, n);
+    let mut a = verifier_process();
+    let b = verifier_process();
+    let mut host = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .arg("generate")
+        .args(["--verifier", &format!("{},{}", a.url, b.url)])
+        .args(["--drafter", wasm.to_str().unwrap()])
+        .args(["--draft-model", drafter_model().to_str().unwrap()])
+        .args([
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &n.to_string(),
+            "--gamma",
+            "4",
+        ])
+        .args(["--strategy", "sync", "--stats-json", json.to_str().unwrap()])
+        .env("TANDEM_WASM_CACHE", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the first verifier once some text has streamed.
+    let mut stdout = host.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while seen.len() < 8 {
+        let k = stdout.read(&mut buf).unwrap();
+        assert!(k > 0, "the generation ended before the kill");
+        seen.extend_from_slice(&buf[..k]);
+    }
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    stdout.read_to_end(&mut seen).unwrap();
+    let mut stderr = String::new();
+    host.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = host.wait().unwrap();
+    assert!(status.success(), "tandem generate failed:\n{stderr}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(s["resumes"], 1, "{stderr}");
+    assert!(stderr.contains("resumed on"), "{stderr}");
+    assert!(
+        stderr.contains("resumed 1×"),
+        "the stats line counts it: {stderr}"
+    );
+    assert_eq!(ids(&s), want, "resumed output differs from target-only");
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let text = String::from_utf8(seen).unwrap();
+    assert_eq!(text.strip_suffix('\n').unwrap(), tok.decode(&want).unwrap());
+    drop(b);
+}
+
+/// Sessions that reach the verifier's maximum session time expire mid-generation; the host
+/// resumes each time on the same endpoint and the text is the target's.
+#[test]
+fn expired_sessions_are_resumed_and_the_text_is_unchanged() {
+    let wasm = guest(false);
+    let mut config = ServerConfig::default();
+    config.limits.max_session_time = Duration::from_secs(1);
+    // 100 ms per round trip: 40 cloud-ar rounds take at least 4 s, so sessions expire.
+    let (v, _shaper) = verifier_with(config, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let n = 40;
+    let want = target_only(PROMPTS[1], n);
+    for strategy in ["cloud-ar", "tandem"] {
+        let o = generate(
+            &[
+                "--verifier",
+                &v.url,
+                "--drafter",
+                wasm.to_str().unwrap(),
+                "--draft-model",
+                drafter_model().to_str().unwrap(),
+                "--prompt",
+                PROMPTS[1],
+                "--max-tokens",
+                &n.to_string(),
+                "--strategy",
+                strategy,
+                "--stats-json",
+                json.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        let s = stats(&o, &json);
+        assert_eq!(ids(&s), want, "{strategy}");
+        if strategy == "cloud-ar" {
+            assert!(
+                s["resumes"].as_u64().unwrap() >= 2,
+                "{strategy}: {}",
+                s["resumes"]
+            );
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            s["resumes"] == 0 || err.contains("maximum time"),
+            "{strategy}: {err}"
+        );
+    }
 }

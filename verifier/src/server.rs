@@ -670,7 +670,14 @@ async fn run_session(
                             dec.push(&d);
                         }
                     }
-                    _ => return Ok(None),
+                    Some(Err(_)) => return Ok(None),
+                    // The stream ended: a frame cut short is answered as malformed.
+                    None => {
+                        return match dec.finish() {
+                            Ok(()) => Ok(None),
+                            Err(e) => Err(SessionError::new(ErrorCode::Malformed, e.to_string())),
+                        };
+                    }
                 },
             }
         }
@@ -844,7 +851,7 @@ fn session_loop(
         };
         let Some(ev) = ev.filter(|_| Instant::now() < deadline) else {
             out.send(&ServerMsg::Error {
-                code: ErrorCode::LimitExceeded,
+                code: ErrorCode::Expired,
                 message: format!(
                     "the session reached its maximum time of {} s (--max-session-time); \
                      open a new session and re-send the history to continue",

@@ -436,7 +436,7 @@ async fn sessions_end_at_their_maximum_time() {
     let msgs = drain(&mut c).await;
     assert!(matches!(msgs[1], ServerMsg::First(_)), "{msgs:?}");
     let (code, message) = error_code(&msgs).unwrap();
-    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert_eq!(code, ErrorCode::Expired);
     assert!(message.contains("maximum time of 2 s"), "{message}");
     assert_eq!(srv.state.metrics.sessions_active(), 0);
 }
