@@ -9,8 +9,8 @@
 //! is reproducible from its seed. A panic is a crash: the input is written to the crash
 //! directory and counted; decoders must answer every input with a value or an error.
 //!
-//! Coverage-guided fuzzing (`cargo fuzz`) needs a nightly toolchain, which CI's machines do
-//! not have (docs/reliability.md).
+//! The same harnesses also run under libFuzzer, coverage-guided, through [`one`] and the
+//! `cargo fuzz` targets in `fuzz/libfuzzer/` (nightly; `ci/fuzz` runs both).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -180,6 +180,33 @@ pub trait Harness {
     fn input(&mut self, rng: &mut Rng) -> Vec<u8>;
     /// Runs one input; true if the code under test accepted it as valid.
     fn run(&mut self, input: &[u8], report: &mut Report) -> bool;
+}
+
+/// Runs one input through `target` and says whether it was valid: the entry point of the
+/// coverage-guided drivers (a panic is their crash).
+pub fn one(target: Target, input: &[u8]) -> bool {
+    use std::sync::{Mutex, OnceLock};
+    static GGUF: OnceLock<Mutex<targets::Gguf>> = OnceLock::new();
+    let mut report = Report::default();
+    match target {
+        Target::Frames => targets::Frames::default().run(input, &mut report),
+        Target::Gguf => GGUF
+            .get_or_init(|| Mutex::new(targets::Gguf::new().expect("the gguf target's seeds")))
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(input, &mut report),
+        Target::Guest => targets::Guest.run(input, &mut report),
+    }
+}
+
+/// Starting inputs for `target` (a corpus for coverage-guided drivers).
+pub fn seeds(target: Target) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut rng = Rng::new(1);
+    Ok(match target {
+        Target::Frames => (0..64).map(|_| targets::message(&mut rng)).collect(),
+        Target::Gguf => targets::Gguf::new()?.seeds().to_vec(),
+        Target::Guest => (0..16).map(|_| targets::Guest.input(&mut rng)).collect(),
+    })
 }
 
 /// Runs `target` for `time` from `seed`, saving crashing inputs under `crash_dir`.

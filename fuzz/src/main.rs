@@ -24,6 +24,10 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Instead of fuzzing, write each target's seed inputs under DIR/TARGET/ (a corpus for
+    /// `cargo fuzz`).
+    #[arg(long, value_name = "DIR")]
+    write_seeds: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +42,16 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.targets
     };
+    if let Some(dir) = &args.write_seeds {
+        for t in &targets {
+            let d = dir.join(t.name());
+            std::fs::create_dir_all(&d)?;
+            for (i, s) in tandem_fuzz::seeds(*t)?.iter().enumerate() {
+                std::fs::write(d.join(format!("seed-{i}")), s)?;
+            }
+        }
+        return Ok(());
+    }
     let mut json = Vec::new();
     let mut crashed = 0;
     for t in targets {

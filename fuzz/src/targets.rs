@@ -43,8 +43,8 @@ fn sampling(rng: &mut Rng) -> SamplingParams {
     }
 }
 
-/// A random, well-formed message of either direction.
-fn message(rng: &mut Rng) -> Vec<u8> {
+/// A random, well-formed message of either direction, as a frame.
+pub fn message(rng: &mut Rng) -> Vec<u8> {
     if rng.one_in(2) {
         let m = match rng.below(5) {
             0 => ClientMsg::Hello(Hello {
@@ -278,6 +278,13 @@ impl Gguf {
             dir,
             n: 0,
         })
+    }
+}
+
+impl Gguf {
+    /// The seed files.
+    pub fn seeds(&self) -> &[Vec<u8>] {
+        &self.corpus
     }
 }
 

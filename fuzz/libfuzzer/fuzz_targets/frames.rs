@@ -1,0 +1,6 @@
+//! libFuzzer target: tandem-fuzz's `frames` harness, coverage-guided.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    tandem_fuzz::one(tandem_fuzz::Target::Frames, data);
+});
