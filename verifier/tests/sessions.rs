@@ -562,3 +562,49 @@ async fn connection_cap_and_handshake_timeouts() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+/// One connection carries at most `max_streams` concurrent streams: a third session on it
+/// waits until one of the first two ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_capped() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tandem_client::body::ChannelBody;
+    let config = ServerConfig {
+        max_streams: 2,
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let open = |body: ChannelBody| {
+        let mut send = send.clone();
+        async move {
+            let req = hyper::Request::post("/v1/session")
+                .header("content-type", "application/x-tandem-session")
+                .body(body)
+                .unwrap();
+            send.send_request(req).await.unwrap()
+        }
+    };
+    let (tx1, b1) = ChannelBody::new();
+    let first = open(b1).await;
+    let (_tx2, b2) = ChannelBody::new();
+    let _second = open(b2).await;
+    let (_tx3, b3) = ChannelBody::new();
+    let third = tokio::spawn(open(b3));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third stream was opened beside two");
+    // The first session ends (its client closes the stream before Hello): the third opens.
+    drop(tx1);
+    let _ = first.into_body().collect().await;
+    let resp = tokio::time::timeout(Duration::from_secs(30), third)
+        .await
+        .expect("the third stream never opened")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
