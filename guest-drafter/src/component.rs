@@ -266,6 +266,14 @@ impl api::GuestSession for Session {
                     );
                 }
             }
+            // Keeps creating 4 MiB tensors (host copies of its bytes) until refused.
+            "hostile-tensors" => {
+                let bytes = vec![0u8; 4 << 20];
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(Tensor::new(&[4 << 20], TensorType::U8, &bytes));
+                }
+            }
             // One compute far longer than the session could need, or a KV cache grown a
             // block at a time until the host refuses.
             "hostile-long" | "hostile-kv" => {

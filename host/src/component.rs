@@ -75,6 +75,34 @@ impl Default for GuestLimits {
 /// Epoch ticks: one per 10 ms.
 const TICK: Duration = Duration::from_millis(10);
 
+/// `wasi:nn` `tensor` constructor: the library's, after checking that the guest's live
+/// tensors stay within its memory budget.
+fn new_tensor(
+    mut store: wasmtime::StoreContextMut<'_, HostState>,
+    (dimensions, ty, data): (Vec<u32>, wasmtime_wasi_nn::wit::TensorType, Vec<u8>),
+) -> wasmtime::Result<(wasmtime::component::Resource<wasmtime_wasi_nn::Tensor>,)> {
+    let s = store.data_mut();
+    let live: usize = s
+        .table
+        .iter_mut()
+        .filter_map(|e| e.downcast_mut::<wasmtime_wasi_nn::Tensor>())
+        .map(|t| t.data.len())
+        .sum();
+    s.limiter
+        .budget
+        .check_tensors(live + data.len())
+        .map_err(wasmtime::Error::msg)?;
+    let tensor = s.table.push(wasmtime_wasi_nn::Tensor {
+        dimensions,
+        ty,
+        data,
+    })?;
+    Ok((tensor,))
+}
+
+/// Resource handles (wasi and wasi-nn) one guest may hold at once.
+const MAX_HANDLES: usize = 4096;
+
 /// One guest's memory budget (`--guest-memory-mb`), shared by its linear memory and the
 /// host memory it makes the host hold through wasi:nn (the KV caches of its execution
 /// contexts), so that neither can be used to go around the other.
@@ -117,6 +145,23 @@ impl MemoryBudget {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Whether `bytes` of live wasi-nn tensors fit beside the linear memory and KV caches.
+    pub fn check_tensors(&self, bytes: usize) -> Result<(), String> {
+        let (linear, nn) = (self.linear.load(Ordering::SeqCst), self.nn_bytes());
+        if linear + nn + bytes > self.limit {
+            return Err(format!(
+                "the drafter component's wasi-nn tensors would hold {} MiB, which with its {} \
+                 MiB of linear memory and {} MiB of KV caches passes its memory limit of {} MiB \
+                 (--guest-memory-mb)",
+                bytes >> 20,
+                linear >> 20,
+                nn >> 20,
+                self.limit >> 20
+            ));
+        }
+        Ok(())
     }
 
     /// Returns `bytes` reserved with [`MemoryBudget::reserve_nn`].
@@ -300,6 +345,16 @@ impl Runtime {
             wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
         })
         .map_err(wt)?;
+        // A wasi-nn tensor is a host copy of guest bytes that the guest may keep: its
+        // constructor is replaced by one that counts live tensors against the guest's
+        // memory budget.
+        linker.allow_shadowing(true);
+        linker
+            .instance("wasi:nn/tensor@0.2.0-rc-2024-10-28")
+            .map_err(wt)?
+            .func_wrap("[constructor]tensor", new_tensor)
+            .map_err(wt)?;
+        linker.allow_shadowing(false);
         Ok(Runtime {
             engine,
             component,
@@ -342,7 +397,11 @@ impl Drafter {
         let denied = Arc::new(AtomicBool::new(false));
         let state = HostState {
             wasi: WasiCtxBuilder::new().inherit_stderr().build(),
-            table: ResourceTable::new(),
+            table: {
+                let mut t = ResourceTable::new();
+                t.set_max_capacity(MAX_HANDLES);
+                t
+            },
             nn: WasiNnCtx::new(crate::nn::backends(), graphs.into()),
             limiter: Limiter {
                 budget,

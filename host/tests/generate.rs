@@ -402,6 +402,8 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
         // grown until it meets the memory budget it shares with linear memory.
         ("hostile-long", "beyond this session's"),
         ("hostile-kv", "KV caches would hold"),
+        // Host copies of guest bytes kept alive, counted against the same budget.
+        ("hostile-tensors", "tensors would hold"),
     ] {
         let o = generate(
             &[
