@@ -400,6 +400,7 @@ fn hostile_and_broken_components_are_stopped_with_clear_errors() {
         // wasi-nn: one compute past every position the session could need (its time cannot
         // be cut by the epoch deadline, so it is refused before it starts), and a KV cache
         // grown until it meets the memory budget it shares with linear memory.
+        ("hostile-contexts", "more than 4 execution contexts"),
         ("hostile-long", "beyond this session's"),
         ("hostile-kv", "KV caches would hold"),
         // Host copies of guest bytes kept alive, counted against the same budget.
