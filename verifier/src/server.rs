@@ -831,8 +831,7 @@ fn session_loop(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ev = match queue.pop_front() {
-            Some(e) if !left.is_zero() => Some(e),
-            Some(_) => None,
+            Some(e) => Some(e),
             None => match runtime.block_on(tokio::time::timeout(idle.min(left), rx.recv())) {
                 Ok(Some(e)) => Some(e),
                 Ok(None) => return (rounds, "stream ended"),
