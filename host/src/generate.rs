@@ -622,6 +622,31 @@ impl Connection {
     }
 }
 
+/// Tries each endpoint once, from `start` round the list, until one accepts a session with
+/// `history`: its index and the connection, or what each endpoint said ([`Lost`] failures
+/// only; any other error is returned at once).
+fn connect_first(
+    rt: &tokio::runtime::Runtime,
+    endpoints: &[Endpoint],
+    start: usize,
+    prepared: &Prepared,
+    args: &GenerateArgs,
+    history: &[u32],
+    max_tokens: u32,
+) -> anyhow::Result<Result<(usize, Connection), Vec<String>>> {
+    let mut failures = Vec::new();
+    for k in 0..endpoints.len() {
+        let i = (start + k) % endpoints.len();
+        let ep = &endpoints[i];
+        match Connection::open(rt, ep, prepared, args, history, max_tokens) {
+            Ok(c) => return Ok(Ok((i, c))),
+            Err(e) if e.is::<Lost>() => failures.push(format!("{}: {e:#}", ep.addr)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Err(failures))
+}
+
 /// How long the verifier may stay silent before the generation fails.
 const IDLE: Duration = Duration::from_secs(300);
 
@@ -646,21 +671,11 @@ impl SessionDriver {
             .enable_all()
             .build()?;
         let started = Instant::now();
-        let mut failures = Vec::new();
-        let mut opened = None;
-        for (i, ep) in endpoints.iter().enumerate() {
-            match Connection::open(&rt, ep, prepared, args, prompt, args.max_tokens) {
-                Ok(c) => {
-                    opened = Some((i, c));
-                    break;
-                }
-                Err(e) if e.is::<Lost>() => failures.push(format!("{}: {e:#}", ep.addr)),
-                Err(e) => return Err(e),
-            }
-        }
-        let Some((at, conn)) = opened else {
-            bail!("no verifier could be reached: {}", failures.join("; "));
-        };
+        let (at, conn) =
+            match connect_first(&rt, &endpoints, 0, prepared, args, prompt, args.max_tokens)? {
+                Ok(opened) => opened,
+                Err(failures) => bail!("no verifier could be reached: {}", failures.join("; ")),
+            };
         let accepted = &conn.accepted;
         let budget = args.max_tokens.min(accepted.max_tokens) as usize;
         Ok(SessionDriver {
@@ -730,31 +745,26 @@ impl SessionDriver {
         self.bytes_before.1 += self.conn.bytes_down.load(Ordering::Relaxed);
         let history: Vec<u32> = prompt.iter().chain(&self.ids).copied().collect();
         let mut failures = Vec::new();
-        let n = self.endpoints.len();
         for pause in RESUME_PASSES {
             std::thread::sleep(pause);
-            for k in 0..n {
-                let i = (self.at + k) % n;
-                let ep = &self.endpoints[i];
-                match Connection::open(&self.rt, ep, prepared, args, &history, left as u32) {
-                    Ok(conn) => {
-                        eprintln!(
-                            "tandem: lost the verifier ({why:#}); resumed on {} after {} tokens",
-                            ep.addr,
-                            self.ids.len()
-                        );
-                        self.resumes += 1;
-                        self.at = i;
-                        self.ledger = Ledger::new(left.min(conn.accepted.max_tokens as usize));
-                        self.max_idle_steps = max_idle_steps(args, &conn.accepted);
-                        self.idle_steps = 0;
-                        self.conn = conn;
-                        *drafter = self.start_drafter(prepared, args, &history, left as u32)?;
-                        return Ok(true);
-                    }
-                    Err(e) if e.is::<Lost>() => failures.push(format!("{}: {e:#}", ep.addr)),
-                    Err(e) => return Err(e),
+            let (rt, eps) = (&self.rt, &self.endpoints);
+            match connect_first(rt, eps, self.at, prepared, args, &history, left as u32)? {
+                Ok((i, conn)) => {
+                    eprintln!(
+                        "tandem: lost the verifier ({why:#}); resumed on {} after {} tokens",
+                        eps[i].addr,
+                        self.ids.len()
+                    );
+                    self.resumes += 1;
+                    self.at = i;
+                    self.ledger = Ledger::new(left.min(conn.accepted.max_tokens as usize));
+                    self.max_idle_steps = max_idle_steps(args, &conn.accepted);
+                    self.idle_steps = 0;
+                    self.conn = conn;
+                    *drafter = self.start_drafter(prepared, args, &history, left as u32)?;
+                    return Ok(true);
                 }
+                Err(f) => failures.extend(f),
             }
         }
         bail!(
