@@ -119,6 +119,65 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Sends `req` to the verifier on a new connection (h2c, or TLS with the endpoint's CA),
+/// within [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`]: the response's head.
+async fn request(
+    ep: &Endpoint,
+    req: hyper::Request<ChannelBody>,
+) -> anyhow::Result<hyper::Response<Incoming>> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ep.addr))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting to the verifier at {} timed out after {CONNECT_TIMEOUT:?}",
+                ep.addr
+            )
+        })?
+        .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
+    tcp.set_nodelay(true)?;
+    let handshake = async {
+        match &ep.tls {
+            None => send_over(TokioIo::new(tcp), req).await,
+            Some((ca, name)) => {
+                let name = rustls_pki_types::ServerName::try_from(name.clone())
+                    .with_context(|| format!("bad TLS server name `{name}`"))?;
+                let tls = tls_connector(ca)?
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake with the verifier")?;
+                send_over(TokioIo::new(tls), req).await
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the verifier at {} did not complete the TLS/HTTP/2 handshake within \
+                 {HANDSHAKE_TIMEOUT:?}",
+                ep.addr
+            )
+        })?
+}
+
+/// `GET path` on the verifier, over the same kind of connection as a session: the status
+/// and the body (at most 4 MiB).
+pub async fn get(ep: &Endpoint, path: &str) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+    let (_, body) = ChannelBody::new();
+    let mut req = hyper::Request::get(path);
+    if let Some(t) = &ep.bearer {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = request(ep, req.body(body)?).await?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {path} from the verifier at {}: {e}", ep.addr))?
+        .to_bytes();
+    Ok((status, body))
+}
+
 /// Sends `req` as the first stream of a new HTTP/2 connection over `io`.
 async fn send_over<T>(
     io: TokioIo<T>,
@@ -143,47 +202,13 @@ impl SessionClient {
     /// Opens a session stream (no message is sent yet), within [`CONNECT_TIMEOUT`] and
     /// [`HANDSHAKE_TIMEOUT`].
     pub async fn connect(ep: &Endpoint) -> anyhow::Result<SessionClient> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ep.addr))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "connecting to the verifier at {} timed out after {CONNECT_TIMEOUT:?}",
-                    ep.addr
-                )
-            })?
-            .with_context(|| format!("connecting to the verifier at {}", ep.addr))?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::open_stream(ep, tcp))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the verifier at {} did not complete the TLS/HTTP/2 handshake within \
-                     {HANDSHAKE_TIMEOUT:?}",
-                    ep.addr
-                )
-            })?
-    }
-
-    async fn open_stream(ep: &Endpoint, tcp: TcpStream) -> anyhow::Result<SessionClient> {
-        tcp.set_nodelay(true)?;
         let (tx, body) = ChannelBody::new();
         let mut req = hyper::Request::post("/v1/session")
             .header("content-type", "application/x-tandem-session");
         if let Some(t) = &ep.bearer {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let req = req.body(body)?;
-        let resp = match &ep.tls {
-            None => send_over(TokioIo::new(tcp), req).await?,
-            Some((ca, name)) => {
-                let name = rustls_pki_types::ServerName::try_from(name.clone())
-                    .with_context(|| format!("bad TLS server name `{name}`"))?;
-                let tls = tls_connector(ca)?
-                    .connect(name, tcp)
-                    .await
-                    .context("TLS handshake with the verifier")?;
-                send_over(TokioIo::new(tls), req).await?
-            }
-        };
+        let resp = request(ep, req.body(body)?).await?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.into_body().collect().await?.to_bytes();

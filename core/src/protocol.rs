@@ -78,7 +78,8 @@ pub struct Hello {
     pub tokenizer: [u8; FINGERPRINT_LEN],
     /// Backbone the drafter shares with its target, if any.
     pub backbone: Option<BackboneClaim>,
-    /// A target family to prefer; `None` takes any compatible one.
+    /// The target to use: a family (its newest compatible version) or `family@version`;
+    /// `None` takes any compatible one.
     pub family: Option<String>,
     /// Sampling parameters: the seed is the verifier's acceptance RNG's (and the client's
     /// sampler's).

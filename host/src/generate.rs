@@ -19,6 +19,43 @@ use crate::component::{Drafter, GuestLimits, MemoryBudget, Runtime, api};
 use crate::ledger::Ledger;
 use crate::nn::{ComputeMeter, DraftModel, GraphLimits, MeterReading, NamedGraphs};
 
+/// Where a generation's text goes: any `Write` (the text is written and flushed as it
+/// comes), or a sink that also sees the session's grant and may stop the generation.
+pub trait Output {
+    /// The verifier accepted the session; an error ends the generation before any token.
+    fn accepted(&mut self, _accepted: &Accepted) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// More text; `Ok(false)` ends the generation here (the session is closed normally).
+    fn text(&mut self, piece: &str) -> std::io::Result<bool>;
+}
+
+impl<W: Write + ?Sized> Output for W {
+    fn text(&mut self, piece: &str) -> std::io::Result<bool> {
+        self.write_all(piece.as_bytes())?;
+        self.flush()?;
+        Ok(true)
+    }
+}
+
+/// The verifier refused the session (other than Busy or Expired, which try elsewhere).
+#[derive(Debug)]
+pub struct Refused {
+    /// Why, as the verifier put it.
+    pub code: ErrorCode,
+    /// The verifier's message.
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the verifier refused: {:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// How to work with the verifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StrategyArg {
@@ -46,6 +83,10 @@ pub struct GenerateArgs {
     /// Draft model: catalog name or GGUF path.
     #[arg(long)]
     pub draft_model: String,
+    /// The verifier's target to use: a family (its newest compatible version) or
+    /// `family@version`; default: the newest compatible target.
+    #[arg(long)]
+    pub target: Option<String>,
     /// The prompt (raw text, no chat template).
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -399,6 +440,19 @@ fn strategy_name(args: &GenerateArgs) -> String {
     s
 }
 
+impl GenerateArgs {
+    /// The endpoints of `--verifier URL[,URL...]`, in the order they are tried.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<Endpoint>> {
+        endpoints(self)
+    }
+}
+
+/// Whether a generation failed because no verifier could be reached (none answered, or
+/// every one was busy).
+pub fn unreachable(e: &anyhow::Error) -> bool {
+    e.is::<Lost>()
+}
+
 /// The endpoints of `--verifier URL[,URL...]`, in the order they are tried.
 fn endpoints(args: &GenerateArgs) -> anyhow::Result<Vec<Endpoint>> {
     let list: Vec<Endpoint> = args
@@ -440,6 +494,12 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The draft model's tokenizer fingerprint, hex (as the verifier's `/v1/models` lists
+    /// its targets').
+    pub fn tokenizer_fingerprint(&self) -> String {
+        tandem_models::backbone::TokenizerFingerprint(self.tok_fp).to_string()
+    }
+
     /// Loads the component and the draft model named by `args`.
     pub fn new(args: &GenerateArgs) -> anyhow::Result<Prepared> {
         let draft_path = tandem_models::fetch::resolve(&args.draft_model)
@@ -473,7 +533,7 @@ impl Prepared {
 }
 
 /// Runs one generation; streams text to `out` unless quiet.
-pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+pub fn run(args: &GenerateArgs, out: &mut dyn Output) -> anyhow::Result<RunStats> {
     if args.strategy == StrategyArg::CloudSd {
         return run_cloud_sd(args, out);
     }
@@ -485,7 +545,7 @@ pub fn run(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats>
 pub fn run_prepared(
     prepared: &Prepared,
     args: &GenerateArgs,
-    out: &mut dyn Write,
+    out: &mut dyn Output,
 ) -> anyhow::Result<RunStats> {
     args.sampling().validate()?;
     let prompt = prepared.tokenizer.encode(&args.prompt)?;
@@ -493,6 +553,7 @@ pub fn run_prepared(
         bail!("the prompt is empty: give the text to continue with --prompt");
     }
     let mut driver = SessionDriver::open(prepared, args, &prompt)?;
+    out.accepted(&driver.conn.accepted)?;
     let mut drafter = driver.start_drafter(prepared, args, &prompt, args.max_tokens)?;
     loop {
         match driver.run(&mut drafter, &prepared.tokenizer, out) {
@@ -558,6 +619,8 @@ struct SessionDriver {
     /// Steps in a row that returned no action, and how many are allowed.
     idle_steps: usize,
     max_idle_steps: usize,
+    /// The output asked to end the generation.
+    stopped: bool,
 }
 
 /// One session stream with a verifier that accepted it.
@@ -594,7 +657,7 @@ impl Connection {
             .send(&ClientMsg::Hello(Hello {
                 tokenizer: prepared.tok_fp,
                 backbone: prepared.backbone,
-                family: None,
+                family: args.target.clone(),
                 sampling: args.sampling(),
                 max_tokens,
                 token: args.token.clone(),
@@ -607,9 +670,7 @@ impl Connection {
                 code: code @ (ErrorCode::Busy | ErrorCode::Expired),
                 message,
             } => return Err(lost(format!("the verifier refused: {code:?}: {message}"))),
-            ServerMsg::Error { code, message } => {
-                bail!("the verifier refused: {code:?}: {message}")
-            }
+            ServerMsg::Error { code, message } => return Err(Refused { code, message }.into()),
             other => bail!("expected Accepted from the verifier, got {other:?}"),
         };
         Ok(Connection {
@@ -674,7 +735,12 @@ impl SessionDriver {
         let (at, conn) =
             match connect_first(&rt, &endpoints, 0, prepared, args, prompt, args.max_tokens)? {
                 Ok(opened) => opened,
-                Err(failures) => bail!("no verifier could be reached: {}", failures.join("; ")),
+                Err(failures) => {
+                    return Err(lost(format!(
+                        "no verifier could be reached: {}",
+                        failures.join("; ")
+                    )));
+                }
             };
         let accepted = &conn.accepted;
         let budget = args.max_tokens.min(accepted.max_tokens) as usize;
@@ -697,6 +763,7 @@ impl SessionDriver {
             drafter_path: args.drafter.clone(),
             idle_steps: 0,
             max_idle_steps: max_idle_steps(args, accepted),
+            stopped: false,
             budget,
             rt,
             endpoints,
@@ -720,7 +787,7 @@ impl SessionDriver {
         prompt: &[u32],
         drafter: &mut Drafter,
         why: &anyhow::Error,
-        out: &mut dyn Write,
+        out: &mut dyn Output,
     ) -> anyhow::Result<bool> {
         if self.resumes >= MAX_RESUMES {
             bail!(
@@ -817,7 +884,7 @@ impl SessionDriver {
         &mut self,
         drafter: &mut Drafter,
         tokenizer: &Tokenizer,
-        out: &mut dyn Write,
+        out: &mut dyn Output,
     ) -> anyhow::Result<()> {
         loop {
             self.deliver_pending(drafter)?;
@@ -841,7 +908,12 @@ impl SessionDriver {
             for action in actions {
                 match action {
                     api::Action::Send(b) => self.send(b)?,
-                    api::Action::Emit(tokens) => self.emit(&tokens, tokenizer, out)?,
+                    api::Action::Emit(tokens) => {
+                        self.emit(&tokens, tokenizer, out)?;
+                        if self.stopped {
+                            return Ok(());
+                        }
+                    }
                     api::Action::Wait => {
                         let waiting = Instant::now();
                         let (at, msg) = next_msg(&self.conn.events)?;
@@ -915,7 +987,7 @@ impl SessionDriver {
         &mut self,
         tokens: &[u32],
         tokenizer: &Tokenizer,
-        out: &mut dyn Write,
+        out: &mut dyn Output,
     ) -> anyhow::Result<()> {
         self.ledger.emit(tokens).map_err(|e| {
             anyhow::anyhow!(
@@ -929,14 +1001,16 @@ impl SessionDriver {
             self.ids.push(t);
             let piece = self.decoder.push(tokenizer, t)?;
             self.write(&piece, out)?;
+            if self.stopped {
+                break;
+            }
         }
         Ok(())
     }
 
-    fn write(&mut self, piece: &str, out: &mut dyn Write) -> anyhow::Result<()> {
-        if !self.quiet {
-            out.write_all(piece.as_bytes())?;
-            out.flush()?;
+    fn write(&mut self, piece: &str, out: &mut dyn Output) -> anyhow::Result<()> {
+        if !self.quiet && !out.text(piece)? {
+            self.stopped = true;
         }
         self.text.push_str(piece);
         Ok(())
@@ -1129,7 +1203,7 @@ fn guest_config(
 
 /// The cloud-sd baseline: the verifier drafts and verifies by itself; the device only
 /// reads the tokens.
-fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunStats> {
+fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Output) -> anyhow::Result<RunStats> {
     let ep = endpoint(args)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1145,8 +1219,7 @@ fn run_cloud_sd(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<RunS
     };
     let got = rt.block_on(tandem_client::cloud_sd::stream(&ep, &req, |piece| {
         if !args.quiet {
-            out.write_all(piece.as_bytes())?;
-            out.flush()?;
+            out.text(piece)?;
         }
         Ok(())
     }))?;

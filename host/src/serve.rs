@@ -3,7 +3,6 @@
 //! decoding with the drafter component against the verifier.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -15,12 +14,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tandem_client::auth::{read_token_file, token_matches};
 use tandem_client::openai::{
-    ApiError, Body, ChatMessage, ChatRequest, Common, CompletionRequest, Kind, Meta, Piece,
-    json_response, parse, respond,
+    ApiError, Body, ChatRequest, Choice, CompletionRequest, Kind, Meta, Options, Piece,
+    json_response, parse, render_chat, respond, run_choices,
 };
+use tandem_core::protocol::{Accepted, ErrorCode};
 use tokio::sync::mpsc;
 
-use crate::generate::{GenerateArgs, Prepared, run_prepared};
+use crate::generate::{GenerateArgs, Output, Prepared, Refused, run_prepared, unreachable};
 
 /// Options of `tandem serve`.
 #[derive(clap::Args, Debug, Clone)]
@@ -44,53 +44,100 @@ struct Shared {
     prepared: Prepared,
     defaults: GenerateArgs,
     model_id: String,
+    /// When the server started, Unix seconds (its model's `created`).
+    started: u64,
     api_tokens: Vec<String>,
     running: Arc<tokio::sync::Semaphore>,
     max_concurrent: usize,
 }
 
-/// Formats chat messages with the ChatML template the catalog models use.
-fn chatml(messages: &[ChatMessage]) -> String {
-    let mut s = String::new();
-    for m in messages {
-        s.push_str(&format!(
-            "<|im_start|>{}\n{}<|im_end|>\n",
-            m.role,
-            m.content.text()
-        ));
-    }
-    s.push_str("<|im_start|>assistant\n");
-    s
+/// One choice's output: stop sequences, the session's grant checked against the request,
+/// pieces sent to the response.
+struct Sink<'a> {
+    choice: Choice,
+    send: &'a mut dyn FnMut(Piece) -> bool,
+    max_tokens: u32,
+    prompt_tokens: usize,
+    /// A stop sequence matched.
+    stopped: bool,
 }
 
-/// Sends generated text to a channel as it is written.
-struct ChannelWriter(mpsc::UnboundedSender<Piece>);
-
-impl Write for ChannelWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !buf.is_empty() {
-            let text = String::from_utf8_lossy(buf).into_owned();
-            self.0
-                .send(Piece::Text(text))
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))?;
+impl Output for Sink<'_> {
+    fn accepted(&mut self, a: &Accepted) -> anyhow::Result<()> {
+        let target = format!("{}@{}", a.family, a.version);
+        if self.max_tokens > a.max_tokens {
+            return Err(ApiError::invalid_value(
+                "max_tokens",
+                format!(
+                    "max_tokens {} exceeds the limit of the verifier's {target}: {}",
+                    self.max_tokens, a.max_tokens
+                ),
+            )
+            .into());
         }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
+        let asked = self.prompt_tokens + self.max_tokens as usize;
+        if asked > a.max_context as usize {
+            return Err(ApiError::param(
+                "messages",
+                "context_length_exceeded",
+                format!(
+                    "{target}'s context is {} tokens on the verifier, but {asked} were asked \
+                     for ({} in the prompt, {} for the completion): shorten the prompt or \
+                     lower max_tokens",
+                    a.max_context, self.prompt_tokens, self.max_tokens
+                ),
+            )
+            .into());
+        }
+        (self.send)(Piece::Target(target));
         Ok(())
     }
+
+    fn text(&mut self, piece: &str) -> std::io::Result<bool> {
+        let (out, stopped) = self.choice.push(piece, None);
+        if let Some(p) = out
+            && !(self.send)(p)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the client is gone",
+            ));
+        }
+        self.stopped = stopped;
+        Ok(!stopped)
+    }
+}
+
+/// The API error for a generation that failed.
+fn failure(e: anyhow::Error, model_named: bool) -> ApiError {
+    if let Some(api) = e.downcast_ref::<ApiError>() {
+        return api.clone();
+    }
+    if let Some(r) = e.downcast_ref::<Refused>() {
+        return match r.code {
+            ErrorCode::Incompatible if model_named => ApiError::model_not_found(format!(
+                "the verifier has no such target for this drafter: {} (GET /v1/models lists \
+                 the ones it has)",
+                r.message
+            )),
+            ErrorCode::BadRequest | ErrorCode::LimitExceeded => ApiError::invalid(r.to_string()),
+            _ => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", r.to_string()),
+        };
+    }
+    if unreachable(&e) {
+        return ApiError::unavailable(format!("{e:#}"));
+    }
+    ApiError::new(StatusCode::BAD_GATEWAY, "server_error", format!("{e:#}"))
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let kind = match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/models") => {
-            return Ok(json_response(
-                StatusCode::OK,
-                &serde_json::json!({"object": "list", "data": [
-                    {"id": shared.model_id, "object": "model", "owned_by": "tandem"}]}),
-            ));
+            if let Err(e) = authorize(&shared, &req) {
+                return Ok(e.response());
+            }
+            return Ok(models(&shared).await.unwrap_or_else(|e| e.response()));
         }
         (&Method::GET, "/healthz") => {
             return Ok(Response::new(Full::new(Bytes::from("ok\n")).boxed()));
@@ -103,74 +150,139 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         return Ok(e.response());
     }
     let Ok(permit) = shared.running.clone().try_acquire_owned() else {
-        return Ok(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            format!(
-                "{} generations are running, the most this server runs at once \
-                 (--max-concurrent); retry later",
-                shared.max_concurrent
-            ),
-        )
+        return Ok(ApiError::rate_limited(format!(
+            "{} generations are running, the most this server runs at once \
+             (--max-concurrent); retry later",
+            shared.max_concurrent
+        ))
         .response());
     };
     let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return Ok(ApiError::invalid(format!("reading the body: {e}")).response()),
     };
-    let (args, stream) = match request_args(&shared.defaults, kind, &body) {
+    let (args, options) = match request_args(&shared, kind, &body) {
         Ok(a) => a,
         Err(e) => return Ok(e.response()),
     };
+    let prompt_tokens = match shared.prepared.tokenizer.encode(&args.prompt) {
+        Ok(t) => t.len(),
+        Err(e) => return Ok(ApiError::invalid(format!("tokenizing the prompt: {e}")).response()),
+    };
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
+    let meta = Meta::new(kind, shared.model_id.clone(), &options);
     let sh = shared.clone();
     std::thread::spawn(move || {
         let _permit = permit;
-        let mut w = ChannelWriter(tx.clone());
-        let piece = match run_prepared(&sh.prepared, &args, &mut w) {
-            Ok(s) => Piece::Done {
-                prompt_tokens: sh
-                    .prepared
-                    .tokenizer
-                    .encode(&args.prompt)
-                    .map_or(0, |t| t.len()),
-                completion_tokens: s.tokens,
-                finish_reason: if s.tokens as u32 >= args.max_tokens {
-                    "length"
-                } else {
-                    "stop"
-                },
-            },
-            Err(e) => Piece::Failed(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "server_error",
-                format!("{e:#}"),
-            )),
-        };
-        let _ = tx.send(piece);
+        let model_named = args.target.is_some();
+        let mut emit = |p: Piece| tx.send(p).is_ok();
+        run_choices(options.n, args.temperature == 0.0, &mut emit, |i, send| {
+            let mut run_args = args.clone();
+            run_args.seed = args.seed.wrapping_add(i as u64);
+            let mut sink = Sink {
+                choice: Choice::new(0, &options.stop),
+                send,
+                max_tokens: args.max_tokens,
+                prompt_tokens,
+                stopped: false,
+            };
+            let stats = match run_prepared(&sh.prepared, &run_args, &mut sink) {
+                Ok(s) => s,
+                Err(e) => {
+                    (sink.send)(Piece::Failed(failure(e, model_named)));
+                    return false;
+                }
+            };
+            if !sink.stopped
+                && let Some(p) = sink.choice.finish()
+                && !(sink.send)(p)
+            {
+                return false;
+            }
+            let finish_reason = if sink.stopped || (stats.tokens as u32) < args.max_tokens {
+                "stop"
+            } else {
+                "length"
+            };
+            (sink.send)(Piece::Done {
+                index: 0,
+                finish_reason,
+                prompt_tokens,
+                completion_tokens: stats.tokens,
+            })
+        });
     });
-    Ok(respond(Meta::new(kind, shared.model_id.clone()), stream, rx).await)
+    Ok(respond(meta, options.stream, rx).await)
+}
+
+/// `GET /v1/models`: this server's own id (the newest target compatible with its drafter),
+/// then each target of the verifier whose tokenizer matches the drafter's, by the name the
+/// verifier lists it under (`family` or `family@version`; either may be sent as `model`).
+async fn models(shared: &Shared) -> Result<Response<Body>, ApiError> {
+    let mut data = vec![serde_json::json!({
+        "id": shared.model_id, "object": "model", "created": shared.started,
+        "owned_by": "tandem"})];
+    let ep = shared
+        .defaults
+        .endpoints()
+        .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+    let (status, body) = tandem_client::session::get(&ep[0], "/v1/models")
+        .await
+        .map_err(|e| ApiError::unavailable(format!("listing the verifier's targets: {e:#}")))?;
+    if !status.is_success() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!(
+                "the verifier answered GET /v1/models with HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        ));
+    }
+    let list: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("the verifier's model list is not JSON: {e}"),
+        )
+    })?;
+    let fp = shared.prepared.tokenizer_fingerprint();
+    for m in list["data"].as_array().into_iter().flatten() {
+        if m["tokenizer_fingerprint"].as_str() == Some(fp.as_str()) {
+            data.push(m.clone());
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data}),
+    ))
+}
+
+/// Checks the request's bearer token.
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
+    if shared.api_tokens.is_empty() {
+        return Ok(());
+    }
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if token_matches(token, &shared.api_tokens) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "missing or wrong bearer token: send `Authorization: Bearer <token>` with a \
+             token from this server's --api-token-file",
+        ))
+    }
 }
 
 /// Checks the request's token and content type. JSON is required so that a web page
 /// cannot make a browser post a form here (which needs no CORS preflight) and spend the
 /// operator's verifier.
 fn admit(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
-    if !shared.api_tokens.is_empty() {
-        let token = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !token_matches(token, &shared.api_tokens) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "missing or wrong bearer token: send `Authorization: Bearer <token>` with a \
-                 token from this server's --api-token-file",
-            ));
-        }
-    }
+    authorize(shared, req)?;
     let json = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
@@ -187,41 +299,70 @@ fn admit(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The generation a request asks for (the server's options where it is silent), and
-/// whether to stream it.
+/// The generation a request asks for (the server's options where it is silent), and the
+/// request's checked options.
 fn request_args(
-    defaults: &GenerateArgs,
+    shared: &Shared,
     kind: Kind,
     body: &[u8],
-) -> Result<(GenerateArgs, bool), ApiError> {
-    let mut args = defaults.clone();
+) -> Result<(GenerateArgs, Options), ApiError> {
+    let mut args = shared.defaults.clone();
     args.quiet = false;
     args.stats_json = None;
-    let common = match kind {
+    let options = match kind {
         Kind::Chat => {
             let r: ChatRequest = parse(body, "JSON with a `messages` array")?;
-            args.prompt = chatml(&r.messages);
-            Common {
-                max_tokens: r.common.max_tokens.or(r.max_completion_tokens),
-                ..r.common
-            }
+            let o = r.check()?;
+            let chat = shared.prepared.tokenizer.chat_template();
+            args.prompt = render_chat(
+                chat.source.as_deref(),
+                &chat.bos_token,
+                &chat.eos_token,
+                &r.messages,
+            )?;
+            o
         }
         Kind::Completion => {
             let r: CompletionRequest = parse(body, "JSON with a string `prompt`")?;
-            args.prompt = r.prompt;
-            // OpenAI's default for completions.
-            Common {
-                max_tokens: r.common.max_tokens.or(Some(16)),
-                ..r.common
+            if r.speculative {
+                return Err(unsupported_here(
+                    "speculative",
+                    "every request here is speculative already (the cloud-sd baseline is the \
+                     verifier's)",
+                ));
             }
+            let (prompt, mut o) = r.check()?;
+            args.prompt = prompt;
+            // OpenAI's default for completions.
+            o.max_tokens = o.max_tokens.or(Some(16));
+            o
         }
     };
-    args.max_tokens = common.max_tokens.unwrap_or(args.max_tokens);
-    args.temperature = common.temperature.unwrap_or(args.temperature);
-    args.top_p = common.top_p.unwrap_or(args.top_p);
-    args.seed = common.seed.unwrap_or(args.seed);
-    let stream = common.stream;
-    Ok((args, stream))
+    if options.logprobs.is_some() {
+        return Err(unsupported_here(
+            "logprobs",
+            "the session protocol carries the target's verdicts, not its probabilities; \
+             the verifier's own /v1/completions returns them",
+        ));
+    }
+    match options.model.as_deref() {
+        None => {}
+        Some(m) if m == shared.model_id => {}
+        Some(m) => args.target = Some(m.to_string()),
+    }
+    args.max_tokens = options.max_tokens.unwrap_or(args.max_tokens);
+    args.temperature = options.temperature.unwrap_or(args.temperature);
+    args.top_p = options.top_p.unwrap_or(args.top_p);
+    args.seed = options.seed.unwrap_or(args.seed);
+    Ok((args, options))
+}
+
+fn unsupported_here(param: &str, why: &str) -> ApiError {
+    ApiError::param(
+        param,
+        "unsupported_parameter",
+        format!("`{param}` is not supported by tandem serve: {why}"),
+    )
 }
 
 /// Runs the local API until interrupted.
@@ -246,6 +387,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         prepared,
         defaults: args.generate.clone(),
         model_id,
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         api_tokens,
         running: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
         max_concurrent: args.max_concurrent,

@@ -545,45 +545,13 @@ fn post_stream(addr: &str, path: &str, body: &str, headers: &str) -> std::net::T
 
 #[test]
 fn openai_clients_get_speculative_completions_from_tandem_serve() {
-    use std::io::{BufRead, BufReader};
-    let wasm = guest(false);
     let (v, _) = verifier(None, 0);
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("api-tokens");
-    std::fs::write(&tokens, format!("{API_TOKEN}\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--verifier",
-            &v.url,
-            "--drafter",
-            wasm.to_str().unwrap(),
-            "--draft-model",
-            drafter_model().to_str().unwrap(),
-            "--gamma",
-            "3",
-            "--api-token-file",
-            tokens.to_str().unwrap(),
-            "--max-concurrent",
-            "1",
-        ])
-        .env("TANDEM_WASM_CACHE", dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    let kill = Guard(child);
+    let (kill, addr) = serve_process(
+        &v.url,
+        dir.path(),
+        &["--gamma", "3", "--max-concurrent", "1"],
+    );
 
     // Greedy completion: the target's own text.
     let prompt = PROMPTS[1];
@@ -659,6 +627,183 @@ fn openai_clients_get_speculative_completions_from_tandem_serve() {
     let resp = http_post(&addr, "/v1/completions", ok_body);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     drop(kill);
+}
+
+/// The official `openai` Python client (and jinja2, to render chat templates as Hugging
+/// Face does), installed from the package index into `target/python` once.
+fn python_openai() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python");
+    if !dir.join("openai").exists() {
+        let o = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .args(["openai==3.57.0", "jinja2==3.1.6"])
+            .output()
+            .unwrap();
+        assert!(
+            dir.join("openai").exists(),
+            "installing the openai client failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    dir
+}
+
+/// `tandem serve` on 127.0.0.1 in front of `verifier` (sync strategy with γ = 3, so that
+/// a seeded sampled text is the same on every run); its address.
+fn serve_process(verifier: &str, dir: &Path, extra: &[&str]) -> (Guard, String) {
+    use std::io::{BufRead, BufReader};
+    let wasm = guest(false);
+    let tokens = dir.join("api-tokens");
+    std::fs::write(&tokens, format!("{API_TOKEN}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--verifier",
+            verifier,
+            "--drafter",
+        ])
+        .arg(&wasm)
+        .arg("--draft-model")
+        .arg(drafter_model())
+        .arg("--api-token-file")
+        .arg(&tokens)
+        .args(extra)
+        .env("TANDEM_WASM_CACHE", dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (Guard(child), addr)
+}
+
+/// The official `openai` Python client against `tandem serve` and the verifier's
+/// `/v1/completions`: models with families and versions, `system_fingerprint` across a
+/// hot-swap, stop sequences (speculative text identical to target-only up to the stop,
+/// streamed and not), `n`, `logprobs`, the GGUF's chat template, OpenAI-shaped errors
+/// (host/tests/openai_client.py says item by item).
+#[test]
+fn the_official_openai_client_gets_what_it_expects() {
+    let py = python_openai();
+    let v = verifier_process_with(&["--target", &format!("smollm2@1={}", smol().display())]);
+    let addr = v.url.trim_start_matches("http://");
+    let load = r#"{"model": "smollm2-135m", "family": "smollm2", "version": "2"}"#;
+    let resp = http_post_raw(
+        addr,
+        "/admin/targets",
+        load,
+        "Content-Type: application/json\r\n",
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.1 201"),
+        "{resp}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_serve, serve_addr) =
+        serve_process(&v.url, dir.path(), &["--strategy", "sync", "--gamma", "3"]);
+    let template = dir.path().join("chat_template.jinja");
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    std::fs::write(&template, tok.chat_template().source.as_deref().unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let o = Command::new("python3")
+        .arg(&script)
+        .args([
+            "--serve",
+            &format!("http://{serve_addr}"),
+            "--verifier",
+            &v.url,
+        ])
+        .args(["--api-key", API_TOKEN, "--family", "smollm2", "--template"])
+        .arg(&template)
+        .env("PYTHONPATH", &py)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        out,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("openai client checks passed; measured: {out}");
+}
+
+/// The chat templates of the catalog models the tests fetch (SmolLM2, Qwen2.5-Coder),
+/// rendered by `tandem serve`'s renderer (minijinja) and by Python's jinja2 as Hugging
+/// Face's `apply_chat_template` sets it up: the same prompt, byte for byte.
+#[test]
+fn catalog_chat_templates_render_as_jinja2_does() {
+    let py = python_openai();
+    let messages = serde_json::json!([
+        {"role": "system", "content": "You write short Python."},
+        {"role": "user", "content": "Add two numbers."},
+        {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+        {"role": "user", "content": [{"type": "text", "text": "Now "}, {"type": "text", "text": "three."}]},
+    ]);
+    let parsed: Vec<tandem_client::openai::ChatMessage> =
+        serde_json::from_value(messages.clone()).unwrap();
+    let plain: Vec<serde_json::Value> = parsed
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content.text()}))
+        .collect();
+    let jinja2 = "import json, sys, jinja2.sandbox\n\
+        src, msgs, bos, eos = json.load(sys.stdin)\n\
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)\n\
+        sys.stdout.write(env.from_string(src).render(messages=msgs, add_generation_prompt=True, \
+        bos_token=bos, eos_token=eos))\n";
+    for name in ["smollm2-135m", "qwen2.5-coder-0.5b"] {
+        let path = tandem_models::fetch::resolve(name)
+            .expect("run `bash ci/test`, which fetches the test models");
+        let tok = tandem_models::Tokenizer::from_gguf(&path).unwrap();
+        let chat = tok.chat_template();
+        let source = chat
+            .source
+            .as_deref()
+            .expect("catalog models carry a chat template");
+        let ours = tandem_client::openai::render_chat(
+            Some(source),
+            &chat.bos_token,
+            &chat.eos_token,
+            &parsed,
+        )
+        .unwrap();
+        let mut child = Command::new("python3")
+            .args(["-c", jinja2])
+            .env("PYTHONPATH", &py)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = serde_json::json!([source, plain, chat.bos_token, chat.eos_token]);
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.to_string().as_bytes())
+            .unwrap();
+        drop(child.stdin.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "jinja2 failed on {name}");
+        assert_eq!(ours, String::from_utf8(o.stdout).unwrap(), "{name}");
+        assert!(ours.ends_with("<|im_start|>assistant\n"), "{name}: {ours}");
+        assert!(ours.contains("Now three."), "{name}: {ours}");
+    }
 }
 
 /// Kills the child when dropped.
@@ -796,6 +941,16 @@ impl Drop for VerifierProcess {
 }
 
 fn verifier_process() -> VerifierProcess {
+    verifier_process_with(&[
+        "--target",
+        smol().to_str().unwrap(),
+        "--early-exit-layer",
+        "27",
+    ])
+}
+
+/// `tandem-verifier serve --listen 127.0.0.1:0` with these arguments.
+fn verifier_process_with(args: &[&str]) -> VerifierProcess {
     use std::io::BufRead;
     let bin = Path::new(env!("CARGO_BIN_EXE_tandem")).with_file_name("tandem-verifier");
     assert!(
@@ -805,9 +960,8 @@ fn verifier_process() -> VerifierProcess {
         bin.display()
     );
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--target"])
-        .arg(smol())
-        .args(["--early-exit-layer", "27"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -33,7 +33,7 @@ pub use draft::{CpuSequence, DraftForward, Forwarded, GpuChoice};
 pub use error::{Error, Result};
 pub use model::{ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, load_tensors};
 #[cfg(not(target_arch = "wasm32"))]
-pub use tokenizer::{IncrementalDecoder, Tokenizer};
+pub use tokenizer::{ChatTemplate, IncrementalDecoder, Tokenizer};
 
 /// Sizes the engine's compute thread pool (rayon's global pool) once per process: one
 /// thread per CPU this process may run on (its affinity mask, so `taskset` works), or

@@ -13,6 +13,18 @@ use crate::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos: Vec<u32>,
+    chat: ChatTemplate,
+}
+
+/// A model's chat template and the special tokens it may refer to.
+#[derive(Debug, Clone, Default)]
+pub struct ChatTemplate {
+    /// The Jinja source (`tokenizer.chat_template`), if the file has one.
+    pub source: Option<String>,
+    /// The beginning-of-sequence token's text (`bos_token`), or empty.
+    pub bos_token: String,
+    /// The end-of-sequence token's text (`eos_token`), or empty.
+    pub eos_token: String,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -63,14 +75,31 @@ impl Tokenizer {
                 eos.push(id);
             }
         }
-        Ok(Tokenizer { inner, eos })
+        let token = |key: &str| match content.metadata.get(key) {
+            Some(Value::U32(id)) => inner.id_to_token(*id).unwrap_or_default(),
+            _ => String::new(),
+        };
+        let chat = ChatTemplate {
+            source: content
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
+            bos_token: token("tokenizer.ggml.bos_token_id"),
+            eos_token: token("tokenizer.ggml.eos_token_id"),
+        };
+        Ok(Tokenizer { inner, eos, chat })
     }
 
     /// Loads a Hugging Face `tokenizer.json`; `eos` names its end-of-sequence tokens.
     pub fn from_json_file(path: impl AsRef<Path>, eos: &[&str]) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path.as_ref()).map_err(tok_err)?;
         let eos = eos.iter().filter_map(|t| inner.token_to_id(t)).collect();
-        Ok(Tokenizer { inner, eos })
+        Ok(Tokenizer {
+            inner,
+            eos,
+            chat: ChatTemplate::default(),
+        })
     }
 
     /// Text → token ids (no special tokens added).
@@ -86,6 +115,11 @@ impl Tokenizer {
     /// Token ids → text (special tokens kept, so nothing is silently dropped).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// The model's chat template (from GGUF metadata; none for a `tokenizer.json`).
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.chat
     }
 
     /// Tokens that end a generation.

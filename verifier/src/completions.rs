@@ -10,16 +10,20 @@ use tandem_core::protocol::Outcome;
 use tandem_core::sampling::{
     Rng, SamplingParams, argmax, distribution, prob_of, sample, sample_from,
 };
-use tandem_models::{IncrementalDecoder, KvPrecision, Model};
+use tandem_models::{IncrementalDecoder, KvPrecision, Model, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::registry::Target;
 use crate::server::{ServerDraft, State};
-use tandem_client::openai::{ApiError, Body, CompletionRequest, Kind, Meta, Piece, parse, respond};
+use tandem_client::openai::{
+    ApiError, Body, Choice, CompletionRequest, Kind, Meta, Options, Piece, TokenLogprob, parse,
+    respond, run_choices,
+};
 
 /// A completion request with this server's defaults filled in.
 struct Completion {
     prompt: String,
+    options: Options,
     max_tokens: usize,
     params: SamplingParams,
     /// `Some(γ)`: the cloud-sd baseline with the server's draft model.
@@ -27,17 +31,19 @@ struct Completion {
 }
 
 impl Completion {
-    fn from_request(r: &CompletionRequest) -> Completion {
-        Completion {
-            prompt: r.prompt.clone(),
-            max_tokens: r.common.max_tokens.unwrap_or(16) as usize,
+    fn from_request(r: &CompletionRequest) -> Result<Completion, ApiError> {
+        let (prompt, options) = r.check()?;
+        Ok(Completion {
+            prompt,
+            max_tokens: options.max_tokens.unwrap_or(16) as usize,
             params: SamplingParams {
-                temperature: r.common.temperature.unwrap_or(1.0),
-                top_p: r.common.top_p.unwrap_or(1.0),
-                seed: r.common.seed.unwrap_or(0),
+                temperature: options.temperature.unwrap_or(1.0),
+                top_p: options.top_p.unwrap_or(1.0),
+                seed: options.seed.unwrap_or(0),
             },
             speculative: r.speculative.then_some(r.gamma.unwrap_or(4)),
-        }
+            options,
+        })
     }
 }
 
@@ -66,7 +72,8 @@ fn pick(state: &State, model: Option<&str>) -> Result<Arc<Target>, String> {
     })
 }
 
-/// Commits tokens after `prompt` until `commit` returns false or the context is full:
+/// Commits tokens after `prompt` until `commit` returns false or the context is full
+/// (`commit` also gets the target's logits at the token's position):
 /// plain decoding (one target step per token), or with `draft` = (model, γ) speculative
 /// decoding on this server (the "cloud-sd" baseline): γ drafts, one target forward over the
 /// block, the shared acceptance rule; with the whole q at hand the residual is exact.
@@ -77,7 +84,7 @@ fn decode(
     params: &SamplingParams,
     context: usize,
     kv: KvPrecision,
-    commit: &mut dyn FnMut(u32) -> bool,
+    commit: &mut dyn FnMut(u32, &[f32]) -> bool,
 ) -> Result<(), String> {
     let failed = |e: tandem_models::Error| format!("model failed: {e}");
     let mut rng = Rng::new(params.seed);
@@ -87,7 +94,7 @@ fn decode(
     let first = sample(logits.last(), params, &mut rng);
     let mut committed = prompt.to_vec();
     committed.push(first);
-    if !commit(first) {
+    if !commit(first, logits.last()) {
         return Ok(());
     }
     let mut draft_cache = draft.map(|(m, _)| m.new_cache());
@@ -138,15 +145,40 @@ fn decode(
         };
         cache.truncate(pos0 + n);
         draft_valid = draft_valid.min(pos0 + n);
-        for &t in drafts[..n].iter().chain([&next]) {
+        for (i, &t) in drafts[..n].iter().chain([&next]).enumerate() {
             committed.push(t);
-            if !commit(t) {
+            if !commit(t, rows.row(i)) {
                 return Ok(());
             }
         }
     }
 }
 
+/// The target's log-probability of `t` under `logits` (a log-softmax), with the `k` most
+/// likely tokens.
+fn logprob(tokenizer: &Tokenizer, logits: &[f32], t: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |id: u32| (logits[id as usize] as f64 - lse) as f32;
+    let text = |id: u32| tokenizer.decode(&[id]).unwrap_or_default();
+    let mut top: Vec<u32> = Vec::with_capacity(k + 1);
+    for id in 0..logits.len() as u32 {
+        let at = top.partition_point(|&o| logits[o as usize] >= logits[id as usize]);
+        if at < k {
+            top.insert(at, id);
+            top.truncate(k);
+        }
+    }
+    TokenLogprob {
+        token: text(t),
+        logprob: lp(t),
+        top: top.into_iter().map(|id| (text(id), lp(id))).collect(),
+        offset: 0,
+    }
+}
+
+/// Runs a request's choices one after the other (`run_choices`) and sends their pieces.
 fn generate(
     target: &Target,
     draft: Option<(&Model, usize)>,
@@ -167,64 +199,148 @@ fn generate(
             return;
         }
     };
-    let model = &target.model;
-    let context = max_context.min(model.config().context_length);
-    if tokens.len() >= context {
-        emit(fail(format!(
-            "prompt of {} tokens does not fit the context of {context}",
-            tokens.len()
+    let context = max_context.min(target.model.config().context_length);
+    if tokens.len() + req.max_tokens > context {
+        emit(Piece::Failed(ApiError::param(
+            "prompt",
+            "context_length_exceeded",
+            format!(
+                "{}'s context is {context} tokens here, but {} were asked for ({} in the \
+                 prompt, {} for the completion): shorten the prompt or lower max_tokens",
+                target.id(),
+                tokens.len() + req.max_tokens,
+                tokens.len(),
+                req.max_tokens
+            ),
         )));
         return;
     }
-    let params = req.params;
+    run_choices(req.options.n, req.params.is_greedy(), emit, |i, send| {
+        let params = SamplingParams {
+            seed: req.params.seed.wrapping_add(i as u64),
+            ..req.params
+        };
+        one_choice(target, draft, req, &tokens, &params, context, kv, send)
+    });
+}
+
+/// One choice: decodes, applies the stop sequences, sends text as it comes and `Done`
+/// (or `Failed`). False when the client is gone or it failed.
+#[allow(clippy::too_many_arguments)]
+fn one_choice(
+    target: &Target,
+    draft: Option<(&Model, usize)>,
+    req: &Completion,
+    tokens: &[u32],
+    params: &SamplingParams,
+    context: usize,
+    kv: KvPrecision,
+    send: &mut dyn FnMut(Piece) -> bool,
+) -> bool {
+    let mut choice = Choice::new(0, &req.options.stop);
     let mut decoder = IncrementalDecoder::new();
     let mut generated = 0;
     let mut finish_reason = "length";
     let mut failure = None;
     let mut gone = false;
-    if req.max_tokens > 0 {
-        let result = decode(model, draft, &tokens, &params, context, kv, &mut |t| {
+    let mut matched = false;
+    let tokenizer = &target.tokenizer;
+    let result = decode(
+        &target.model,
+        draft,
+        tokens,
+        params,
+        context,
+        kv,
+        &mut |t, logits| {
             generated += 1;
-            if target.tokenizer.eos_tokens().contains(&t) {
+            if tokenizer.eos_tokens().contains(&t) {
                 finish_reason = "stop";
                 return false;
             }
-            match decoder.push(&target.tokenizer, t) {
-                Ok(text) if !text.is_empty() => {
-                    if !emit(Piece::Text(text)) {
-                        gone = true;
-                        return false;
-                    }
-                }
-                Ok(_) => {}
+            let text = match decoder.push(tokenizer, t) {
+                Ok(text) => text,
                 Err(e) => {
                     failure = Some(format!("detokenizing: {e}"));
                     return false;
                 }
+            };
+            let lp = req
+                .options
+                .logprobs
+                .map(|k| logprob(tokenizer, logits, t, k));
+            let (piece, stopped) = choice.push(&text, lp);
+            if let Some(p) = piece
+                && !send(p)
+            {
+                gone = true;
+                return false;
+            }
+            if stopped {
+                finish_reason = "stop";
+                matched = true;
+                return false;
             }
             generated < req.max_tokens
-        });
-        if let Err(e) = result {
-            failure = Some(e);
-        }
+        },
+    );
+    if let Err(e) = result {
+        failure = Some(e);
     }
     if gone {
-        return;
+        return false;
     }
     if let Some(m) = failure {
-        emit(fail(m));
-        return;
+        send(Piece::Failed(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            m,
+        )));
+        return false;
     }
-    if let Ok(t) = decoder.finish(&target.tokenizer)
-        && !t.is_empty()
-    {
-        emit(Piece::Text(t));
+    if !matched {
+        if let Ok(t) = decoder.finish(tokenizer)
+            && !t.is_empty()
+            && let (Some(p), _) = choice.push(&t, None)
+            && !send(p)
+        {
+            return false;
+        }
+        if let Some(p) = choice.finish()
+            && !send(p)
+        {
+            return false;
+        }
     }
-    emit(Piece::Done {
+    send(Piece::Done {
+        index: 0,
         finish_reason,
         prompt_tokens: tokens.len(),
         completion_tokens: generated,
-    });
+    })
+}
+
+/// `GET /v1/models`: each loaded target as `family@version`, and each family (its newest
+/// version) as `family`, with tandem's fields `family`, `version`, `tokenizer_fingerprint`.
+pub(crate) fn models(state: &State) -> Response<Body> {
+    let all = state.registry.list();
+    let mut data = Vec::new();
+    for (i, t) in all.iter().enumerate() {
+        let entry = |id: String| {
+            serde_json::json!({"id": id, "object": "model", "created": t.loaded_at,
+                "owned_by": "tandem", "family": t.family, "version": t.version,
+                "tokenizer_fingerprint": t.tokenizer_fp.to_string()})
+        };
+        data.push(entry(t.id()));
+        // The newest of its family answers to the family's name.
+        if !all[i + 1..].iter().any(|o| o.family == t.family) {
+            data.push(entry(t.family.clone()));
+        }
+    }
+    tandem_client::openai::json_response(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data}),
+    )
 }
 
 /// Handles one completion request.
@@ -237,21 +353,23 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         Ok(r) => r,
         Err(e) => return e.response(),
     };
-    let completion = Completion::from_request(&creq);
+    let completion = match Completion::from_request(&creq) {
+        Ok(c) => c,
+        Err(e) => return e.response(),
+    };
     let (target, draft) = match admit(&state, &creq, &completion) {
         Ok(t) => t,
         Err(e) => return e.response(),
     };
     let Some(slot) = state.enter() else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            state.busy_message(),
-        )
-        .response();
+        return ApiError::unavailable(state.busy_message()).response();
     };
     let limits = state.config.limits;
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
+    let mut meta = Meta::new(Kind::Completion, target.id(), &completion.options);
+    meta.system_fingerprint = Some(target.id());
+    let stream = completion.options.stream;
+    let greedy = completion.params.is_greedy();
     let gen_target = target.clone();
     let metrics = state.metrics.clone();
     tokio::task::spawn_blocking(move || {
@@ -266,9 +384,13 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
             limits.max_context,
             limits.kv_cache,
             &mut |p| {
+                // A greedy answer's choices are one generation sent under each index.
                 if let Piece::Done {
-                    completion_tokens, ..
+                    index,
+                    completion_tokens,
+                    ..
                 } = &p
+                    && (!greedy || *index == 0)
                 {
                     metrics.add_generated(*completion_tokens);
                 }
@@ -276,12 +398,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
             },
         );
     });
-    respond(
-        Meta::new(Kind::Completion, target.id()),
-        creq.common.stream,
-        rx,
-    )
-    .await
+    respond(meta, stream, rx).await
 }
 
 /// Checks a request against this server's limits and finds its target (and, for the
@@ -296,12 +413,15 @@ fn admit(
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let limits = state.config.limits;
     if c.max_tokens > limits.max_tokens {
-        return Err(ApiError::invalid(format!(
-            "max_tokens {} exceeds this server's limit of {}",
-            c.max_tokens, limits.max_tokens
-        )));
+        return Err(ApiError::invalid_value(
+            "max_tokens",
+            format!(
+                "max_tokens {} exceeds this server's limit of {} (--max-tokens)",
+                c.max_tokens, limits.max_tokens
+            ),
+        ));
     }
-    let target = pick(state, creq.common.model.as_deref()).map_err(ApiError::not_found)?;
+    let target = pick(state, creq.common.model.as_deref()).map_err(ApiError::model_not_found)?;
     let Some(gamma) = c.speculative else {
         return Ok((target, None));
     };
@@ -318,10 +438,13 @@ fn admit(
         )));
     }
     if gamma > limits.max_draft {
-        return Err(ApiError::invalid(format!(
-            "gamma {gamma} exceeds this server's limit of {}",
-            limits.max_draft
-        )));
+        return Err(ApiError::invalid_value(
+            "gamma",
+            format!(
+                "gamma {gamma} exceeds this server's limit of {}",
+                limits.max_draft
+            ),
+        ));
     }
     Ok((target, Some(d)))
 }

@@ -128,6 +128,8 @@ pub struct Target {
     pub early_exit_layer: usize,
     /// The GGUF it was loaded from.
     pub path: PathBuf,
+    /// When it was loaded, Unix seconds.
+    pub loaded_at: u64,
     backbones: Mutex<HashMap<usize, BackboneFingerprint>>,
     seq: AtomicU64,
     active: AtomicUsize,
@@ -167,6 +169,9 @@ impl Target {
             tokenizer_fp,
             early_exit_layer,
             path,
+            loaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             backbones: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             active: AtomicUsize::new(0),
@@ -321,6 +326,7 @@ impl Registry {
         for t in &all {
             if let Some(f) = &hello.family
                 && &t.family != f
+                && &t.id() != f
             {
                 why.push(format!("{}: another family", t.id()));
                 continue;

@@ -376,7 +376,11 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<
         s if s.is_server_error() => "server_error",
         _ => "invalid_request_error",
     };
-    ApiError::new(status, kind, message).response()
+    let mut e = ApiError::new(status, kind, message);
+    if status == StatusCode::UNAUTHORIZED {
+        e.code = Some("invalid_api_key");
+    }
+    e.response()
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
@@ -423,7 +427,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let resp = match (&method, path.as_str()) {
         (&Method::POST, "/v1/session") => session_endpoint(state, req, header_ok),
         (&Method::POST, "/v1/completions") => crate::completions::handle(state, req).await,
-        (_, "/v1/session" | "/v1/completions" | "/healthz" | "/metrics") => error(
+        (&Method::GET, "/v1/models") => crate::completions::models(&state),
+        (_, "/v1/session" | "/v1/completions" | "/v1/models" | "/healthz" | "/metrics") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         ),
