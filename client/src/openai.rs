@@ -619,6 +619,34 @@ pub fn run_choices(
     }
 }
 
+/// Wraps `emit` so that `guard` (a server's slot for the generation) is released just
+/// before the response's last piece goes out — when all `n` choices are done, or on a
+/// failure — so a client that sends its next request as soon as it has the answer finds
+/// the slot free.
+pub fn releasing<G>(
+    n: usize,
+    guard: G,
+    mut emit: impl FnMut(Piece) -> bool,
+) -> impl FnMut(Piece) -> bool {
+    let mut guard = Some(guard);
+    let mut open = n;
+    move |p| {
+        match &p {
+            Piece::Done { .. } => {
+                open = open.saturating_sub(1);
+                if open == 0 {
+                    guard.take();
+                }
+            }
+            Piece::Failed(_) => {
+                guard.take();
+            }
+            _ => {}
+        }
+        emit(p)
+    }
+}
+
 /// Stop sequences matched on decoded text, also across token boundaries: text that could
 /// still be the start of a stop sequence is held back until the next piece decides.
 #[derive(Debug, Clone, Default)]
@@ -951,6 +979,8 @@ pub async fn respond(
     tokio::spawn(async move {
         let mut next = Some(first);
         let mut finished = vec![false; n];
+        // A chat choice's first chunk says who speaks, as OpenAI's do.
+        let mut spoke = vec![meta.kind != Kind::Chat; n];
         loop {
             let p = match next.take() {
                 Some(p) => p,
@@ -959,7 +989,11 @@ pub async fn respond(
                     None => break,
                 },
             };
-            let event = match p {
+            let index = match &p {
+                Piece::Text { index, .. } | Piece::Done { index, .. } => Some(*index),
+                _ => None,
+            };
+            let mut event = match p {
                 Piece::Target(t) => {
                     meta.system_fingerprint = Some(t);
                     continue;
@@ -990,6 +1024,11 @@ pub async fn respond(
                 }
                 Piece::Failed(e) => e.to_json(),
             };
+            if let Some(i) = index.filter(|&i| i < n)
+                && !std::mem::replace(&mut spoke[i], true)
+            {
+                event["choices"][0]["delta"]["role"] = json!("assistant");
+            }
             if out.send(Bytes::from(format!("data: {event}\n\n"))).is_err() {
                 return;
             }
@@ -1140,6 +1179,7 @@ mod tests {
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["system_fingerprint"], "fam@1");
         assert_eq!(first["choices"][0]["delta"]["content"], "a");
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         let last: Value = serde_json::from_str(&events[1]["data: ".len()..]).unwrap();
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert_eq!(last["usage"]["completion_tokens"], 2);

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tandem_client::auth::{read_token_file, token_matches};
 use tandem_client::openai::{
     ApiError, Body, ChatRequest, Choice, CompletionRequest, Kind, Meta, Options, Piece,
-    json_response, parse, render_chat, respond, run_choices,
+    json_response, parse, releasing, render_chat, respond, run_choices,
 };
 use tandem_core::protocol::{Accepted, ErrorCode};
 use tokio::sync::mpsc;
@@ -173,9 +173,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let meta = Meta::new(kind, shared.model_id.clone(), &options);
     let sh = shared.clone();
     std::thread::spawn(move || {
-        let _permit = permit;
         let model_named = args.target.is_some();
-        let mut emit = |p: Piece| tx.send(p).is_ok();
+        let mut emit = releasing(options.n, permit, |p: Piece| tx.send(p).is_ok());
         run_choices(options.n, args.temperature == 0.0, &mut emit, |i, send| {
             let mut run_args = args.clone();
             run_args.seed = args.seed.wrapping_add(i as u64);

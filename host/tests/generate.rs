@@ -719,8 +719,17 @@ fn the_official_openai_client_gets_what_it_expects() {
         "{resp}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (_serve, serve_addr) =
-        serve_process(&v.url, dir.path(), &["--strategy", "sync", "--gamma", "3"]);
+    let extra = [
+        "--strategy",
+        "sync",
+        "--gamma",
+        "3",
+        "--max-concurrent",
+        "1",
+    ];
+    let (_serve, serve_addr) = serve_process(&v.url, dir.path(), &extra);
+    // Port 9 (discard) on loopback: nothing listens there.
+    let (_dead, dead_addr) = serve_process("http://127.0.0.1:9", dir.path(), &[]);
     let template = dir.path().join("chat_template.jinja");
     let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
     std::fs::write(&template, tok.chat_template().source.as_deref().unwrap()).unwrap();
@@ -733,6 +742,7 @@ fn the_official_openai_client_gets_what_it_expects() {
             "--verifier",
             &v.url,
         ])
+        .args(["--dead-serve", &format!("http://{dead_addr}")])
         .args(["--api-key", API_TOKEN, "--family", "smollm2", "--template"])
         .arg(&template)
         .env("PYTHONPATH", &py)

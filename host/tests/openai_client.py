@@ -19,6 +19,7 @@ p.add_argument("--verifier", required=True, help="http://HOST:PORT of tandem-ver
 p.add_argument("--api-key", required=True)
 p.add_argument("--template", required=True, help="file with the GGUF's chat template")
 p.add_argument("--family", required=True, help="the verifier's target family")
+p.add_argument("--dead-serve", required=True, help="tandem serve whose verifier is down")
 args = p.parse_args()
 
 serve = openai.OpenAI(base_url=args.serve + "/v1", api_key=args.api_key, max_retries=0)
@@ -225,6 +226,22 @@ refused(lambda: sc(messages=[{"role": "user"}]), 400)
 refused(lambda: sc(messages=user, max_completion_tokens=-1), 400, "max_completion_tokens")
 refused(lambda: sc(messages=user, logprobs=True), 400, "logprobs")
 refused(lambda: sc(messages=user, temperature=-1), 400, "temperature")
+# 429 while --max-concurrent (1) generations run; 503 when the verifier is unreachable.
+u = urllib.parse.urlparse(args.serve)
+running = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+running.request("POST", "/v1/completions", json.dumps(
+    {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}),
+    {"Content-Type": "application/json", "Authorization": f"Bearer {args.api_key}"})
+first = running.getresponse()
+check(first.status == 200, f"the long stream runs: {first.status}")
+msg = refused(lambda: complete(serve, prompt=PROMPT, max_tokens=1), 429, None, "rate_limit_exceeded")
+check("--max-concurrent" in msg, msg)
+check(first.read().decode().endswith("data: [DONE]\n\n"), "the long stream ends normally")
+dead = openai.OpenAI(base_url=args.dead_serve + "/v1", api_key=args.api_key, max_retries=0)
+msg = refused(lambda: dead.completions.create(model=own, prompt=PROMPT, max_tokens=1), 503)
+check("no verifier could be reached" in msg, msg)
+refused(lambda: dead.models.list(), 503)
+
 nokey = openai.OpenAI(base_url=args.serve + "/v1", api_key="wrong", max_retries=0)
 try:
     nokey.completions.create(model=own, prompt=PROMPT, max_tokens=1)

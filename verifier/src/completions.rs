@@ -17,7 +17,7 @@ use crate::registry::Target;
 use crate::server::{ServerDraft, State};
 use tandem_client::openai::{
     ApiError, Body, Choice, CompletionRequest, Kind, Meta, Options, Piece, TokenLogprob, parse,
-    respond, run_choices,
+    releasing, respond, run_choices,
 };
 
 /// A completion request with this server's defaults filled in.
@@ -372,30 +372,31 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
     let greedy = completion.params.is_greedy();
     let gen_target = target.clone();
     let metrics = state.metrics.clone();
+    let n = completion.options.n;
     tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        let _use = gen_target.enter();
+        let target_use = gen_target.enter();
         let draft = draft.as_ref().zip(completion.speculative);
         let draft = draft.map(|(d, gamma)| (&d.model, gamma));
+        let mut emit = releasing(n, (slot, target_use), |p| {
+            // A greedy answer's choices are one generation sent under each index.
+            if let Piece::Done {
+                index,
+                completion_tokens,
+                ..
+            } = &p
+                && (!greedy || *index == 0)
+            {
+                metrics.add_generated(*completion_tokens);
+            }
+            tx.send(p).is_ok()
+        });
         generate(
             &gen_target,
             draft,
             &completion,
             limits.max_context,
             limits.kv_cache,
-            &mut |p| {
-                // A greedy answer's choices are one generation sent under each index.
-                if let Piece::Done {
-                    index,
-                    completion_tokens,
-                    ..
-                } = &p
-                    && (!greedy || *index == 0)
-                {
-                    metrics.add_generated(*completion_tokens);
-                }
-                tx.send(p).is_ok()
-            },
+            &mut emit,
         );
     });
     respond(meta, stream, rx).await
