@@ -455,6 +455,27 @@ impl ApiError {
         }
     }
 
+    /// 400 `context_length_exceeded`: prompt and completion do not fit `target`'s context
+    /// of `context` tokens; `param` is the request's prompt field.
+    pub fn context_exceeded(
+        param: &str,
+        target: &str,
+        context: usize,
+        prompt: usize,
+        max_tokens: usize,
+    ) -> Self {
+        Self::param(
+            param,
+            "context_length_exceeded",
+            format!(
+                "{target}'s context is {context} tokens, but {} were asked for ({prompt} in the \
+                 prompt, {max_tokens} for the completion): shorten the prompt or lower \
+                 max_tokens",
+                prompt + max_tokens
+            ),
+        )
+    }
+
     /// 404: no such endpoint.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)

@@ -75,17 +75,13 @@ impl Output for Sink<'_> {
             )
             .into());
         }
-        let asked = self.prompt_tokens + self.max_tokens as usize;
-        if asked > a.max_context as usize {
-            return Err(ApiError::param(
+        if self.prompt_tokens + self.max_tokens as usize > a.max_context as usize {
+            return Err(ApiError::context_exceeded(
                 "messages",
-                "context_length_exceeded",
-                format!(
-                    "{target}'s context is {} tokens on the verifier, but {asked} were asked \
-                     for ({} in the prompt, {} for the completion): shorten the prompt or \
-                     lower max_tokens",
-                    a.max_context, self.prompt_tokens, self.max_tokens
-                ),
+                &target,
+                a.max_context as usize,
+                self.prompt_tokens,
+                self.max_tokens as usize,
             )
             .into());
         }

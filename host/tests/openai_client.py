@@ -217,6 +217,9 @@ for name, client in (("serve", serve), ("verifier", cloud)):
     refused(lambda: c(prompt=PROMPT, presence_penalty=1.0), 400, "presence_penalty",
             "unsupported_parameter")
     refused(lambda: c(model="no-such-model", prompt=PROMPT), 404, "model", "model_not_found")
+msg = refused(lambda: complete(cloud, prompt="word " * 2100, max_tokens=2000), 400, "prompt",
+              "context_length_exceeded")
+check("shorten the prompt" in msg, msg)
 refused(lambda: complete(serve, prompt=PROMPT, logprobs=2), 400, "logprobs",
         "unsupported_parameter")
 sc = chat

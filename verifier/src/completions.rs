@@ -201,17 +201,12 @@ fn generate(
     };
     let context = max_context.min(target.model.config().context_length);
     if tokens.len() + req.max_tokens > context {
-        emit(Piece::Failed(ApiError::param(
+        emit(Piece::Failed(ApiError::context_exceeded(
             "prompt",
-            "context_length_exceeded",
-            format!(
-                "{}'s context is {context} tokens here, but {} were asked for ({} in the \
-                 prompt, {} for the completion): shorten the prompt or lower max_tokens",
-                target.id(),
-                tokens.len() + req.max_tokens,
-                tokens.len(),
-                req.max_tokens
-            ),
+            &target.id(),
+            context,
+            tokens.len(),
+            req.max_tokens,
         )));
         return;
     }
