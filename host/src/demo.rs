@@ -1,12 +1,13 @@
 //! `tandem demo`: fetches a real draft/target pair, starts an embedded verifier on
-//! loopback, runs the drafter component against it and streams a code completion.
+//! loopback behind an emulated link, runs the drafter component against it and streams a
+//! code completion, then runs the same prompt cloud-only and shows the two side by side.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use tandem_verifier::{ServerConfig, State, TargetSpec};
 
-use crate::generate::{GenerateArgs, StrategyArg, default_drafter};
+use crate::generate::{GenerateArgs, RunStats, StrategyArg, default_drafter};
 use crate::models_cmd::fetch_with_progress;
 
 /// Options of `tandem demo`.
@@ -32,6 +33,13 @@ pub struct DemoArgs {
     /// list`).
     #[arg(long, default_value = "auto")]
     pub gpu: tandem_models::GpuChoice,
+    /// Round trip of the emulated link between device and verifier, ms (the in-process link
+    /// shaper; 0 = plain loopback).
+    #[arg(long, default_value_t = 60)]
+    pub rtt_ms: u64,
+    /// Skip the cloud-only run and the side-by-side at the end.
+    #[arg(long)]
+    pub no_compare: bool,
 }
 
 const PROMPT: &str = "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n";
@@ -55,16 +63,44 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     eprintln!("starting a verifier on 127.0.0.1 with {}", target.display());
-    let server = rt.block_on(async {
+    let (server, shaper) = rt.block_on(async {
         let state = State::new(ServerConfig {
             early_exit_layer: Some(exit),
             ..ServerConfig::default()
         });
         let spec: TargetSpec = target.display().to_string().parse()?;
         let st = state.clone();
-        tokio::task::spawn_blocking(move || st.load(&spec)).await??;
-        tandem_verifier::start(state).await
+        let st2 = state.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            st.load(&spec)?;
+            // One forward reads every weight once, so that neither run below pays for
+            // faulting the mapped file in and the two first-token times compare.
+            for t in st2.registry.list() {
+                t.model.forward_last(&[0], 0, &mut t.model.new_cache())?;
+            }
+            Ok(())
+        })
+        .await??;
+        let server = tandem_verifier::start(state).await?;
+        let shaper = if args.rtt_ms > 0 {
+            let link = tandem_client::shaper::Link {
+                delay: std::time::Duration::from_micros(args.rtt_ms * 500),
+                rate_bps: None,
+            };
+            Some(tandem_client::shaper::start(server.addr, link).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((server, shaper))
     })?;
+    let addr = shaper.as_ref().map_or(server.addr, |s| s.addr);
+    if args.rtt_ms > 0 {
+        eprintln!(
+            "between device and verifier: an emulated link with a {} ms round trip \
+             (--rtt-ms; 0 for plain loopback)",
+            args.rtt_ms
+        );
+    }
     let prompt = args.prompt.clone().unwrap_or_else(|| PROMPT.to_string());
     eprintln!(
         "drafting with {} in the drafter component {}\n",
@@ -78,16 +114,83 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         strategy: args.strategy,
         gpu: args.gpu.clone(),
-        ..GenerateArgs::with_defaults(
-            &format!("http://{}", server.addr),
-            &draft.display().to_string(),
-        )
+        ..GenerateArgs::with_defaults(&format!("http://{addr}"), &draft.display().to_string())
     };
     let stats = crate::generate::run(&generate_args, &mut std::io::stdout())
         .context("the demo run failed")?;
     println!();
     eprintln!("\n{}", stats.line());
+    if !args.no_compare && args.strategy != StrategyArg::CloudAr {
+        eprintln!(
+            "\nthe same prompt cloud-only, for comparison (every token one round trip to the \
+             verifier; --no-compare skips this)…"
+        );
+        let cloud_args = GenerateArgs {
+            strategy: StrategyArg::CloudAr,
+            quiet: true,
+            ..generate_args
+        };
+        let cloud = crate::generate::run(&cloud_args, &mut std::io::stdout())
+            .context("the cloud-only run failed")?;
+        eprintln!("\n{}", side_by_side(&cloud, &stats, args.rtt_ms));
+        if cloud.token_ids != stats.token_ids {
+            anyhow::bail!(
+                "the {} text differs from the cloud-only text: speculative decoding must \
+                 not change the output; please report this",
+                stats.strategy
+            );
+        }
+    }
     let _g = rt.enter();
+    drop(shaper);
     drop(server);
     Ok(())
+}
+
+/// One figure of a run, as the table shows it.
+type Cell = fn(&RunStats) -> String;
+
+/// The closing table: cloud-only against the speculative run, same prompt and link.
+fn side_by_side(cloud: &RunStats, spec: &RunStats, rtt_ms: u64) -> String {
+    let rows: [(&str, Cell); 5] = [
+        ("tokens/s", |s| format!("{:.1}", s.tokens_per_s)),
+        ("first token", |s| format!("{:.2} s", s.ttft_s)),
+        ("tokens per round", |s| format!("{:.2}", s.mean_per_round)),
+        ("bytes per token", |s| {
+            format!(
+                "{:.0} up, {:.0} down",
+                s.up_bytes_per_token, s.down_bytes_per_token
+            )
+        }),
+        ("round trips", |s| s.rounds.to_string()),
+    ];
+    let head = format!("{} tokens, {rtt_ms} ms link", spec.tokens);
+    let mut out = format!(
+        "{head:<24}{:>22}{:>22}\n",
+        "cloud-only",
+        spec.strategy.as_str()
+    );
+    for (name, f) in &rows {
+        out.push_str(&format!("{name:<24}{:>22}{:>22}\n", f(cloud), f(spec)));
+    }
+    out.push_str(&format!(
+        "{:<24}{:>22}{:>22}\n",
+        "speedup",
+        "1.00×",
+        format!("{:.2}×", spec.tokens_per_s / cloud.tokens_per_s.max(1e-9))
+    ));
+    out.push_str(&format!(
+        "(device and verifier share this machine's {} cores here, so drafting slows the \
+         verifier a little; on separate machines neither waits for the other)\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    ));
+    out.push_str(&format!(
+        "same text: {}",
+        if cloud.token_ids == spec.token_ids {
+            "yes, token for token (the target decides every token)"
+        } else {
+            "NO"
+        }
+    ));
+    out
 }

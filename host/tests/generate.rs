@@ -816,6 +816,42 @@ fn catalog_chat_templates_render_as_jinja2_does() {
     }
 }
 
+/// `tandem demo --small` over an emulated link: the speculative run streams, the same
+/// prompt runs cloud-only, and the side-by-side says the texts are the same.
+#[test]
+fn the_demo_compares_with_cloud_only_over_an_emulated_link() {
+    let wasm = guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "demo",
+            "--small",
+            "--max-tokens",
+            "24",
+            "--rtt-ms",
+            "40",
+            "--drafter",
+        ])
+        .arg(&wasm)
+        .env("TANDEM_WASM_CACHE", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("40 ms round trip"), "{err}");
+    for row in [
+        "cloud-only",
+        "tokens/s",
+        "first token",
+        "round trips",
+        "speedup",
+    ] {
+        assert!(err.contains(row), "no `{row}` in the side-by-side:\n{err}");
+    }
+    assert!(err.contains("same text: yes"), "{err}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("from typing import List"));
+}
+
 /// Kills the child when dropped.
 struct Guard(std::process::Child);
 impl Drop for Guard {
