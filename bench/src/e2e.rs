@@ -14,11 +14,12 @@ use crate::link::{Link, LinkKind, Params};
 use crate::report;
 
 /// Strategies the sweep can run.
-pub const STRATEGIES: [&str; 7] = [
+pub const STRATEGIES: [&str; 8] = [
     "cloud-ar",
     "cloud-sd",
     "sync",
     "tandem",
+    "tandem-cold",
     "tandem-no-hints",
     "tandem-no-pipeline",
     "tandem-fixed-gamma",
@@ -63,7 +64,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cloud-ar,cloud-sd,sync,tandem,tandem-no-hints,tandem-no-pipeline,tandem-fixed-gamma"
+        default_value = "cloud-ar,cloud-sd,sync,tandem,tandem-cold,tandem-no-hints,tandem-no-pipeline,tandem-fixed-gamma"
     )]
     pub strategies: Vec<String>,
     /// Draft length of sync, cloud-sd and the fixed-γ ablation.
@@ -121,6 +122,8 @@ pub struct HostStats {
     pub hints_used: u32,
     #[serde(default)]
     pub drafted_in_flight: u32,
+    #[serde(default)]
+    pub t16_s: f64,
 }
 
 /// The verifier's time for blocks of one draft length (from the host's stats).
@@ -181,6 +184,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let work = args.out.join("e2e-runs");
     std::fs::create_dir_all(&work)?;
+    // Every sweep starts without warm-start state; its runs build it up as they go.
+    let _ = std::fs::remove_file(work.join("policy-state.json"));
 
     let (mut link, fallback) = Link::new(args.link)?;
     if let Some(why) = &fallback {
@@ -303,7 +308,9 @@ fn generate(
         .args(["--max-tokens", &args.max_tokens.to_string()])
         .arg("--stats-json")
         .arg(&stats_path)
-        .arg("--quiet");
+        .arg("--quiet")
+        // The sweep's own warm-start state: what earlier runs of this sweep measured.
+        .env("TANDEM_POLICY_STATE", work.join("policy-state.json"));
     if let Some(d) = &args.drafter {
         cmd.arg("--drafter").arg(d);
     }
@@ -312,6 +319,7 @@ fn generate(
         "cloud-sd" => cmd.args(["--strategy", "cloud-sd", "--gamma", &gamma]),
         "sync" => cmd.args(["--strategy", "sync", "--gamma", &gamma, "--no-hints"]),
         "tandem" => cmd.args(["--strategy", "tandem"]),
+        "tandem-cold" => cmd.args(["--strategy", "tandem", "--no-warm-start"]),
         "tandem-no-hints" => cmd.args(["--strategy", "tandem", "--no-hints"]),
         "tandem-no-pipeline" => cmd.args(["--strategy", "tandem", "--no-pipeline"]),
         "tandem-fixed-gamma" => cmd.args(["--strategy", "tandem", "--gamma", &gamma]),

@@ -46,6 +46,9 @@ pub struct Row {
     pub ms_per_token: f64,
     /// Mean time to first token (prefill + one round), s.
     pub ttft_s: f64,
+    /// Decoding rate over the first 16 tokens (tokens 2–16 / their seconds), over the runs
+    /// that reached 16 tokens: what a warm start changes most.
+    pub first16_tokens_per_s: f64,
     /// Total tokens / total seconds, prompt to last token.
     pub end_to_end_tokens_per_s: f64,
     /// tokens_per_s / cloud-ar's at the same RTT.
@@ -267,6 +270,16 @@ fn rows(strategies: &[String], rtts: &[f64], runs: &[Run]) -> Vec<Row> {
                 }
             };
             let tps = decode_tokens / decode_s.max(1e-9);
+            let reached16: Vec<&&Run> = rs.iter().filter(|r| r.stats.t16_s > 0.0).collect();
+            let first16_s: f64 = reached16
+                .iter()
+                .map(|r| (r.stats.t16_s - r.stats.ttft_s).max(0.0))
+                .sum();
+            let first16_tokens_per_s = if first16_s > 0.0 {
+                15.0 * reached16.len() as f64 / first16_s
+            } else {
+                0.0
+            };
             if s == "cloud-ar" {
                 base = Some(tps);
             }
@@ -277,6 +290,7 @@ fn rows(strategies: &[String], rtts: &[f64], runs: &[Run]) -> Vec<Row> {
                 tokens_per_s: tps,
                 ms_per_token: 1000.0 * decode_s / decode_tokens.max(1.0),
                 ttft_s: sum(&|r| r.stats.ttft_s) / rs.len() as f64,
+                first16_tokens_per_s,
                 end_to_end_tokens_per_s: tokens / seconds.max(1e-9),
                 speedup: base.map_or(f64::NAN, |b| tps / b),
                 rounds: rounds as u32,
@@ -400,10 +414,10 @@ fn markdown(meta: &Meta, rows: &[Row], points: &[Point], mismatches: usize) -> S
     );
     let _ = writeln!(
         s,
-        "| RTT ms | strategy | tok/s | speedup | ms/token | TTFT s | end-to-end tok/s | \
-         tokens/round | γ (mode) | bytes/token up+down | achieved/bound |"
+        "| RTT ms | strategy | tok/s | speedup | first 16 tok/s | ms/token | TTFT s | \
+         end-to-end tok/s | tokens/round | γ (mode) | bytes/token up+down | achieved/bound |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let mode = r
             .gamma_counts
@@ -414,11 +428,12 @@ fn markdown(meta: &Meta, rows: &[Row], points: &[Point], mismatches: usize) -> S
             .map_or("–".into(), |(g, _)| g.to_string());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {:.2}× | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} + {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.2}× | {:.2} | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} + {:.1} | {} |",
             r.rtt_ms,
             r.strategy,
             r.tokens_per_s,
             r.speedup,
+            r.first16_tokens_per_s,
             r.ms_per_token,
             r.ttft_s,
             r.end_to_end_tokens_per_s,

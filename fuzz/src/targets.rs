@@ -11,7 +11,7 @@ use tandem_core::protocol::{
 };
 use tandem_core::sampling::SamplingParams;
 use tandem_guest_drafter::machine::{
-    Channel, Config, DraftModel, Event, Machine, Strategy as GuestStrategy,
+    Channel, Config, DraftModel, Event, Machine, Strategy as GuestStrategy, Warm,
 };
 
 use crate::{Harness, Report, Rng, mutate};
@@ -443,7 +443,7 @@ impl Harness for Guest {
         }
         let mut last_round = 0u32;
         while !s.done() {
-            let result = match s.u8() % 6 {
+            let result = match s.u8() % 7 {
                 0 | 1 => match m.step() {
                     Ok(actions) => {
                         for a in &actions {
@@ -485,6 +485,14 @@ impl Harness for Guest {
                     let tokens = (0..s.small(20)).map(|_| s.small(24)).collect();
                     m.handle(Event::Hint(round, tokens))
                 }
+                5 => m.handle(Event::Warm(Warm {
+                    draft_ms: s.f64(),
+                    rtt_ms: s.f64(),
+                    verify_ms: (0..s.small(6))
+                        .map(|_| (s.small(40) as usize, s.f64()))
+                        .collect(),
+                    acceptance: (0..s.small(6)).map(|_| (s.f64(), s.f64())).collect(),
+                })),
                 _ => m.handle(Event::Channel(Channel {
                     rtt_ms: s.f64(),
                     bandwidth_bps: s.f64(),

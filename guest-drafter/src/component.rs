@@ -7,7 +7,7 @@ use tandem_core::sampling::SamplingParams;
 
 use tandem_core::protocol::{Outcome, Verify, VerifyResult};
 
-use crate::machine::{self, Action, Channel, Config, DraftModel, Event, Machine, Strategy};
+use crate::machine::{self, Action, Channel, Config, DraftModel, Event, Machine, Strategy, Warm};
 
 wit_bindgen::generate!({
     path: "../wit",
@@ -170,6 +170,20 @@ impl From<api::Event> for Event {
             api::Event::Verdict(r) => Event::Result(r.into()),
             api::Event::Hint((round, tokens)) => Event::Hint(round, tokens),
             api::Event::Channel(c) => Event::Channel(c.into()),
+            api::Event::Warm(w) => Event::Warm(Warm {
+                draft_ms: w.draft_ms as f64,
+                rtt_ms: w.rtt_ms as f64,
+                verify_ms: w
+                    .verify_ms
+                    .into_iter()
+                    .map(|(n, ms)| (n as usize, ms as f64))
+                    .collect(),
+                acceptance: w
+                    .acceptance
+                    .into_iter()
+                    .map(|(a, t)| (a as f64, t as f64))
+                    .collect(),
+            }),
         }
     }
 }

@@ -69,6 +69,19 @@ pub struct Channel {
     pub energy_j: f64,
 }
 
+/// What earlier sessions measured (see [`Event::Warm`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Warm {
+    /// Mean draft step, ms (0 = unknown).
+    pub draft_ms: f64,
+    /// Link round trip, ms (0 = unknown).
+    pub rtt_ms: f64,
+    /// The verifier's mean time by tokens verified: (n, ms).
+    pub verify_ms: Vec<(usize, f64)>,
+    /// Per draft position: recency-weighted (accepted, judged) counts.
+    pub acceptance: Vec<(f64, f64)>,
+}
+
 /// What the host delivers.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -80,6 +93,9 @@ pub enum Event {
     Hint(u32, Vec<u32>),
     /// Measurements.
     Channel(Channel),
+    /// What earlier sessions with the same drafter, target version and link measured;
+    /// at most once, before `First`.
+    Warm(Warm),
 }
 
 /// What the guest asks of the host.
@@ -268,6 +284,12 @@ impl<M: DraftModel> Machine<M> {
                 self.steps_since_sample = 0;
             }
             Event::Hint(round, tokens) => self.hint(round, &tokens),
+            Event::Warm(w) => {
+                if self.started {
+                    return Err("warm start after the first token".into());
+                }
+                self.policy.warm(&w)?;
+            }
             Event::Result(v) => self.result(v)?,
         }
         Ok(())
@@ -842,7 +864,18 @@ mod tests {
         assert!(m.handle(Event::First(1)).is_err(), "first before prefill");
         m.prefill(&[1, 2]).unwrap();
         assert!(m.prefill(&[1]).is_err());
+        let warm = Warm {
+            draft_ms: 20.0,
+            rtt_ms: 50.0,
+            verify_ms: vec![(1, 30.0)],
+            acceptance: vec![(3.0, 4.0)],
+        };
+        m.handle(Event::Warm(warm.clone())).unwrap();
         m.handle(Event::First(3)).unwrap();
+        assert!(
+            m.handle(Event::Warm(warm)).is_err(),
+            "warm start after first"
+        );
         let r = VerifyResult {
             round: 7,
             accepted: 0,

@@ -1,6 +1,8 @@
 //! The speculation policy: picks the draft length γ that maximises expected tokens per
-//! second, from the measured acceptance rate, draft step time, RTT, verify time, bandwidth
-//! and energy (DESIGN.md: E(γ) = (1 − α^(γ+1)) / (1 − α) tokens per round).
+//! second, from the measured acceptance per draft position, draft step time, RTT, verify
+//! time, bandwidth and energy. With α_i the chance that draft i is accepted once drafts
+//! 0..i were, a round of γ drafts commits E(γ) = 1 + Σ_{k=1..γ} Π_{i<k} α_i tokens (with one
+//! α for every position, DESIGN.md's (1 − α^(γ+1)) / (1 − α)).
 
 /// Measurements the policy works from.
 #[derive(Debug, Clone)]
@@ -9,6 +11,9 @@ pub struct Policy {
     accepted: f64,
     /// Decayed count of judged draft positions.
     trials: f64,
+    /// Per draft position i: decayed counts of accepted and judged drafts at i (judged: the
+    /// drafts before it were accepted). Each position decays only with its own rounds.
+    by_pos: Vec<(f64, f64)>,
     /// Draft step time, ms.
     pub draft_ms: f64,
     /// Link round trip, ms.
@@ -44,6 +49,7 @@ impl Default for Policy {
         Policy {
             accepted: 0.0,
             trials: 0.0,
+            by_pos: Vec::new(),
             draft_ms: 10.0,
             rtt_ms: 50.0,
             verify_ms: 50.0,
@@ -55,6 +61,17 @@ impl Default for Policy {
         }
     }
 }
+
+/// Rounds' worth of evidence a warm start's acceptance counts for, per position.
+pub const WARM_WEIGHT: f64 = 4.0;
+
+/// Positions and block sizes a warm start may describe.
+const MAX_POSITIONS: usize = 64;
+
+/// How many positions' worth of the pooled estimate each position's own estimate starts
+/// from: a position judged in only a few rounds leans on the pooled α, one judged often
+/// stands on its own counts.
+const POSITION_PRIOR: f64 = 2.0;
 
 /// Expected committed tokens per round with acceptance `alpha` and `gamma` drafts.
 pub fn expected_tokens(alpha: f64, gamma: usize) -> f64 {
@@ -68,6 +85,83 @@ impl Policy {
     /// The acceptance-rate estimate.
     pub fn alpha(&self) -> f64 {
         ((self.accepted + PRIOR_ACCEPTED) / (self.trials + PRIOR_TRIALS)).clamp(0.0, 0.999)
+    }
+
+    /// The chance that draft `i` (0-based) is accepted given the drafts before it were:
+    /// the position's own decayed counts, shrunk toward the pooled α.
+    pub fn alpha_at(&self, i: usize) -> f64 {
+        let pooled = self.alpha();
+        match self.by_pos.get(i) {
+            Some(&(acc, trials)) => {
+                ((acc + POSITION_PRIOR * pooled) / (trials + POSITION_PRIOR)).clamp(0.0, 0.999)
+            }
+            None => pooled,
+        }
+    }
+
+    /// Expected committed tokens of a round with `gamma` drafts (the accepted ones, plus
+    /// the correction or bonus token).
+    pub fn expected(&self, gamma: usize) -> f64 {
+        let mut reach = 1.0;
+        let mut total = 1.0;
+        for i in 0..gamma {
+            reach *= self.alpha_at(i);
+            total += reach;
+        }
+        total
+    }
+
+    /// The chance that all `gamma` drafts are accepted and the next draft guessed right
+    /// (what drafting ahead of a block in flight bets on).
+    fn all_accepted(&self, gamma: usize) -> f64 {
+        (0..=gamma).map(|i| self.alpha_at(i)).product()
+    }
+
+    /// Starts from what earlier sessions measured: their timings as this session's first
+    /// estimates, and their acceptance as evidence worth at most [`WARM_WEIGHT`] rounds per
+    /// position (so this session's own rounds soon outweigh it). Values that are not
+    /// finite or not positive are an error (the host sent something wrong).
+    pub fn warm(&mut self, w: &crate::machine::Warm) -> Result<(), String> {
+        let bad = |x: f64| !x.is_finite() || x < 0.0;
+        if bad(w.draft_ms)
+            || bad(w.rtt_ms)
+            || w.verify_ms.iter().any(|&(n, ms)| n == 0 || bad(ms))
+            || w.acceptance.iter().any(|&(a, t)| bad(a) || bad(t) || a > t)
+        {
+            return Err(format!("a warm start with impossible values: {w:?}"));
+        }
+        if w.draft_ms > 0.0 {
+            self.draft_ms = w.draft_ms;
+        }
+        if w.rtt_ms > 0.0 {
+            self.rtt_ms = w.rtt_ms;
+        }
+        for &(n, ms) in w.verify_ms.iter().take(MAX_POSITIONS + 1) {
+            if self.verify_by_n.len() <= n {
+                self.verify_by_n.resize(n + 1, (0.0, 0.0));
+            }
+            self.verify_by_n[n] = (WARM_WEIGHT, ms);
+        }
+        self.by_pos = w
+            .acceptance
+            .iter()
+            .take(MAX_POSITIONS)
+            .map(|&(a, t)| {
+                let scale = if t > WARM_WEIGHT {
+                    WARM_WEIGHT / t
+                } else {
+                    1.0
+                };
+                (a * scale, t * scale)
+            })
+            .collect();
+        // The pooled estimate: the first position's evidence (every drafted round judges
+        // it), at the same weight.
+        if let Some(&(a, t)) = self.by_pos.first() {
+            self.accepted = a;
+            self.trials = t;
+        }
+        Ok(())
     }
 
     /// Records a round: `accepted` of `gamma` drafts.
@@ -89,6 +183,13 @@ impl Policy {
         let trials = accepted + usize::from(accepted < gamma);
         self.accepted = self.accepted * DECAY + accepted as f64;
         self.trials = self.trials * DECAY + trials as f64;
+        if self.by_pos.len() < trials {
+            self.by_pos.resize(trials, (0.0, 0.0));
+        }
+        for (i, (acc, judged)) in self.by_pos[..trials].iter_mut().enumerate() {
+            *acc = *acc * DECAY + f64::from(u8::from(i < accepted));
+            *judged = *judged * DECAY + 1.0;
+        }
     }
 
     /// Records the verifier's time for a round that verified `n` tokens (drafts + 1).
@@ -154,18 +255,18 @@ impl Policy {
         }
         // Drafting of the next block overlaps the flight of this one, but that work only
         // survives when the whole block and the guessed next token are accepted.
-        let keep = self.alpha().powi(gamma as i32 + 1);
+        let keep = self.all_accepted(gamma);
         keep * draft.max(wire) + (1.0 - keep) * (draft + wire)
     }
 
     /// Expected tokens per second with `gamma` drafts.
     pub fn throughput(&self, gamma: usize, pipelined: bool) -> f64 {
-        expected_tokens(self.alpha(), gamma) / self.round_ms(gamma, pipelined).max(1e-6) * 1000.0
+        self.expected(gamma) / self.round_ms(gamma, pipelined).max(1e-6) * 1000.0
     }
 
     /// Drafting energy per generated token with `gamma` drafts, joules.
     pub fn joules_per_token(&self, gamma: usize) -> f64 {
-        gamma as f64 * self.step_joules / expected_tokens(self.alpha(), gamma)
+        gamma as f64 * self.step_joules / self.expected(gamma)
     }
 
     /// The γ in 0..=max_draft with the best expected throughput whose energy per token is
@@ -181,6 +282,7 @@ impl Policy {
             let prior = Policy {
                 accepted: 0.0,
                 trials: 0.0,
+                by_pos: Vec::new(),
                 ..self.clone()
             };
             if prior.best(max_draft, pipelined, budget) > 0 {
@@ -219,9 +321,22 @@ mod tests {
             verify_ms: 40.0,
             ..Policy::default()
         };
-        // Feed rounds of 4 drafts with the given accepted count.
+        // Feed rounds of 4 drafts, each draft accepted with probability accepted / 4 once
+        // the ones before it were (a fixed pseudo-random sequence).
+        let alpha = alpha_rounds.1 as f64 / 4.0;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..alpha_rounds.0 {
-            p.observe_round(4, alpha_rounds.1);
+            let mut n = 0;
+            while n < 4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (x >> 11) as f64 / (1u64 << 53) as f64 >= alpha {
+                    break;
+                }
+                n += 1;
+            }
+            p.observe_round(4, n);
         }
         p
     }
@@ -381,5 +496,214 @@ mod tests {
         let fast = p.choose(16, false, None);
         p.bandwidth_bps = 2_000.0; // 2 kbit/s: each draft costs 32 ms on the wire
         assert!(p.choose(16, false, None) < fast);
+    }
+
+    /// The world a simulated generation runs in: acceptance per draft position, link,
+    /// verifier and drafter timings.
+    struct World {
+        alpha: Vec<f64>,
+        rtt: f64,
+        draft: f64,
+        /// Verifier time for n tokens: a + b·n.
+        verify: (f64, f64),
+    }
+
+    impl World {
+        /// Tokens per second of a (sync) round of γ drafts, from the true parameters.
+        fn rate(&self, gamma: usize) -> f64 {
+            let mut reach = 1.0;
+            let mut e = 1.0;
+            for i in 0..gamma {
+                reach *= self.alpha[i.min(self.alpha.len() - 1)];
+                e += reach;
+            }
+            let n = gamma as f64 + 1.0;
+            e / (gamma as f64 * self.draft + self.rtt + self.verify.0 + self.verify.1 * n)
+        }
+
+        fn best(&self, max: usize) -> f64 {
+            (0..=max).map(|g| self.rate(g)).fold(0.0, f64::max)
+        }
+    }
+
+    /// Runs `rounds` rounds in which the policy chooses γ and the world decides how many
+    /// drafts are accepted (a fixed pseudo-random sequence); returns the share of the best
+    /// rate each round's choice reached, per round.
+    fn simulate(p: &mut Policy, w: &World, rounds: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed;
+        let mut uniform = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut shares = Vec::new();
+        for _ in 0..rounds {
+            p.rtt_ms = w.rtt;
+            p.draft_ms = w.draft;
+            let g = p.choose(16, false, None);
+            shares.push(w.rate(g) / w.best(16));
+            let mut accepted = 0;
+            while accepted < g && uniform() < w.alpha[accepted.min(w.alpha.len() - 1)] {
+                accepted += 1;
+            }
+            p.observe_round(g, accepted);
+            p.observe_verify(g + 1, w.verify.0 + w.verify.1 * (g as f64 + 1.0));
+        }
+        shares
+    }
+
+    fn mean(v: &[f64]) -> f64 {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+
+    #[test]
+    fn choices_reach_the_analytic_optimum_across_links_verifiers_and_drafters() {
+        // The drafter is right on the first three positions and rarely beyond (a pooled α
+        // of ~0.8 would draft past the cliff: 0.945 of the optimum in this world).
+        let cliff = vec![0.97, 0.95, 0.93, 0.2];
+        let cases = [
+            (
+                "fast link, flat GPU-like verifier, good drafter",
+                0.0,
+                (20.0, 1.0),
+                0.9,
+                8.0,
+            ),
+            (
+                "slow link, flat verifier, good drafter",
+                300.0,
+                (20.0, 1.0),
+                0.9,
+                8.0,
+            ),
+            (
+                "100 ms, CPU verifier, good drafter",
+                100.0,
+                (-10.0, 85.0),
+                0.9,
+                60.0,
+            ),
+            (
+                "loopback, CPU verifier, slow drafter",
+                0.0,
+                (-10.0, 85.0),
+                0.9,
+                60.0,
+            ),
+            (
+                "100 ms, flat verifier, poor drafter",
+                100.0,
+                (20.0, 1.0),
+                0.3,
+                8.0,
+            ),
+            (
+                "300 ms, CPU verifier, poor drafter",
+                300.0,
+                (-10.0, 85.0),
+                0.3,
+                60.0,
+            ),
+        ];
+        for (i, (name, rtt, verify, alpha, draft)) in cases.into_iter().enumerate() {
+            let w = World {
+                alpha: vec![alpha],
+                rtt,
+                draft,
+                verify,
+            };
+            let shares = simulate(&mut Policy::default(), &w, 300, 17 + i as u64);
+            // After a warm-up of 30 rounds, the choices reach 90% of the best rate on
+            // average (the estimate moves with each round's luck).
+            let reached = mean(&shares[30..]);
+            assert!(reached >= 0.9, "{name}: {reached:.3} of the optimum");
+        }
+        // Acceptance that falls with the position: the per-position estimate stops
+        // before the positions that do not pay.
+        let w = World {
+            alpha: cliff,
+            rtt: 100.0,
+            draft: 15.0,
+            verify: (20.0, 5.0),
+        };
+        let shares = simulate(&mut Policy::default(), &w, 300, 5);
+        let reached = mean(&shares[30..]);
+        assert!(
+            reached >= 0.98,
+            "acceptance with a cliff: {reached:.3} of the optimum"
+        );
+    }
+
+    #[test]
+    fn acceptance_that_changes_mid_generation_is_followed() {
+        let mut w = World {
+            alpha: vec![0.9],
+            rtt: 100.0,
+            draft: 20.0,
+            verify: (20.0, 2.0),
+        };
+        let mut p = Policy::default();
+        simulate(&mut p, &w, 100, 3);
+        let before = p.choose(16, false, None);
+        // The topic changes: the drafter is now right a third of the time.
+        w.alpha = vec![0.3];
+        let shares = simulate(&mut p, &w, 100, 4);
+        let after = p.choose(16, false, None);
+        assert!(after < before, "γ {before} → {after}");
+        assert!(mean(&shares[30..]) >= 0.9, "{:.3}", mean(&shares[30..]));
+        // And back.
+        w.alpha = vec![0.9];
+        let shares = simulate(&mut p, &w, 100, 6);
+        assert!(mean(&shares[30..]) >= 0.9, "{:.3}", mean(&shares[30..]));
+    }
+
+    #[test]
+    fn a_warm_start_sets_the_first_choice_and_fresh_rounds_take_over() {
+        use crate::machine::Warm;
+        // 100 ms link, a verifier whose blocks cost little more than one token, 30 ms
+        // draft steps.
+        let measured = |acceptance: Vec<(f64, f64)>| Warm {
+            draft_ms: 30.0,
+            rtt_ms: 100.0,
+            verify_ms: vec![(1, 75.0), (5, 95.0)],
+            acceptance,
+        };
+        // Cold, the defaults (10 ms drafts, 50 ms verifies, α 3/4) ask for a long block.
+        let cold = Policy::default().choose(16, false, None);
+        // A drafter that was rarely accepted here: no drafting from the first round.
+        let mut p = Policy::default();
+        p.warm(&measured(vec![(1.0, 20.0)])).unwrap();
+        assert_eq!(p.choose(16, false, None), 0, "cold choice was {cold}");
+        assert!((p.verify_time(3) - 85.0).abs() < 1e-6);
+        // One that was accepted well: drafting from the first round, with what the
+        // verifier's measured cost allows.
+        let mut q = Policy::default();
+        q.warm(&measured(vec![(19.0, 20.0), (17.0, 19.0), (15.0, 17.0)]))
+            .unwrap();
+        let g = q.choose(16, false, None);
+        assert!(g >= 2, "{g}");
+        // The old evidence weighs a few rounds: in a session whose drafts now fail, the
+        // estimate falls below one half within six rounds and the blocks shorten.
+        for _ in 0..6 {
+            let g = q.choose(16, false, None).max(1);
+            q.observe_round(g, 0);
+        }
+        assert!(q.alpha() < 0.5, "{}", q.alpha());
+        assert!(q.choose(16, false, None) < g);
+        // Values no measurement gives are refused.
+        for bad in [
+            Warm {
+                draft_ms: f64::NAN,
+                ..measured(vec![])
+            },
+            measured(vec![(3.0, 2.0)]),
+            Warm {
+                verify_ms: vec![(0, 10.0)],
+                ..measured(vec![])
+            },
+        ] {
+            assert!(Policy::default().warm(&bad).is_err(), "{bad:?}");
+        }
     }
 }

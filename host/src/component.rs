@@ -230,6 +230,8 @@ pub struct Runtime {
     linker: Linker<HostState>,
     /// Whether the compiled form came from the cache (no compilation this time).
     pub from_cache: bool,
+    /// The component file's sha256, hex.
+    pub digest: String,
 }
 
 fn engine() -> anyhow::Result<Engine> {
@@ -288,11 +290,12 @@ impl Runtime {
         let engine = engine()?;
         let mut h = Sha256::new();
         h.update(&bytes);
+        let digest = hex::encode(h.finalize());
         let mut compat = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut compat);
         let key = format!(
             "{}-{:016x}.cwasm",
-            &hex::encode(h.finalize())[..24],
+            &digest[..24],
             std::hash::Hasher::finish(&compat)
         );
         let dir = cache_dir();
@@ -355,12 +358,49 @@ impl Runtime {
             .func_wrap("[constructor]tensor", new_tensor)
             .map_err(wt)?;
         linker.allow_shadowing(false);
+        check_world(&engine, &component, wasm)?;
         Ok(Runtime {
             engine,
             component,
             linker,
             from_cache,
+            digest,
         })
+    }
+}
+
+/// The version of `tandem:drafter` this host speaks (wit/drafter.wit).
+pub const WORLD_VERSION: &str = "0.2.0";
+
+/// Refuses a component built against another version of `tandem:drafter`, saying which
+/// (instead of wasmtime's missing-export error at instantiation).
+fn check_world(engine: &Engine, component: &Component, wasm: &Path) -> anyhow::Result<()> {
+    let ty = component.component_type();
+    let ours = format!("tandem:drafter/session-api@{WORLD_VERSION}");
+    let names: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    if names.contains(&ours) {
+        return Ok(());
+    }
+    match names
+        .iter()
+        .find_map(|n| n.strip_prefix("tandem:drafter/session-api@"))
+    {
+        Some(v) => anyhow::bail!(
+            "{} implements tandem:drafter@{v}, but this host speaks tandem:drafter@{WORLD_VERSION}: \
+             rebuild the drafter against this host's wit/drafter.wit (`cargo build --profile \
+             wasm -p tandem-guest-drafter --target wasm32-wasip2`) or use a host of its version",
+            wasm.display()
+        ),
+        None => anyhow::bail!(
+            "{} is not a tandem drafter: it exports no tandem:drafter/session-api interface \
+             (it exports: {})",
+            wasm.display(),
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        ),
     }
 }
 

@@ -148,6 +148,11 @@ pub struct GenerateArgs {
     /// Do not print the generated text (statistics only).
     #[arg(long)]
     pub quiet: bool,
+    /// Neither read nor write the warm-start state (what earlier sessions with this
+    /// drafter, target version and link measured; `$TANDEM_POLICY_STATE`, default
+    /// ~/.cache/tandem/policy-state.json): the policy starts from its defaults.
+    #[arg(long)]
+    pub no_warm_start: bool,
     /// Where the draft model runs: auto (the first hardware GPU, else the CPU), off (the
     /// CPU), or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
     #[arg(long, default_value = "auto")]
@@ -223,6 +228,10 @@ pub struct RunStats {
     pub tokens_per_s: f64,
     /// Time to first token, seconds.
     pub ttft_s: f64,
+    /// Seconds from sending the prompt to the 16th token (0 when fewer came).
+    pub t16_s: f64,
+    /// Whether the policy started from the warm-start state of earlier sessions.
+    pub warm_start: bool,
     /// Verify rounds.
     pub rounds: u32,
     /// Draft tokens sent.
@@ -292,6 +301,8 @@ pub struct VerifyTime {
 /// times, the RTT estimate and the verifier's time per block.
 struct LinkState {
     sent_at: HashMap<u32, (Instant, usize)>,
+    /// Per draft position: (accepted, judged) in this session.
+    positions: Vec<(f64, f64)>,
     rtt_ms: f64,
     rtt_seen: bool,
     verify_ms: f64,
@@ -303,6 +314,7 @@ impl LinkState {
     fn new(connect_ms: f64, uplink_bps: f32) -> Self {
         LinkState {
             sent_at: HashMap::new(),
+            positions: Vec::new(),
             rtt_ms: connect_ms.max(0.01),
             rtt_seen: false,
             verify_ms: 0.0,
@@ -345,6 +357,15 @@ impl LinkState {
                     let e = self.by_gamma.entry(drafts).or_default();
                     e.0 += 1;
                     e.1 += v;
+                    let accepted = (r.accepted as usize).min(drafts);
+                    let judged = (accepted + usize::from(accepted < drafts)).min(64);
+                    if self.positions.len() < judged {
+                        self.positions.resize(judged, (0.0, 0.0));
+                    }
+                    for (i, p) in self.positions[..judged].iter_mut().enumerate() {
+                        p.0 += f64::from(u8::from(i < accepted));
+                        p.1 += 1.0;
+                    }
                 }
                 drafter.handle(&api::Event::Channel(api::ChannelSample {
                     rtt_ms: self.rtt_ms as f32,
@@ -621,6 +642,12 @@ struct SessionDriver {
     max_idle_steps: usize,
     /// The output asked to end the generation.
     stopped: bool,
+    /// The warm-start entry this session reads and writes (none with --no-warm-start).
+    warm_key: Option<crate::warm::Key>,
+    /// Whether the drafter started from a warm-start entry.
+    warm_used: bool,
+    /// When the 16th token was emitted.
+    t16: Option<Duration>,
 }
 
 /// One session stream with a verifier that accepted it.
@@ -764,6 +791,17 @@ impl SessionDriver {
             idle_steps: 0,
             max_idle_steps: max_idle_steps(args, accepted),
             stopped: false,
+            warm_key: (!args.no_warm_start).then(|| crate::warm::Key {
+                drafter: prepared.runtime.digest.clone(),
+                target: format!("{}@{}", accepted.family, accepted.version),
+                link: endpoints[at].addr.clone(),
+                backend: prepared
+                    .model
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), DraftModel::backend),
+            }),
+            warm_used: false,
+            t16: None,
             budget,
             rt,
             endpoints,
@@ -876,6 +914,12 @@ impl SessionDriver {
         }
         let mut drafter = Drafter::new(&prepared.runtime, graphs, &config, limits, budget)?;
         drafter.prefill(prompt)?;
+        if let Some(key) = &self.warm_key
+            && let Some(entry) = crate::warm::load(&crate::warm::state_path(), key)
+        {
+            drafter.handle(&api::Event::Warm(entry.to_event()))?;
+            self.warm_used = true;
+        }
         Ok(drafter)
     }
 
@@ -999,6 +1043,9 @@ impl SessionDriver {
         self.ttft.get_or_insert_with(|| self.started.elapsed());
         for &t in tokens {
             self.ids.push(t);
+            if self.ids.len() == 16 {
+                self.t16 = Some(self.started.elapsed());
+            }
             let piece = self.decoder.push(tokenizer, t)?;
             self.write(&piece, out)?;
             if self.stopped {
@@ -1016,6 +1063,39 @@ impl SessionDriver {
         Ok(())
     }
 
+    /// Merges what this session measured into the warm-start state (a failure to write it
+    /// is a warning: it is only a cache).
+    fn save_warm(&self) {
+        let Some(key) = &self.warm_key else {
+            return;
+        };
+        let session = crate::warm::Entry {
+            draft_ms: self.draft_ms,
+            rtt_ms: if self.link.rtt_seen {
+                self.link.rtt_ms
+            } else {
+                0.0
+            },
+            verify_ms: self
+                .link
+                .by_gamma
+                .iter()
+                .map(|(&gamma, &(rounds, total))| (gamma + 1, total / f64::from(rounds)))
+                .collect(),
+            acceptance: self.link.positions.clone(),
+            updated: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let path = crate::warm::state_path();
+        if let Err(e) = crate::warm::save(&path, key, &session) {
+            eprintln!(
+                "tandem: warning: could not write the warm-start state {}: {e:#}",
+                path.display()
+            );
+        }
+    }
+
     /// Closes the session (waiting for the verifier to end its stream, so every byte it
     /// sent is counted) and gathers the statistics.
     fn finish(
@@ -1026,6 +1106,7 @@ impl SessionDriver {
     ) -> anyhow::Result<RunStats> {
         let seconds = self.started.elapsed().as_secs_f64();
         let _ = self.conn.tx.send(&ClientMsg::Close);
+        self.save_warm();
         let closing = Instant::now() + Duration::from_secs(2);
         while let Some(left) = closing.checked_duration_since(Instant::now()) {
             match self.conn.events.recv_timeout(left) {
@@ -1058,6 +1139,8 @@ impl SessionDriver {
             text: self.text,
             seconds,
             ttft_s: self.ttft.unwrap_or_default().as_secs_f64(),
+            t16_s: self.t16.unwrap_or_default().as_secs_f64(),
+            warm_start: self.warm_used,
             rounds: s.rounds,
             drafted: s.drafted,
             accepted: s.accepted,

@@ -13,6 +13,7 @@ mod nn;
 mod serve;
 #[cfg(feature = "train")]
 mod train_cmd;
+mod warm;
 
 use clap::{Parser, Subcommand};
 

@@ -852,6 +852,123 @@ fn the_demo_compares_with_cloud_only_over_an_emulated_link() {
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("from typing import List"));
 }
 
+/// A component built against another version of `tandem:drafter` (an empty instance
+/// exported under the 0.1.0 interface name, encoded here) is refused before anything
+/// runs, with both versions named; a component that is no drafter at all is refused too.
+#[test]
+fn a_drafter_of_another_wit_version_is_refused_with_its_version() {
+    use wasm_encoder::{
+        Component, ComponentExportKind, ComponentExportSection, ComponentInstanceSection,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, export, want) in [
+        (
+            "old.wasm",
+            "tandem:drafter/session-api@0.1.0",
+            "implements tandem:drafter@0.1.0, but this host speaks tandem:drafter@0.2.0",
+        ),
+        (
+            "other.wasm",
+            "example:other/api@1.0.0",
+            "is not a tandem drafter",
+        ),
+    ] {
+        let mut c = Component::new();
+        let mut inst = ComponentInstanceSection::new();
+        inst.export_items(Vec::<(&str, ComponentExportKind, u32)>::new());
+        c.section(&inst);
+        let mut exp = ComponentExportSection::new();
+        exp.export(export, ComponentExportKind::Instance, 0, None);
+        c.section(&exp);
+        let path = dir.path().join(name);
+        std::fs::write(&path, c.finish()).unwrap();
+        let o = generate(
+            &[
+                "--verifier",
+                "http://127.0.0.1:9",
+                "--drafter",
+                path.to_str().unwrap(),
+                "--draft-model",
+                drafter_model().to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            dir.path(),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(err.contains(want), "{name}: {err}");
+    }
+}
+
+/// The warm start: the first generation writes what it measured to the state file, the
+/// next starts its policy from it (`warm_start` in the stats), with the same text;
+/// `--no-warm-start` neither reads nor writes it.
+#[test]
+fn the_second_generation_starts_from_what_the_first_measured() {
+    let wasm = guest(false);
+    let (v, _shaper) = verifier(Some(27), 40);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("policy-state.json");
+    let run = |name: &str, extra: &[&str]| {
+        let json = dir.path().join(name);
+        let mut args = vec![
+            "--verifier",
+            &v.url,
+            "--drafter",
+            wasm.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            PROMPTS[0],
+            "--max-tokens",
+            "24",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("generate")
+            .args(&args)
+            .env("TANDEM_WASM_CACHE", dir.path())
+            .env("TANDEM_POLICY_STATE", &state)
+            .output()
+            .unwrap();
+        stats(&o, &json)
+    };
+    let cold = run("cold.json", &[]);
+    assert_eq!(cold["warm_start"], false);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let entries = saved.as_object().unwrap();
+    assert_eq!(entries.len(), 1, "{saved}");
+    let (key, entry) = entries.iter().next().unwrap();
+    assert!(key.contains("@") && key.contains(" cpu"), "{key}");
+    assert!(entry["draft_ms"].as_f64().unwrap() > 0.0, "{entry}");
+    assert!(entry["rtt_ms"].as_f64().unwrap() >= 30.0, "{entry}");
+    assert!(
+        !entry["verify_ms"].as_object().unwrap().is_empty(),
+        "{entry}"
+    );
+    let warm = run("warm.json", &[]);
+    assert_eq!(warm["warm_start"], true);
+    assert_eq!(
+        ids(&warm),
+        ids(&cold),
+        "the text does not depend on the warm start"
+    );
+    assert_eq!(ids(&cold), target_only(PROMPTS[0], ids(&cold).len()));
+    let before = std::fs::read(&state).unwrap();
+    let off = run("off.json", &["--no-warm-start"]);
+    assert_eq!(off["warm_start"], false);
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "--no-warm-start wrote the state"
+    );
+    assert_eq!(ids(&off), ids(&cold));
+}
+
 /// Kills the child when dropped.
 struct Guard(std::process::Child);
 impl Drop for Guard {
