@@ -791,14 +791,17 @@ impl SessionDriver {
             idle_steps: 0,
             max_idle_steps: max_idle_steps(args, accepted),
             stopped: false,
-            warm_key: (!args.no_warm_start).then(|| crate::warm::Key {
-                drafter: prepared.runtime.digest.clone(),
-                target: format!("{}@{}", accepted.family, accepted.version),
-                link: endpoints[at].addr.clone(),
-                backend: prepared
-                    .model
-                    .as_ref()
-                    .map_or_else(|| "-".to_string(), DraftModel::backend),
+            // Cloud-only rounds draft nothing: there is nothing to warm-start.
+            warm_key: (!args.no_warm_start && args.strategy != StrategyArg::CloudAr).then(|| {
+                crate::warm::Key {
+                    drafter: prepared.runtime.digest.clone(),
+                    target: format!("{}@{}", accepted.family, accepted.version),
+                    link: endpoints[at].addr.clone(),
+                    backend: prepared
+                        .model
+                        .as_ref()
+                        .map_or_else(|| "-".to_string(), DraftModel::backend),
+                }
             }),
             warm_used: false,
             t16: None,
