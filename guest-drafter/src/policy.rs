@@ -121,12 +121,15 @@ impl Policy {
     /// Starts from what earlier sessions measured: their timings as this session's first
     /// estimates, and their acceptance as evidence worth at most [`WARM_WEIGHT`] rounds per
     /// position (so this session's own rounds soon outweigh it). Values that are not
-    /// finite or not positive are an error (the host sent something wrong).
+    /// finite, negative, or describe a block longer than 64 are an error (the host sent
+    /// something wrong).
     pub fn warm(&mut self, w: &crate::machine::Warm) -> Result<(), String> {
         let bad = |x: f64| !x.is_finite() || x < 0.0;
         if bad(w.draft_ms)
             || bad(w.rtt_ms)
-            || w.verify_ms.iter().any(|&(n, ms)| n == 0 || bad(ms))
+            || w.verify_ms
+                .iter()
+                .any(|&(n, ms)| n == 0 || n > MAX_POSITIONS + 1 || bad(ms))
             || w.acceptance.iter().any(|&(a, t)| bad(a) || bad(t) || a > t)
         {
             return Err(format!("a warm start with impossible values: {w:?}"));
@@ -137,7 +140,7 @@ impl Policy {
         if w.rtt_ms > 0.0 {
             self.rtt_ms = w.rtt_ms;
         }
-        for &(n, ms) in w.verify_ms.iter().take(MAX_POSITIONS + 1) {
+        for &(n, ms) in &w.verify_ms {
             if self.verify_by_n.len() <= n {
                 self.verify_by_n.resize(n + 1, (0.0, 0.0));
             }
@@ -156,11 +159,14 @@ impl Policy {
                 (a * scale, t * scale)
             })
             .collect();
-        // The pooled estimate: the first position's evidence (every drafted round judges
-        // it), at the same weight.
-        if let Some(&(a, t)) = self.by_pos.first() {
-            self.accepted = a;
-            self.trials = t;
+        // The pooled estimate: all positions' acceptance, at the same weight.
+        let (a, t) = w
+            .acceptance
+            .iter()
+            .fold((0.0, 0.0), |(a, t), &(x, y)| (a + x, t + y));
+        if t > 0.0 {
+            self.accepted = WARM_WEIGHT * a / t;
+            self.trials = WARM_WEIGHT;
         }
         Ok(())
     }
@@ -701,6 +707,10 @@ mod tests {
             measured(vec![(3.0, 2.0)]),
             Warm {
                 verify_ms: vec![(0, 10.0)],
+                ..measured(vec![])
+            },
+            Warm {
+                verify_ms: vec![(1 << 30, 10.0)],
                 ..measured(vec![])
             },
         ] {
