@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const STRATEGIES: [&str; 7] = [
+const STRATEGIES: [&str; 8] = [
     "cloud-ar",
     "cloud-sd",
     "sync",
     "tandem",
+    "tandem-cold",
     "tandem-no-hints",
     "tandem-no-pipeline",
     "tandem-fixed-gamma",
@@ -180,7 +181,9 @@ fn a_small_sweep_runs_every_strategy_losslessly_and_writes_the_report() {
     }
     let md = std::fs::read_to_string(out.join("e2e.md")).unwrap();
     assert!(
-        md.contains("| RTT ms | strategy |") && md.contains("projection"),
+        md.contains("| RTT ms | strategy |")
+            && md.contains("first 16 tok/s")
+            && md.contains("projection"),
         "{md}"
     );
 }
