@@ -117,14 +117,18 @@ fn legacy<const R: usize, const F: u8>(
     let sums: [&[i32]; R] = std::array::from_fn(|r| a.sums_row(r0 + r));
     let ones = _mm256_set1_epi16(1);
     let low4 = _mm_set1_epi8(0x0F);
+    // Block sums of a group, kept across columns: zeroing 1 KiB per group on the stack
+    // (a `memset` call) cost 9% of a prefill. Only a short last group needs its unused
+    // entries cleared.
+    let mut part = [[_mm256_setzero_si256(); 8]; R];
     for (j, w) in tile.chunks_exact(row_bytes).enumerate() {
         let mut acc = [_mm256_setzero_ps(); R];
         let mut g = 0;
         while g < nb {
             let cnt = (nb - g).min(8);
-            let mut part = [[_mm256_setzero_si256(); 8]; R];
             let mut dw = [0u16; 8];
             let mut mw = [0u16; 8];
+            clear_unused(&mut part, cnt, 8);
             for i in 0..cnt {
                 let blk = &w[(g + i) * bb..(g + i + 1) * bb];
                 dw[i] = f16_bits(blk, 0);
@@ -217,11 +221,13 @@ fn kquant4<const R: usize, const F: u8>(
     let s32: [&[i32]; R] = std::array::from_fn(|r| a.sums32_row(r0 + r));
     let low4 = _mm256_set1_epi8(0x0F);
     let one8 = _mm256_set1_epi8(1);
+    // Kept across columns (see `legacy`).
+    let mut parts = [[_mm256_setzero_si256(); 8]; R];
     for (j, w) in tile.chunks_exact(row_bytes).enumerate() {
         let mut acc = [[_mm_setzero_ps(); 2]; R];
         let mut b = 0;
         while b < nb {
-            let mut parts = [[_mm256_setzero_si256(); 8]; R];
+            clear_unused(&mut parts, (nb - b).min(4), 4);
             let mut dd = [0u16; 8];
             let mut dm = [0u16; 8];
             for i in 0..(nb - b).min(4) {
@@ -313,11 +319,13 @@ fn q6k<const R: usize, const F: u8>(
     let low4 = _mm256_set1_epi8(0x0F);
     let three = _mm256_set1_epi8(3);
     let zero16 = [0u16; 8];
+    // Kept across columns (see `legacy`).
+    let mut parts = [[_mm256_setzero_si256(); 8]; R];
     for (j, w) in tile.chunks_exact(row_bytes).enumerate() {
         let mut acc = [[_mm_setzero_ps(); 2]; R];
         let mut b = 0;
         while b < nb {
-            let mut parts = [[_mm256_setzero_si256(); 8]; R];
+            clear_unused(&mut parts, (nb - b).min(4), 4);
             let mut dd = [0u16; 8];
             for i in 0..(nb - b).min(4) {
                 let blk = &w[(b + i) * BB..(b + i + 1) * BB];
@@ -426,6 +434,24 @@ fn bits_to_bytes(bits: u32, val: i8) -> __m256i {
     let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let sel = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
     _mm256_and_si256(sel, _mm256_set1_epi8(val))
+}
+
+/// Zeroes the entries of a short last group that its blocks do not write: block slots
+/// `used..per` and, for the k-quants (`per == 4`), their minimum slots `4 + used..8`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn clear_unused<const R: usize>(parts: &mut [[__m256i; 8]; R], used: usize, per: usize) {
+    if used == per {
+        return;
+    }
+    for p in parts.iter_mut() {
+        for i in used..per {
+            p[i] = _mm256_setzero_si256();
+            if per == 4 {
+                p[4 + i] = _mm256_setzero_si256();
+            }
+        }
+    }
 }
 
 /// Eight vectors of i32 partial sums → one vector of their eight totals (exact).
