@@ -193,10 +193,9 @@ pub(crate) fn attention(
     let work = |(task, o): (usize, &mut [f32])| attend(task, heads, q, (keys, values), pos, s, o);
     #[cfg(not(target_arch = "wasm32"))]
     {
-        use rayon::prelude::*;
-        out.par_chunks_mut(heads * s.head_dim)
-            .enumerate()
-            .for_each(work);
+        let mut tasks: Vec<(usize, &mut [f32])> =
+            out.chunks_mut(heads * s.head_dim).enumerate().collect();
+        crate::team::for_each_mut(&mut tasks, |(task, o)| work((*task, o)));
     }
     #[cfg(target_arch = "wasm32")]
     out.chunks_mut(heads * s.head_dim)

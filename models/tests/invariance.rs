@@ -128,14 +128,10 @@ fn check_blocks_prefill_and_threads(name: &str) {
         }
     }
 
-    let one_thread = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(|| {
-            let mut c = m.new_cache();
-            m.forward(ids, 0, &mut c).unwrap()
-        });
+    let one_thread = tandem_models::single_threaded(|| {
+        let mut c = m.new_cache();
+        m.forward(ids, 0, &mut c).unwrap()
+    });
     assert_eq!(
         one_thread,
         whole,

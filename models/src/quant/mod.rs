@@ -338,7 +338,7 @@ impl QMatrix {
     fn tile(&self) -> usize {
         let max = (64 * 1024 / self.row_bytes.max(1)).clamp(4, 256);
         #[cfg(not(target_arch = "wasm32"))]
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::team::threads();
         #[cfg(target_arch = "wasm32")]
         let threads = 1;
         let tiles = self.out_dim.div_ceil(max).next_multiple_of(threads);
@@ -447,22 +447,21 @@ pub(crate) fn matmul_many(kernel: Kernel, mats: &[&QMatrix], x: &[f32], n: usize
             rest = b;
         }
     }
-    let run = |(i, t, o): (usize, usize, &mut [f32])| {
-        mats[i].run_tile(kernel, &acts[act_of[i]], n, (t, tiles[i]), o)
+    let run = |(i, t, o): &mut (usize, usize, &mut [f32])| {
+        mats[*i].run_tile(kernel, &acts[act_of[*i]], n, (*t, tiles[*i]), o)
     };
-    // Small products run on the calling thread: handing them to a pool costs more than
+    // Small products run on the calling thread: handing them to the team costs more than
     // they do. Which thread computes a column never changes its value.
     #[cfg(not(target_arch = "wasm32"))]
     if work >= 1 << 16 && jobs.len() > 1 {
-        use rayon::prelude::*;
-        jobs.into_par_iter().for_each(run);
+        crate::team::for_each_mut(&mut jobs, run);
     } else {
-        jobs.into_iter().for_each(run);
+        jobs.iter_mut().for_each(run);
     }
     #[cfg(target_arch = "wasm32")]
     {
         let _ = work;
-        jobs.into_iter().for_each(run);
+        jobs.iter_mut().for_each(run);
     }
     if n == 1 {
         return tmp;

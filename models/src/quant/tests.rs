@@ -131,19 +131,17 @@ fn rows_and_paths_agree_bit_for_bit() {
     }
 }
 
-/// Splitting columns between threads changes nothing: one thread and two give the same bits.
+/// Splitting columns between threads changes nothing: one thread and the whole team give the same
+/// bits.
 #[test]
 fn thread_count_does_not_change_results() {
     let (m, _) = matrix(GgmlDType::Q4K, 1024, 1536, 2);
     let x = values(5 * 1536, 9);
-    let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| m.matmul(&x, 5))
-    };
-    let (one, two) = (run(1), run(2));
+    let one = crate::team::single_threaded(|| crate::team::forward(|| m.matmul(&x, 5)));
+    let two = crate::team::forward(|| {
+        assert_eq!(crate::team::threads(), crate::compute_threads());
+        m.matmul(&x, 5)
+    });
     assert!(
         one.iter()
             .zip(&two)
