@@ -455,6 +455,15 @@ impl ApiError {
         }
     }
 
+    /// 400 on `max_tokens`: `asked` is more than `limit`, the limit of `whose` (e.g. "this
+    /// server (--max-tokens)").
+    pub fn max_tokens_over(asked: usize, limit: usize, whose: &str) -> Self {
+        Self::invalid_value(
+            "max_tokens",
+            format!("max_tokens {asked} exceeds the limit of {whose}: ask for at most {limit}"),
+        )
+    }
+
     /// 400 `context_length_exceeded`: prompt and completion do not fit `target`'s context
     /// of `context` tokens; `param` is the request's prompt field.
     pub fn context_exceeded(

@@ -74,14 +74,6 @@ const MAX_POSITIONS: usize = 64;
 /// simulated worlds, and still finds a cliff in acceptance).
 const POSITION_PRIOR: f64 = 4.0;
 
-/// Expected committed tokens per round with acceptance `alpha` and `gamma` drafts.
-pub fn expected_tokens(alpha: f64, gamma: usize) -> f64 {
-    if alpha >= 1.0 - 1e-9 {
-        return gamma as f64 + 1.0;
-    }
-    (1.0 - alpha.powi(gamma as i32 + 1)) / (1.0 - alpha)
-}
-
 impl Policy {
     /// The acceptance-rate estimate.
     pub fn alpha(&self) -> f64 {
@@ -349,10 +341,25 @@ mod tests {
     }
 
     #[test]
-    fn expected_tokens_matches_the_formula() {
-        assert!((expected_tokens(0.8, 4) - (1.0 - 0.8f64.powi(5)) / 0.2).abs() < 1e-12);
-        assert_eq!(expected_tokens(0.0, 7), 1.0);
-        assert_eq!(expected_tokens(1.0, 3), 4.0);
+    fn expected_with_one_alpha_matches_the_closed_form() {
+        // No per-position counts: every position has the pooled α, and a round's expected
+        // tokens are the geometric sum (1 − α^(γ+1)) / (1 − α).
+        for (accepted, trials) in [(0.0, 0.0), (7.25, 9.0), (40.0, 41.0), (0.0, 30.0)] {
+            let p = Policy {
+                accepted,
+                trials,
+                ..Policy::default()
+            };
+            let a = p.alpha();
+            for gamma in 0..10 {
+                let closed = (1.0 - a.powi(gamma as i32 + 1)) / (1.0 - a);
+                assert!(
+                    (p.expected(gamma) - closed).abs() < 1e-9,
+                    "α {a}, γ {gamma}"
+                );
+            }
+        }
+        assert_eq!(Policy::default().expected(0), 1.0);
     }
 
     #[test]

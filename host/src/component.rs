@@ -266,14 +266,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_WASM_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    match base {
-        Some(b) => b.join("tandem").join("wasm"),
-        None => PathBuf::from(".tandem-wasm-cache"),
-    }
+    tandem_models::fetch::cache_root().join("wasm")
 }
 
 impl Runtime {

@@ -568,19 +568,29 @@ pub fn run_prepared(
     args: &GenerateArgs,
     out: &mut dyn Output,
 ) -> anyhow::Result<RunStats> {
-    args.sampling().validate()?;
     let prompt = prepared.tokenizer.encode(&args.prompt)?;
+    run_tokens(prepared, args, &prompt, out)
+}
+
+/// [`run_prepared`] on a prompt already tokenized (`args.prompt` is not read).
+pub fn run_tokens(
+    prepared: &Prepared,
+    args: &GenerateArgs,
+    prompt: &[u32],
+    out: &mut dyn Output,
+) -> anyhow::Result<RunStats> {
+    args.sampling().validate()?;
     if prompt.is_empty() {
         bail!("the prompt is empty: give the text to continue with --prompt");
     }
-    let mut driver = SessionDriver::open(prepared, args, &prompt)?;
+    let mut driver = SessionDriver::open(prepared, args, prompt)?;
     out.accepted(&driver.conn.accepted)?;
-    let mut drafter = driver.start_drafter(prepared, args, &prompt, args.max_tokens)?;
+    let mut drafter = driver.start_drafter(prepared, args, prompt, args.max_tokens)?;
     loop {
         match driver.run(&mut drafter, &prepared.tokenizer, out) {
             Ok(()) => break,
             Err(e) if e.is::<Lost>() => {
-                if !driver.resume(prepared, args, &prompt, &mut drafter, &e, out)? {
+                if !driver.resume(prepared, args, prompt, &mut drafter, &e, out)? {
                     break;
                 }
             }

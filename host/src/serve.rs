@@ -20,7 +20,7 @@ use tandem_client::openai::{
 use tandem_core::protocol::{Accepted, ErrorCode};
 use tokio::sync::mpsc;
 
-use crate::generate::{GenerateArgs, Output, Prepared, Refused, run_prepared, unreachable};
+use crate::generate::{GenerateArgs, Output, Prepared, Refused, run_tokens, unreachable};
 
 /// Options of `tandem serve`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,7 +56,11 @@ struct Shared {
 struct Sink<'a> {
     choice: Choice,
     send: &'a mut dyn FnMut(Piece) -> bool,
+    /// The completion's length: what the request asked for, or the server's default
+    /// lowered to the verifier's grant when the request did not say.
     max_tokens: u32,
+    /// The request named `max_tokens` (a grant below it is an error, not a cap).
+    asked_max: bool,
     prompt_tokens: usize,
     /// A stop sequence matched.
     stopped: bool,
@@ -66,14 +70,15 @@ impl Output for Sink<'_> {
     fn accepted(&mut self, a: &Accepted) -> anyhow::Result<()> {
         let target = format!("{}@{}", a.family, a.version);
         if self.max_tokens > a.max_tokens {
-            return Err(ApiError::invalid_value(
-                "max_tokens",
-                format!(
-                    "max_tokens {} exceeds the limit of the verifier's {target}: {}",
-                    self.max_tokens, a.max_tokens
-                ),
-            )
-            .into());
+            if self.asked_max {
+                return Err(ApiError::max_tokens_over(
+                    self.max_tokens as usize,
+                    a.max_tokens as usize,
+                    &format!("the verifier's {target}"),
+                )
+                .into());
+            }
+            self.max_tokens = a.max_tokens;
         }
         if self.prompt_tokens + self.max_tokens as usize > a.max_context as usize {
             return Err(ApiError::context_exceeded(
@@ -161,10 +166,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Ok(a) => a,
         Err(e) => return Ok(e.response()),
     };
-    let prompt_tokens = match shared.prepared.tokenizer.encode(&args.prompt) {
-        Ok(t) => t.len(),
+    let prompt = match shared.prepared.tokenizer.encode(&args.prompt) {
+        Ok(t) => t,
         Err(e) => return Ok(ApiError::invalid(format!("tokenizing the prompt: {e}")).response()),
     };
+    let prompt_tokens = prompt.len();
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
     let meta = Meta::new(kind, shared.model_id.clone(), &options);
     let sh = shared.clone();
@@ -178,10 +184,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 choice: Choice::new(0, &options.stop),
                 send,
                 max_tokens: args.max_tokens,
+                asked_max: options.max_tokens.is_some(),
                 prompt_tokens,
                 stopped: false,
             };
-            let stats = match run_prepared(&sh.prepared, &run_args, &mut sink) {
+            let stats = match run_tokens(&sh.prepared, &run_args, &prompt, &mut sink) {
                 Ok(s) => s,
                 Err(e) => {
                     (sink.send)(Piece::Failed(failure(e, model_named)));
@@ -194,7 +201,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             {
                 return false;
             }
-            let finish_reason = if sink.stopped || (stats.tokens as u32) < args.max_tokens {
+            let finish_reason = if sink.stopped || (stats.tokens as u32) < sink.max_tokens {
                 "stop"
             } else {
                 "length"
@@ -326,10 +333,10 @@ fn request_args(
                      verifier's)",
                 ));
             }
-            let (prompt, mut o) = r.check()?;
+            let (prompt, o) = r.check()?;
             args.prompt = prompt;
             // OpenAI's default for completions.
-            o.max_tokens = o.max_tokens.or(Some(16));
+            args.max_tokens = 16;
             o
         }
     };

@@ -113,11 +113,7 @@ pub fn state_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TANDEM_POLICY_STATE") {
         return PathBuf::from(p);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("tandem").join("policy-state.json")
+    tandem_models::fetch::cache_root().join("policy-state.json")
 }
 
 type Entries = BTreeMap<String, Entry>;

@@ -51,11 +51,18 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TANDEM_MODEL_DIR") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
+    cache_root().join("models")
+}
+
+/// tandem's cache directory, which holds models, compiled components and the policy state:
+/// `$XDG_CACHE_HOME/tandem` (when absolute), else `~/.cache/tandem`, else `.cache/tandem`.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("tandem").join("models")
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("tandem")
 }
 
 /// Where a catalog model lives in the cache (whether or not it is there).

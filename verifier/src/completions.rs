@@ -409,12 +409,10 @@ fn admit(
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let limits = state.config.limits;
     if c.max_tokens > limits.max_tokens {
-        return Err(ApiError::invalid_value(
-            "max_tokens",
-            format!(
-                "max_tokens {} exceeds this server's limit of {} (--max-tokens)",
-                c.max_tokens, limits.max_tokens
-            ),
+        return Err(ApiError::max_tokens_over(
+            c.max_tokens,
+            limits.max_tokens,
+            "this server (--max-tokens)",
         ));
     }
     let target = pick(state, creq.common.model.as_deref()).map_err(ApiError::model_not_found)?;
