@@ -23,8 +23,8 @@ mod kernels;
 mod model;
 pub mod quant;
 #[cfg(not(target_arch = "wasm32"))]
-#[cfg(not(target_arch = "wasm32"))]
 mod team;
+#[cfg(not(target_arch = "wasm32"))]
 mod tokenizer;
 mod weights;
 
@@ -35,8 +35,8 @@ pub use draft::{CpuSequence, DraftForward, Forwarded, GpuChoice};
 pub use error::{Error, Result};
 pub use model::{ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, load_tensors};
 #[cfg(not(target_arch = "wasm32"))]
-#[cfg(not(target_arch = "wasm32"))]
 pub use team::single_threaded;
+#[cfg(not(target_arch = "wasm32"))]
 pub use tokenizer::{ChatTemplate, IncrementalDecoder, Tokenizer};
 
 /// Sizes the engine's compute thread pool (rayon's global pool) once per process: one
