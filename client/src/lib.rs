@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod body;
 pub mod cloud_sd;
+pub mod drafters;
 pub mod endpoint;
 pub mod openai;
 pub mod session;

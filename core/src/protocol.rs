@@ -14,7 +14,7 @@
 use crate::sampling::SamplingParams;
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Largest frame (after the length prefix) a decoder accepts by default: 1 MiB.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -138,6 +138,9 @@ pub struct Accepted {
     pub max_draft: u32,
     /// Entries in a rejection's top-K.
     pub top_k: u32,
+    /// The drafter the server recommends for this target, `name@version` (empty: none;
+    /// see `tandem-verifier --drafters`).
+    pub drafter: String,
 }
 
 /// How a verified round ends.
@@ -570,7 +573,8 @@ impl Message for ServerMsg {
                     .u32(a.max_context)
                     .u32(a.max_tokens)
                     .u32(a.max_draft)
-                    .u32(a.top_k);
+                    .u32(a.top_k)
+                    .str(&a.drafter);
             }
             ServerMsg::First(t) => {
                 Writer::frame(out, ty::FIRST).u32(*t);
@@ -611,6 +615,7 @@ impl Message for ServerMsg {
                     max_tokens: r.u32()?,
                     max_draft: r.u32()?,
                     top_k: r.u32()?,
+                    drafter: r.str("drafter")?,
                 })
             }
             ty::FIRST => {
@@ -874,6 +879,7 @@ mod tests {
                 max_tokens: 512,
                 max_draft: 16,
                 top_k: 32,
+                drafter: "coder-drafter@1.2.0".into(),
             }),
             ServerMsg::First(42),
             ServerMsg::Hint {

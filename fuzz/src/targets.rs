@@ -87,6 +87,7 @@ pub fn message(rng: &mut Rng) -> Vec<u8> {
                 max_tokens: rng.interesting_u32(),
                 max_draft: rng.interesting_u32(),
                 top_k: rng.interesting_u32(),
+                drafter: text(rng),
             }),
             1 => ServerMsg::First(rng.interesting_u32()),
             2 => ServerMsg::Hint {

@@ -365,6 +365,22 @@ impl Runtime {
 /// The version of `tandem:drafter` this host speaks (wit/drafter.wit).
 pub const WORLD_VERSION: &str = "0.2.0";
 
+/// The `tandem:drafter` version a component implements (compiles it to read its exports).
+pub fn world_version(bytes: &[u8]) -> anyhow::Result<String> {
+    let engine = engine()?;
+    let component = Component::from_binary(&engine, bytes)
+        .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+    let ty = component.component_type();
+    let names: Vec<String> = ty.exports(&engine).map(|(n, _)| n.to_string()).collect();
+    names
+        .iter()
+        .find_map(|n| n.strip_prefix("tandem:drafter/session-api@"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            anyhow::anyhow!("it exports no tandem:drafter/session-api interface: not a drafter")
+        })
+}
+
 /// Refuses a component built against another version of `tandem:drafter`, saying which
 /// (instead of wasmtime's missing-export error at instantiation).
 fn check_world(engine: &Engine, component: &Component, wasm: &Path) -> anyhow::Result<()> {

@@ -157,6 +157,26 @@ pub struct GenerateArgs {
     /// CPU), or part of an adapter's name (`tandem gpu list`), e.g. llvmpipe.
     #[arg(long, default_value = "auto")]
     pub gpu: tandem_models::GpuChoice,
+    /// A drafter channel (`http://VERIFIER:PORT`, or a static server's directory URL): at
+    /// start the host installs the channel's recommended signed bundle if it is new, then
+    /// runs the current drafter of its store instead of --drafter (and, if the bundle names
+    /// one, its draft model instead of --draft-model). See docs/drafters.md.
+    #[arg(long)]
+    pub drafter_channel: Option<String>,
+    /// With --drafter-channel: run the store's current drafter without checking the channel.
+    #[arg(long)]
+    pub no_drafter_updates: bool,
+    /// `tandem serve` with --drafter-channel: seconds between periodic checks (0: none; a
+    /// session whose verifier recommends another drafter still triggers one).
+    #[arg(long, default_value_t = 600)]
+    pub drafter_check_interval: u64,
+    /// Public key file trusted for drafter bundles, besides the trusted-keys file
+    /// (repeatable).
+    #[arg(long)]
+    pub trust_key: Vec<PathBuf>,
+    /// The drafter store (default `$TANDEM_DRAFTERS` or ~/.cache/tandem/drafters).
+    #[arg(long)]
+    pub drafter_store: Option<PathBuf>,
 }
 
 impl GenerateArgs {
@@ -265,6 +285,12 @@ pub struct RunStats {
     pub verify_by_gamma: Vec<VerifyTime>,
     /// Whether the component's compiled form came from the cache.
     pub component_cached: bool,
+    /// The drafter that ran: its bundle's `name@version`, else the component's file name.
+    pub drafter: String,
+    /// The component's sha256.
+    pub drafter_sha256: String,
+    /// The drafter the verifier recommends for its target (`name@version`; empty: none).
+    pub recommended_drafter: String,
     /// Seconds spent in the component's steps (drafting and bookkeeping).
     pub step_s: f64,
     /// Seconds inside calls into the drafter component (steps and event deliveries), the
@@ -507,6 +533,8 @@ enum Incoming {
 /// component, the draft model, its tokenizer and fingerprints.
 pub struct Prepared {
     runtime: Runtime,
+    /// The drafter that runs: its bundle's `name@version`, else the component's file name.
+    pub drafter_id: String,
     model: Option<DraftModel>,
     /// The draft model's tokenizer (the target's, by fingerprint).
     pub tokenizer: Tokenizer,
@@ -521,11 +549,13 @@ impl Prepared {
         tandem_models::backbone::TokenizerFingerprint(self.tok_fp).to_string()
     }
 
-    /// Loads the component and the draft model named by `args`.
+    /// Loads the component and the draft model named by `args` (with --drafter-channel:
+    /// the store's current bundle, after checking the channel unless told not to).
     pub fn new(args: &GenerateArgs) -> anyhow::Result<Prepared> {
-        let draft_path = tandem_models::fetch::resolve(&args.draft_model)
-            .with_context(|| format!("draft model `{}`", args.draft_model))?;
-        let runtime = Runtime::load(&args.drafter)?;
+        let (drafter, draft_model, drafter_id) = resolve_drafter(args)?;
+        let draft_path = tandem_models::fetch::resolve(&draft_model)
+            .with_context(|| format!("draft model `{draft_model}`"))?;
+        let runtime = Runtime::load(&drafter)?;
         let tokenizer = Tokenizer::from_gguf(&draft_path)?;
         let tok_fp = tandem_models::backbone::tokenizer_fingerprint_of(&draft_path)?.0;
         let backbone = match tandem_models::backbone::declared_split(&draft_path)? {
@@ -545,11 +575,69 @@ impl Prepared {
         };
         Ok(Prepared {
             runtime,
+            drafter_id,
             model,
             tokenizer,
             tok_fp,
             backbone,
         })
+    }
+}
+
+/// The component, draft model and drafter id to run: `--drafter`/`--draft-model`, or with
+/// `--drafter-channel` the store's current bundle (after an update check unless
+/// `--no-drafter-updates`; a failed check keeps the current bundle, with a warning).
+pub fn resolve_drafter(args: &GenerateArgs) -> anyhow::Result<(PathBuf, String, String)> {
+    let file_id = || {
+        args.drafter
+            .file_name()
+            .map_or_else(|| "drafter".into(), |n| n.to_string_lossy().to_string())
+    };
+    let Some(channel) = &args.drafter_channel else {
+        return Ok((args.drafter.clone(), args.draft_model.clone(), file_id()));
+    };
+    let store = crate::drafter_cmd::Store::open(args.drafter_store.as_deref())?;
+    if !args.no_drafter_updates {
+        match crate::drafter_cmd::update(&store, &update_args(args, channel), false) {
+            Ok(crate::drafter_cmd::Updated::Installed(m)) => {
+                eprintln!("tandem: installed drafter {} from {channel}", m.id())
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("tandem: warning: drafter update check failed: {e:#}"),
+        }
+    }
+    match store.current()? {
+        Some(b) => Ok((
+            b.component(),
+            b.manifest
+                .draft_model
+                .catalog
+                .clone()
+                .unwrap_or_else(|| args.draft_model.clone()),
+            b.manifest.id(),
+        )),
+        None => {
+            eprintln!(
+                "tandem: warning: no drafter installed from {channel} yet; running {}",
+                args.drafter.display()
+            );
+            Ok((args.drafter.clone(), args.draft_model.clone(), file_id()))
+        }
+    }
+}
+
+/// The update options `--drafter-channel` implies.
+pub fn update_args(args: &GenerateArgs, channel: &str) -> crate::drafter_cmd::UpdateArgs {
+    crate::drafter_cmd::UpdateArgs {
+        channel: channel.to_string(),
+        family: args
+            .target
+            .as_ref()
+            .map(|t| t.split_once('@').map_or(t.as_str(), |(f, _)| f).to_string()),
+        draft_model: Some(args.draft_model.clone()),
+        trust_key: args.trust_key.clone(),
+        token: args.token.clone(),
+        store: args.drafter_store.clone(),
     }
 }
 
@@ -1177,6 +1265,9 @@ impl SessionDriver {
             draft_ms: self.draft_ms,
             verify_by_gamma: self.link.verify_by_gamma(),
             component_cached: prepared.runtime.from_cache,
+            drafter: prepared.drafter_id.clone(),
+            drafter_sha256: prepared.runtime.digest.clone(),
+            recommended_drafter: self.conn.accepted.drafter.clone(),
             step_s: self.step_time.as_secs_f64(),
             guest_s,
             compute_s: computed.total.as_secs_f64(),

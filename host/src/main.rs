@@ -2,10 +2,12 @@
 //! a verifier, and the `models` subcommands (catalog, fetch, split, fingerprint, local
 //! generation).
 
+mod bundle;
 mod cache;
 mod component;
 #[cfg(feature = "demo")]
 mod demo;
+mod drafter_cmd;
 mod generate;
 mod ledger;
 mod models_cmd;
@@ -52,6 +54,12 @@ enum Command {
     Gpu {
         #[command(subcommand)]
         command: GpuCommand,
+    },
+    /// Signed drafter bundles: keygen, pack, verify and index for publishers; update, list,
+    /// use and rollback of this device's installed drafters.
+    Drafter {
+        #[command(subcommand)]
+        command: drafter_cmd::DrafterCommand,
     },
     /// Model catalog, fetching, backbone split, fingerprints and local generation.
     Models {
@@ -141,6 +149,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models { command } => models_cmd::run(command),
+        Command::Drafter { command } => drafter_cmd::run(command),
         #[cfg(feature = "train")]
         Command::Train { command } => train_cmd::run(command),
         #[cfg(feature = "gpu")]
@@ -154,6 +163,15 @@ fn main() {
                 println!();
             }
             eprintln!("{}", s.line());
+            if !s.recommended_drafter.is_empty() && s.recommended_drafter != s.drafter {
+                eprintln!(
+                    "tandem: the verifier recommends drafter {} (this run used {}): run with \
+                     --drafter-channel {} to install and use it",
+                    s.recommended_drafter,
+                    s.drafter,
+                    args.verifier.split(',').next().unwrap_or_default()
+                );
+            }
         }),
         Command::Serve(args) => serve::run(&args),
         Command::LinkShaper(args) => link_shaper(&args),

@@ -41,7 +41,11 @@ pub struct ServeArgs {
 }
 
 struct Shared {
-    prepared: Prepared,
+    /// The drafter and draft model new requests use; a drafter update replaces it while
+    /// requests in flight keep the one they started with.
+    prepared: std::sync::RwLock<Arc<Prepared>>,
+    /// Wakes the drafter updater (a session's verifier recommended another drafter).
+    wake_updater: Option<std::sync::Mutex<std::sync::mpsc::Sender<()>>>,
     defaults: GenerateArgs,
     model_id: String,
     /// When the server started, Unix seconds (its model's `created`).
@@ -49,6 +53,15 @@ struct Shared {
     api_tokens: Vec<String>,
     running: Arc<tokio::sync::Semaphore>,
     max_concurrent: usize,
+}
+
+impl Shared {
+    fn prepared(&self) -> Arc<Prepared> {
+        self.prepared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// One choice's output: stop sequences, the session's grant checked against the request,
@@ -162,11 +175,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Ok(b) => b.to_bytes(),
         Err(e) => return Ok(ApiError::invalid(format!("reading the body: {e}")).response()),
     };
-    let (args, options) = match request_args(&shared, kind, &body) {
+    let prepared = shared.prepared();
+    let (args, options) = match request_args(&shared, &prepared, kind, &body) {
         Ok(a) => a,
         Err(e) => return Ok(e.response()),
     };
-    let prompt = match shared.prepared.tokenizer.encode(&args.prompt) {
+    let prompt = match prepared.tokenizer.encode(&args.prompt) {
         Ok(t) => t,
         Err(e) => return Ok(ApiError::invalid(format!("tokenizing the prompt: {e}")).response()),
     };
@@ -174,6 +188,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
     let meta = Meta::new(kind, shared.model_id.clone(), &options);
     let sh = shared.clone();
+    let drafter_id = prepared.drafter_id.clone();
+    let running = prepared.clone();
     std::thread::spawn(move || {
         let model_named = args.target.is_some();
         let mut emit = releasing(options.n, permit, |p: Piece| tx.send(p).is_ok());
@@ -188,13 +204,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 prompt_tokens,
                 stopped: false,
             };
-            let stats = match run_tokens(&sh.prepared, &run_args, &prompt, &mut sink) {
+            let stats = match run_tokens(&running, &run_args, &prompt, &mut sink) {
                 Ok(s) => s,
                 Err(e) => {
                     (sink.send)(Piece::Failed(failure(e, model_named)));
                     return false;
                 }
             };
+            if !stats.recommended_drafter.is_empty()
+                && stats.recommended_drafter != stats.drafter
+                && let Some(w) = &sh.wake_updater
+            {
+                let _ = w.lock().map(|w| w.send(()));
+            }
             if !sink.stopped
                 && let Some(p) = sink.choice.finish()
                 && !(sink.send)(p)
@@ -214,7 +236,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             })
         });
     });
-    Ok(respond(meta, options.stream, rx).await)
+    let mut resp = respond(meta, options.stream, rx).await;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&drafter_id) {
+        resp.headers_mut().insert("x-tandem-drafter", v);
+    }
+    Ok(resp)
 }
 
 /// `GET /v1/models`: this server's own id (the newest target compatible with its drafter),
@@ -248,7 +274,7 @@ async fn models(shared: &Shared) -> Result<Response<Body>, ApiError> {
             format!("the verifier's model list is not JSON: {e}"),
         )
     })?;
-    let fp = shared.prepared.tokenizer_fingerprint();
+    let fp = shared.prepared().tokenizer_fingerprint();
     for m in list["data"].as_array().into_iter().flatten() {
         if m["tokenizer_fingerprint"].as_str() == Some(fp.as_str()) {
             data.push(m.clone());
@@ -305,6 +331,7 @@ fn admit(shared: &Shared, req: &Request<Incoming>) -> Result<(), ApiError> {
 /// request's checked options.
 fn request_args(
     shared: &Shared,
+    prepared: &Prepared,
     kind: Kind,
     body: &[u8],
 ) -> Result<(GenerateArgs, Options), ApiError> {
@@ -315,7 +342,7 @@ fn request_args(
         Kind::Chat => {
             let r: ChatRequest = parse(body, "JSON with a `messages` array")?;
             let o = r.check()?;
-            let chat = shared.prepared.tokenizer.chat_template();
+            let chat = prepared.tokenizer.chat_template();
             args.prompt = render_chat(
                 chat.source.as_deref(),
                 &chat.bos_token,
@@ -367,6 +394,88 @@ fn unsupported_here(param: &str, why: &str) -> ApiError {
     )
 }
 
+/// Checks the drafter channel every `--drafter-check-interval` seconds (0: no periodic
+/// checks), and when woken because a verifier recommended another drafter (at most every
+/// 5 s). A new bundle is installed and compiled off the request path, then swapped in:
+/// requests in flight finish on the drafter they started with, new ones get the new one.
+fn updater(shared: std::sync::Weak<Shared>, wake: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
+    let Some(first) = shared.upgrade() else {
+        return;
+    };
+    let args = first.defaults.clone();
+    drop(first);
+    let Some(channel) = args.drafter_channel.clone() else {
+        return;
+    };
+    let interval = match args.drafter_check_interval {
+        0 => Duration::MAX,
+        s => Duration::from_secs(s),
+    };
+    let mut last = Instant::now();
+    // The offer last reported while a pinned drafter stays (said once per offer).
+    let mut told: Option<String> = None;
+    loop {
+        match wake.recv_timeout(interval.min(Duration::from_secs(86_400 * 365))) {
+            Err(RecvTimeoutError::Disconnected) => return,
+            Ok(()) if last.elapsed() < Duration::from_secs(5) => continue,
+            _ => {}
+        }
+        last = Instant::now();
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let store = match crate::drafter_cmd::Store::open(args.drafter_store.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("tandem serve: drafter store: {e:#}");
+                continue;
+            }
+        };
+        let update = crate::generate::update_args(&args, &channel);
+        match crate::drafter_cmd::update(&store, &update, false) {
+            Ok(crate::drafter_cmd::Updated::Installed(m)) => {
+                let mut load = args.clone();
+                load.no_drafter_updates = true;
+                match Prepared::new(&load) {
+                    Ok(p) => {
+                        let old = std::mem::replace(
+                            &mut *shared.prepared.write().unwrap_or_else(|e| e.into_inner()),
+                            Arc::new(p),
+                        );
+                        eprintln!(
+                            "tandem serve: drafter {} is now serving new requests (was {})",
+                            m.id(),
+                            old.drafter_id
+                        );
+                    }
+                    Err(e) => eprintln!(
+                        "tandem serve: drafter {} installed but could not be loaded, keeping {}: \
+                         {e:#}",
+                        m.id(),
+                        shared.prepared().drafter_id
+                    ),
+                }
+            }
+            Ok(crate::drafter_cmd::Updated::Pinned { current, offered }) => {
+                if told.as_ref() != Some(&offered) {
+                    eprintln!(
+                        "tandem serve: drafter {current} is pinned (tandem drafter use/rollback); \
+                         {offered} is offered: `tandem drafter update` installs it"
+                    );
+                    told = Some(offered);
+                }
+            }
+            Ok(crate::drafter_cmd::Updated::Current(_)) => {}
+            Err(e) => eprintln!(
+                "tandem serve: drafter update refused, {} keeps serving: {e:#}",
+                shared.prepared().drafter_id
+            ),
+        }
+    }
+}
+
 /// Runs the local API until interrupted.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let prepared = Prepared::new(&args.generate)?;
@@ -385,8 +494,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         Some(p) => read_token_file(p)?,
         None => Vec::new(),
     };
+    let g = &args.generate;
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+    let updates = g.drafter_channel.is_some() && !g.no_drafter_updates;
     let shared = Arc::new(Shared {
-        prepared,
+        prepared: std::sync::RwLock::new(Arc::new(prepared)),
+        wake_updater: updates.then(|| std::sync::Mutex::new(wake_tx)),
         defaults: args.generate.clone(),
         model_id,
         started: std::time::SystemTime::now()
@@ -396,6 +509,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         running: Arc::new(tokio::sync::Semaphore::new(args.max_concurrent)),
         max_concurrent: args.max_concurrent,
     });
+    if updates {
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("drafter-updates".into())
+            .spawn(move || updater(weak, wake_rx))?;
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1255,3 +1255,473 @@ fn expired_sessions_are_resumed_and_the_text_is_unchanged() {
         );
     }
 }
+
+/// Runs `tandem ARGS` with the compiled cache in `cache`.
+fn tandem(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .env("TANDEM_WASM_CACHE", cache)
+        .env("TANDEM_TRUSTED_KEYS", cache.join("no-trusted-keys"))
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "tandem failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The drafter component with a custom section appended: the same drafter under another
+/// sha256, as a new release would be.
+fn variant_of(wasm: &Path, tag: &str, out: &Path) {
+    let mut bytes = std::fs::read(wasm).unwrap();
+    let name = b"tandem-test-release";
+    let payload_len = 1 + name.len() + tag.len();
+    bytes.push(0);
+    assert!(payload_len < 128);
+    bytes.push(payload_len as u8);
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(tag.as_bytes());
+    std::fs::write(out, bytes).unwrap();
+}
+
+/// `tandem drafter pack` of `component` for SmolLM2's split drafter into `out`.
+fn pack(component: &Path, key: &Path, version: &str, out: &Path, extra: &[&str], cache: &Path) {
+    let mut args = vec![
+        "drafter",
+        "pack",
+        "--component",
+        component.to_str().unwrap(),
+        "--model",
+        drafter_model().to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--version",
+        version,
+        "--family",
+        SMOL,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&tandem(&args, cache));
+}
+
+fn store_state(store: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(store.join("state.json")).unwrap()).unwrap()
+}
+
+/// Publishing and checking bundles: a valid one verifies; a tampered component, a
+/// tampered manifest, a wrong key, an unsigned bundle, another WIT version, another
+/// backbone and a too-old host are each refused by `tandem drafter verify` and by a
+/// device's update from a verifier's channel, with their own message, and the device
+/// keeps v1 (a killed download too); rollback returns to v1.
+#[test]
+fn drafter_bundles_are_verified_before_anything_runs() {
+    let wasm = guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("k");
+    let other = d.join("other");
+    ok(&tandem(
+        &["drafter", "keygen", "--out", key.to_str().unwrap()],
+        d,
+    ));
+    ok(&tandem(
+        &["drafter", "keygen", "--out", other.to_str().unwrap()],
+        d,
+    ));
+    assert!(
+        !tandem(&["drafter", "keygen", "--out", key.to_str().unwrap()], d)
+            .status
+            .success()
+    );
+    let pubkey = format!("{}.pub", key.display());
+    let channel = d.join("channel");
+    std::fs::create_dir(&channel).unwrap();
+    pack(&wasm, &key, "1.0.0", &channel.join("v1"), &[], d);
+    let verify = |bundle: &Path, pk: &str, extra: &[&str]| {
+        let mut args = vec![
+            "drafter",
+            "verify",
+            bundle.to_str().unwrap(),
+            "--pubkey",
+            pk,
+        ];
+        args.extend_from_slice(extra);
+        tandem(&args, d)
+    };
+    assert!(ok(&verify(&channel.join("v1"), &pubkey, &[])).contains("valid bundle"));
+
+    // The device installs v1 from the verifier's channel.
+    let config = ServerConfig {
+        drafters: Some(channel.clone()),
+        ..ServerConfig::default()
+    };
+    let (v, _) = verifier_with(config, 0);
+    let store = d.join("store");
+    let update = |extra: &[&str]| {
+        let mut args = vec![
+            "drafter",
+            "update",
+            "--channel",
+            v.url.as_str(),
+            "--trust-key",
+            pubkey.as_str(),
+            "--store",
+            store.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        tandem(&args, d)
+    };
+    assert!(ok(&update(&[])).contains("now using tandem-drafter@1.0.0"));
+    assert!(ok(&update(&[])).contains("is current"));
+
+    // Each bad v2 in turn: refused by verify and by the device, which keeps v1.
+    let old_world = d.join("old-world.wasm");
+    {
+        use wasm_encoder::{
+            Component, ComponentExportKind, ComponentExportSection, ComponentInstanceSection,
+        };
+        let mut c = Component::new();
+        let mut inst = ComponentInstanceSection::new();
+        inst.export_items(Vec::<(&str, ComponentExportKind, u32)>::new());
+        c.section(&inst);
+        let mut exp = ComponentExportSection::new();
+        exp.export(
+            "tandem:drafter/session-api@0.1.0",
+            ComponentExportKind::Instance,
+            0,
+            None,
+        );
+        c.section(&exp);
+        std::fs::write(&old_world, c.finish()).unwrap();
+    }
+    let v2 = channel.join("v2");
+    let cases: [(&str, &dyn Fn(), &str); 7] = [
+        (
+            "tampered component",
+            &|| {
+                pack(&wasm, &key, "2.0.0", &v2, &[], d);
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(v2.join("drafter.wasm"))
+                    .unwrap();
+                std::io::Write::write_all(&mut f, b"\0").unwrap();
+            },
+            "component mismatch",
+        ),
+        (
+            "tampered manifest",
+            &|| {
+                pack(&wasm, &key, "2.0.0", &v2, &["--notes", "fine"], d);
+                let m = std::fs::read_to_string(v2.join("manifest.json")).unwrap();
+                std::fs::write(v2.join("manifest.json"), m.replace("fine", "evil")).unwrap();
+            },
+            "altered after signing",
+        ),
+        (
+            "wrong key",
+            &|| pack(&wasm, &other, "2.0.0", &v2, &[], d),
+            "which is not trusted here",
+        ),
+        (
+            "unsigned",
+            &|| {
+                pack(&wasm, &key, "2.0.0", &v2, &[], d);
+                std::fs::remove_file(v2.join("manifest.sig")).unwrap();
+            },
+            "unsigned bundle",
+        ),
+        (
+            "WIT version",
+            &|| pack(&old_world, &key, "2.0.0", &v2, &[], d),
+            "WIT version mismatch: the component implements tandem:drafter@0.1.0",
+        ),
+        (
+            "backbone",
+            &|| {
+                // Packed for the full SmolLM2 (no split): this device runs the split one.
+                let mut args = vec!["drafter", "pack", "--component", wasm.to_str().unwrap()];
+                let smol = smol();
+                args.extend([
+                    "--model",
+                    smol.to_str().unwrap(),
+                    "--key",
+                    key.to_str().unwrap(),
+                ]);
+                args.extend([
+                    "--version",
+                    "2.0.0",
+                    "--family",
+                    SMOL,
+                    "--out",
+                    v2.to_str().unwrap(),
+                ]);
+                ok(&tandem(&args, d));
+            },
+            "backbone mismatch",
+        ),
+        (
+            "host too old",
+            &|| {
+                pack(
+                    &wasm,
+                    &key,
+                    "2.0.0",
+                    &v2,
+                    &["--min-host-version", "99.0"],
+                    d,
+                )
+            },
+            "host too old: the bundle needs tandem 99.0",
+        ),
+    ];
+    for (what, make, want) in cases {
+        let _ = std::fs::remove_dir_all(&v2);
+        make();
+        let extra: &[&str] = if what == "backbone" {
+            &["--draft-model", drafter_model().to_str().unwrap()]
+        } else {
+            &[]
+        };
+        let o = verify(&v2, &pubkey, extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "verify, {what}: {err}"
+        );
+        let o = update(&[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "update, {what}: {err}"
+        );
+        assert!(err.contains("tandem-drafter@1.0.0) stays"), "{what}: {err}");
+        assert_eq!(
+            store_state(&store)["current"],
+            "tandem-drafter@1.0.0",
+            "{what}"
+        );
+    }
+
+    // A good v2 installs (v1 kept as previous); rollback returns to v1 and pins it.
+    let _ = std::fs::remove_dir_all(&v2);
+    let v2_wasm = d.join("v2.wasm");
+    variant_of(&wasm, "2.0.0", &v2_wasm);
+    pack(&v2_wasm, &key, "2.0.0", &v2, &[], d);
+    assert!(ok(&update(&[])).contains("now using tandem-drafter@2.0.0"));
+    let s = store_state(&store);
+    assert_eq!(
+        (s["current"].as_str(), s["previous"].as_str()),
+        (Some("tandem-drafter@2.0.0"), Some("tandem-drafter@1.0.0"))
+    );
+    ok(&tandem(
+        &["drafter", "rollback", "--store", store.to_str().unwrap()],
+        d,
+    ));
+    let s = store_state(&store);
+    assert_eq!(
+        (s["current"].as_str(), s["pinned"].as_bool()),
+        (Some("tandem-drafter@1.0.0"), Some(true))
+    );
+    let list = ok(&tandem(
+        &["drafter", "list", "--store", store.to_str().unwrap()],
+        d,
+    ));
+    assert!(
+        list.contains("tandem-drafter@1.0.0") && list.contains("current, pinned"),
+        "{list}"
+    );
+
+    // A download killed half way leaves v1 in place: v3 is fetched through a slow link.
+    let slow = v.rt.block_on(async {
+        tandem_client::shaper::start(
+            v.srv.as_ref().unwrap().addr,
+            tandem_client::shaper::Link {
+                delay: Duration::from_millis(5),
+                // 5 KB/s: the component (at least 20 KB) takes 4 s or more.
+                rate_bps: Some(40_000),
+            },
+        )
+        .await
+        .unwrap()
+    });
+    let v3_wasm = d.join("v3.wasm");
+    variant_of(&wasm, "3.0.0", &v3_wasm);
+    assert!(std::fs::metadata(&v3_wasm).unwrap().len() > 20_000);
+    pack(&v3_wasm, &key, "3.0.0", &channel.join("v3"), &[], d);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args([
+            "drafter",
+            "update",
+            "--channel",
+            &format!("http://{}", slow.addr),
+        ])
+        .args(["--trust-key", &pubkey, "--store", store.to_str().unwrap()])
+        .env("TANDEM_WASM_CACHE", d)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the download should still be running"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(store_state(&store)["current"], "tandem-drafter@1.0.0");
+    assert!(!store.join("tandem-drafter@3.0.0").exists());
+    // The next update (explicit: it replaces the pinned v1) sweeps the partial download.
+    assert!(ok(&update(&[])).contains("now using tandem-drafter@3.0.0"));
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A device runs `tandem serve` on drafter v1 from a verifier's channel; v2 is published
+/// while a client keeps sending requests: none fails, every text is the target-only text,
+/// and v2 serves afterwards. A later start reuses v2's compiled form.
+#[test]
+fn tandem_serve_switches_to_a_published_drafter_between_requests() {
+    let wasm = guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("k");
+    ok(&tandem(
+        &["drafter", "keygen", "--out", key.to_str().unwrap()],
+        d,
+    ));
+    let pubkey = format!("{}.pub", key.display());
+    let channel = d.join("channel");
+    std::fs::create_dir(&channel).unwrap();
+    pack(&wasm, &key, "1.0.0", &channel.join("v1"), &[], d);
+    let config = ServerConfig {
+        drafters: Some(channel.clone()),
+        ..ServerConfig::default()
+    };
+    let (v, _) = verifier_with(config, 0);
+    let store = d.join("store");
+    let (_serve, addr) = serve_process(
+        &v.url,
+        d,
+        &[
+            "--gamma",
+            "3",
+            "--drafter-channel",
+            &v.url,
+            "--drafter-check-interval",
+            "10",
+            "--trust-key",
+            &pubkey,
+            "--drafter-store",
+            store.to_str().unwrap(),
+        ],
+    );
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let want: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| tok.decode(&target_only(p, 16)).unwrap())
+        .collect();
+    let request = |i: usize| {
+        let t = std::time::Instant::now();
+        let resp = http_post(
+            &addr,
+            "/v1/completions",
+            &serde_json::json!({"prompt": PROMPTS[i % 3], "max_tokens": 16, "temperature": 0})
+                .to_string(),
+        );
+        let drafter = resp
+            .lines()
+            .find_map(|l| l.strip_prefix("x-tandem-drafter: "))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(body.trim())
+            .unwrap_or_else(|e| panic!("request {i} failed ({e}): {resp}"));
+        assert_eq!(
+            v["choices"][0]["text"],
+            want[i % 3].as_str(),
+            "request {i}: {resp}"
+        );
+        (drafter, t.elapsed())
+    };
+    let mut i = 0;
+    let mut before = Duration::ZERO;
+    for _ in 0..3 {
+        let (drafter, took) = request(i);
+        assert_eq!(drafter, "tandem-drafter@1.0.0");
+        before = before.max(took);
+        i += 1;
+    }
+    let v2_wasm = d.join("v2.wasm");
+    variant_of(&wasm, "2.0.0", &v2_wasm);
+    let staging = d.join("staging");
+    pack(&v2_wasm, &key, "2.0.0", &staging, &[], d);
+    std::fs::rename(&staging, channel.join("v2")).unwrap();
+    let published = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let switched = loop {
+        let (drafter, took) = request(i);
+        i += 1;
+        slowest = slowest.max(took);
+        if drafter == "tandem-drafter@2.0.0" {
+            break published.elapsed();
+        }
+        assert_eq!(drafter, "tandem-drafter@1.0.0");
+        assert!(
+            published.elapsed() < Duration::from_secs(180),
+            "v2 never served"
+        );
+    };
+    for _ in 0..3 {
+        assert_eq!(request(i).0, "tandem-drafter@2.0.0");
+        i += 1;
+    }
+    eprintln!(
+        "publish to first v2 response: {:.1} s; slowest request during the switch {:.2} s \
+         (before it {:.2} s); {i} requests",
+        switched.as_secs_f64(),
+        slowest.as_secs_f64(),
+        before.as_secs_f64()
+    );
+    // A new process runs v2 from the store without compiling it again.
+    let stats_path = d.join("stats.json");
+    let o = generate(
+        &[
+            "--verifier",
+            &v.url,
+            "--drafter-channel",
+            &v.url,
+            "--no-drafter-updates",
+            "--drafter-store",
+            store.to_str().unwrap(),
+            "--draft-model",
+            drafter_model().to_str().unwrap(),
+            "--prompt",
+            PROMPTS[0],
+            "--max-tokens",
+            "8",
+            "--quiet",
+            "--stats-json",
+            stats_path.to_str().unwrap(),
+        ],
+        d,
+    );
+    let s = stats(&o, &stats_path);
+    assert_eq!(s["drafter"], "tandem-drafter@2.0.0");
+    assert_eq!(s["recommended_drafter"], "tandem-drafter@2.0.0");
+    assert_eq!(s["component_cached"], true);
+    assert_eq!(ids(&s), target_only(PROMPTS[0], 8));
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use tandem_client::auth::read_token_file;
 use tandem_models::KvPrecision;
@@ -106,6 +106,11 @@ struct Serve {
     /// session; logits move by the rounding, batch invariance is kept).
     #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
     kv_cache: KvCacheArg,
+    /// A drafter channel to serve: a directory of signed drafter bundles (`tandem drafter
+    /// pack --out DIR/BUNDLE`), listed at `GET /v1/drafters`; each session is told the newest
+    /// bundle for its target's family. See docs/drafters.md.
+    #[arg(long)]
+    drafters: Option<PathBuf>,
 }
 
 /// `--kv-cache` values.
@@ -196,6 +201,26 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_streams: args.max_streams,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        drafters: match args.drafters {
+            Some(d) => {
+                let (index, skipped) = tandem_client::drafters::scan(&d).with_context(|| {
+                    format!("--drafters {}: not a readable directory", d.display())
+                })?;
+                for s in skipped {
+                    eprintln!("tandem-verifier: drafter channel: skipping {s}");
+                }
+                for f in &index.families {
+                    eprintln!(
+                        "tandem-verifier: drafter channel: {} bundle(s) for {}, recommended {}",
+                        f.bundles.len(),
+                        f.family,
+                        f.recommended
+                    );
+                }
+                Some(d)
+            }
+            None => None,
+        },
     };
     let scheme = if config.tls.is_some() {
         "https"

@@ -28,6 +28,7 @@ use crate::registry::{LoadError, Registry, Target, TargetSpec};
 use crate::session::{Limits, Session, SessionError};
 use tandem_client::auth::token_matches;
 use tandem_client::body::ChannelBody;
+use tandem_client::drafters;
 use tandem_client::openai::{ApiError, json_response};
 
 /// Response body of every endpoint.
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     /// Time a new connection has to send its first bytes, finish the TLS handshake and send
     /// a complete HTTP/1 header; also the HTTP/2 keepalive ping timeout.
     pub handshake_timeout: Duration,
+    /// A drafter channel to serve at `/v1/drafters` (a directory of signed bundles, see
+    /// docs/drafters.md); sessions are told the newest bundle for their target's family.
+    pub drafters: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +81,7 @@ impl Default for ServerConfig {
             max_connections: 512,
             max_streams: 16,
             handshake_timeout: Duration::from_secs(10),
+            drafters: None,
         }
     }
 }
@@ -428,6 +433,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         (&Method::POST, "/v1/session") => session_endpoint(state, req, header_ok),
         (&Method::POST, "/v1/completions") => crate::completions::handle(state, req).await,
         (&Method::GET, "/v1/models") => crate::completions::models(&state),
+        (&Method::GET, p) if p == "/v1/drafters" || p.starts_with("/v1/drafters/") => {
+            drafters(&state, p).await
+        }
         (_, "/v1/session" | "/v1/completions" | "/v1/models" | "/healthz" | "/metrics") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
@@ -435,6 +443,71 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         _ => error(StatusCode::NOT_FOUND, format!("no endpoint {path}")),
     };
     Ok(resp)
+}
+
+/// The drafter channel: `GET /v1/drafters` (or `/v1/drafters/index.json`) lists the
+/// bundles of `--drafters DIR` by family, `GET /v1/drafters/BUNDLE/FILE` serves a bundle's
+/// manifest, signature or component. The directory is read on each request, so a bundle
+/// copied in is offered at once.
+async fn drafters(state: &State, path: &str) -> Response<Body> {
+    let Some(dir) = state.config.drafters.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this verifier serves no drafter channel (start it with --drafters DIR)",
+        );
+    };
+    let rel = path
+        .trim_start_matches("/v1/drafters")
+        .trim_start_matches('/')
+        .to_string();
+    if rel.is_empty() || rel == drafters::INDEX {
+        return match tokio::task::spawn_blocking(move || drafters::scan(&dir)).await {
+            Ok(Ok((index, _))) => json(StatusCode::OK, serde_json::json!(index)),
+            Ok(Err(e)) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the drafter channel: {e}"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    }
+    if !drafters::safe_bundle_path(&rel) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no drafter file {path}: paths are /v1/drafters/BUNDLE/FILE"),
+        );
+    }
+    let file = dir.join(&rel);
+    match tokio::task::spawn_blocking(move || std::fs::read(file))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    {
+        Ok(bytes) => Response::builder()
+            .header(
+                "content-type",
+                if rel.ends_with(".json") {
+                    "application/json"
+                } else {
+                    "application/octet-stream"
+                },
+            )
+            .body(full(bytes))
+            .unwrap(),
+        Err(e) => error(StatusCode::NOT_FOUND, format!("{path}: {e}")),
+    }
+}
+
+/// The newest bundle of the drafter channel for `family`, `name@version` (empty if none).
+fn recommended_drafter(state: &State, family: &str) -> String {
+    let Some(dir) = &state.config.drafters else {
+        return String::new();
+    };
+    match drafters::scan(dir) {
+        Ok((index, _)) => index
+            .recommended(family)
+            .map(|b| format!("{}@{}", b.name, b.version))
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 /// The admin API (the caller is authorized).
@@ -721,6 +794,7 @@ async fn run_session(
         max_tokens: session.max_tokens() as u32,
         max_draft: state.config.limits.max_draft as u32,
         top_k: state.config.limits.top_k as u32,
+        drafter: recommended_drafter(&state, &t.family),
     }));
     // Bounded: a client that sends faster than its rounds are verified is held back by
     // HTTP/2 flow control once this fills, instead of growing the server's memory.
