@@ -857,9 +857,6 @@ fn the_demo_compares_with_cloud_only_over_an_emulated_link() {
 /// runs, with both versions named; a component that is no drafter at all is refused too.
 #[test]
 fn a_drafter_of_another_wit_version_is_refused_with_its_version() {
-    use wasm_encoder::{
-        Component, ComponentExportKind, ComponentExportSection, ComponentInstanceSection,
-    };
     let dir = tempfile::tempdir().unwrap();
     for (name, export, want) in [
         (
@@ -873,15 +870,8 @@ fn a_drafter_of_another_wit_version_is_refused_with_its_version() {
             "is not a tandem drafter",
         ),
     ] {
-        let mut c = Component::new();
-        let mut inst = ComponentInstanceSection::new();
-        inst.export_items(Vec::<(&str, ComponentExportKind, u32)>::new());
-        c.section(&inst);
-        let mut exp = ComponentExportSection::new();
-        exp.export(export, ComponentExportKind::Instance, 0, None);
-        c.section(&exp);
         let path = dir.path().join(name);
-        std::fs::write(&path, c.finish()).unwrap();
+        std::fs::write(&path, component_exporting(export)).unwrap();
         let o = generate(
             &[
                 "--verifier",
@@ -899,6 +889,22 @@ fn a_drafter_of_another_wit_version_is_refused_with_its_version() {
         assert!(!o.status.success());
         assert!(err.contains(want), "{name}: {err}");
     }
+}
+
+/// A component that exports an empty instance under `name` (an interface name such as
+/// `tandem:drafter/session-api@0.1.0`).
+fn component_exporting(name: &str) -> Vec<u8> {
+    use wasm_encoder::{
+        Component, ComponentExportKind, ComponentExportSection, ComponentInstanceSection,
+    };
+    let mut c = Component::new();
+    let mut inst = ComponentInstanceSection::new();
+    inst.export_items(Vec::<(&str, ComponentExportKind, u32)>::new());
+    c.section(&inst);
+    let mut exp = ComponentExportSection::new();
+    exp.export(name, ComponentExportKind::Instance, 0, None);
+    c.section(&exp);
+    c.finish()
 }
 
 /// The warm start: the first generation writes what it measured to the state file, the
@@ -1386,24 +1392,11 @@ fn drafter_bundles_are_verified_before_anything_runs() {
 
     // Each bad v2 in turn: refused by verify and by the device, which keeps v1.
     let old_world = d.join("old-world.wasm");
-    {
-        use wasm_encoder::{
-            Component, ComponentExportKind, ComponentExportSection, ComponentInstanceSection,
-        };
-        let mut c = Component::new();
-        let mut inst = ComponentInstanceSection::new();
-        inst.export_items(Vec::<(&str, ComponentExportKind, u32)>::new());
-        c.section(&inst);
-        let mut exp = ComponentExportSection::new();
-        exp.export(
-            "tandem:drafter/session-api@0.1.0",
-            ComponentExportKind::Instance,
-            0,
-            None,
-        );
-        c.section(&exp);
-        std::fs::write(&old_world, c.finish()).unwrap();
-    }
+    std::fs::write(
+        &old_world,
+        component_exporting("tandem:drafter/session-api@0.1.0"),
+    )
+    .unwrap();
     let v2 = channel.join("v2");
     let cases: [(&str, &dyn Fn(), &str); 7] = [
         (
