@@ -1718,3 +1718,51 @@ fn tandem_serve_switches_to_a_published_drafter_between_requests() {
     assert_eq!(s["component_cached"], true);
     assert_eq!(ids(&s), target_only(PROMPTS[0], 8));
 }
+
+/// A verifier that grants fewer tokens than `tandem serve`'s default: a request that names
+/// no `max_tokens` gets the grant (finish_reason "length"), one that asks for more than the
+/// grant is refused with the limit named.
+#[test]
+fn tandem_serve_takes_the_verifiers_grant_when_the_request_names_no_max_tokens() {
+    let config = ServerConfig {
+        limits: tandem_verifier::Limits {
+            max_tokens: 5,
+            ..tandem_verifier::Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let (v, _) = verifier_with(config, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let (_serve, addr) = serve_process(&v.url, dir.path(), &["--gamma", "3"]);
+    let prompt = PROMPTS[0];
+    let resp = http_post(
+        &addr,
+        "/v1/completions",
+        &serde_json::json!({"prompt": prompt, "temperature": 0}).to_string(),
+    );
+    let body = resp.split("\r\n\r\n").nth(1).unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    assert_eq!(
+        got["choices"][0]["text"],
+        tok.decode(&target_only(prompt, 5)).unwrap().as_str(),
+        "{resp}"
+    );
+    assert_eq!(got["choices"][0]["finish_reason"], "length", "{resp}");
+    assert_eq!(got["usage"]["completion_tokens"], 5, "{resp}");
+
+    let resp = http_post(
+        &addr,
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": [{"role": "user", "content": "Hi."}],
+                            "max_tokens": 8, "temperature": 0})
+        .to_string(),
+    );
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(
+        resp.contains("max_tokens 8 exceeds the limit of the verifier's")
+            && resp.contains("at most 5"),
+        "{resp}"
+    );
+}
