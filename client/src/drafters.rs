@@ -159,6 +159,15 @@ pub fn valid_version(v: &str) -> bool {
         })
 }
 
+/// Whether `n` can name a drafter or a family: 1–64 of `A-Z a-z 0-9 . _ -`, not starting
+/// with a dot (a drafter's `NAME@VERSION` is a directory name on devices).
+pub fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && !n.starts_with('.')
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// Lists the bundle directories directly under `dir` (each with a readable manifest;
 /// others are skipped with their reason returned), grouped by family, newest first.
 /// Signatures are not checked here: devices check them against their own trusted keys.
@@ -248,6 +257,7 @@ mod tests {
         assert_eq!(compare_versions("0.1.0", "0.1.1"), Ordering::Less);
         assert!(valid_version("1.2.3-rc1"));
         assert!(!valid_version("1..2") && !valid_version("../x") && !valid_version(""));
+        assert!(valid_name("tandem-drafter") && !valid_name("../x") && !valid_name("a/b"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 use tandem_client::drafters::{
     BackboneRef, COMPONENT, ComponentRef, DraftModelRef, MANIFEST, MANIFEST_FORMAT, Manifest,
-    SIGNATURE, compare_versions, valid_version,
+    SIGNATURE, compare_versions, valid_name, valid_version,
 };
 
 use crate::component::WORLD_VERSION;
@@ -226,8 +226,16 @@ pub fn pack(spec: &PackSpec) -> anyhow::Result<Manifest> {
             bail!("{flag} `{v}` is not a version: use dot-separated numbers such as 1.2.0");
         }
     }
-    if spec.name.is_empty() || spec.family.is_empty() {
-        bail!("--name and --family must not be empty");
+    for (flag, v) in [("--name", spec.name), ("--family", spec.family)] {
+        if !valid_name(v) {
+            bail!("{flag} `{v}` is not a name: use 1-64 letters, digits, `.`, `_` or `-`");
+        }
+    }
+    if spec.out.exists() && fs::read_dir(spec.out)?.next().is_some() {
+        bail!(
+            "{} exists and is not empty: a bundle is written to a new directory",
+            spec.out.display()
+        );
     }
     let key = read_secret(spec.key)?;
     let bytes = fs::read(spec.component)
@@ -250,12 +258,6 @@ pub fn pack(spec: &PackSpec) -> anyhow::Result<Manifest> {
         min_host_version: spec.min_host_version.into(),
         notes: spec.notes.into(),
     };
-    if spec.out.exists() && fs::read_dir(spec.out)?.next().is_some() {
-        bail!(
-            "{} exists and is not empty: a bundle is written to a new directory",
-            spec.out.display()
-        );
-    }
     fs::create_dir_all(spec.out).with_context(|| format!("creating {}", spec.out.display()))?;
     let text = serde_json::to_vec_pretty(&manifest)?;
     fs::write(spec.out.join(COMPONENT), &bytes)?;
@@ -340,7 +342,7 @@ pub fn verify_manifest(dir: &Path, trusted: &[VerifyingKey]) -> Result<Manifest,
             m.format
         )));
     }
-    if !valid_version(&m.version) || m.name.is_empty() || m.component.file != COMPONENT {
+    if !valid_version(&m.version) || !valid_name(&m.name) || m.component.file != COMPONENT {
         return Err(Refusal::Manifest(format!(
             "name `{}`, version `{}`, component file `{}`: expected a name, a dotted version and \
              {COMPONENT}",

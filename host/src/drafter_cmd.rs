@@ -554,6 +554,16 @@ pub fn update(store: &Store, args: &UpdateArgs, explicit: bool) -> anyhow::Resul
             args.channel
         );
     };
+    if !tandem_client::drafters::valid_name(&listed.name)
+        || !tandem_client::drafters::valid_version(&listed.version)
+    {
+        bail!(
+            "the channel {} lists a drafter `{}@{}`, which is not a valid name and version",
+            args.channel,
+            listed.name,
+            listed.version
+        );
+    }
     let id = format!("{}@{}", listed.name, listed.version);
     if let Some(c) = &current
         && c.manifest.id() == id
@@ -578,7 +588,18 @@ pub fn update(store: &Store, args: &UpdateArgs, explicit: bool) -> anyhow::Resul
             .dir
             .join(format!(".partial-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&partial)?;
-        let result = download_and_check(&channel, &listed.path, &partial, &trusted, args);
+        let result =
+            download_and_check(&channel, &listed.path, &partial, &trusted, args).and_then(|m| {
+                if m.id() == id {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "the channel lists {id} at {}, but its signed manifest is {}",
+                        listed.path,
+                        m.id()
+                    ))
+                }
+            });
         match result {
             Ok(()) => {
                 if dest.exists() {
@@ -611,13 +632,14 @@ pub fn update(store: &Store, args: &UpdateArgs, explicit: bool) -> anyhow::Resul
 
 /// Downloads a bundle into `dir`, verifies it, fetches its draft model if needed, and
 /// compiles it (into the compiled cache). Nothing is compiled before every check passed.
+/// Returns the verified manifest.
 fn download_and_check(
     channel: &Channel,
     rel: &str,
     dir: &Path,
     trusted: &[VerifyingKey],
     args: &UpdateArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Manifest> {
     if !tandem_client::drafters::safe_bundle_path(&format!("{rel}/{MANIFEST}")) {
         bail!("the channel lists a bundle at `{rel}`, which is not a plain directory name");
     }
@@ -670,7 +692,7 @@ fn download_and_check(
             t.elapsed().as_secs_f64()
         );
     }
-    Ok(())
+    Ok(m)
 }
 
 /// A body longer than the caller allowed.
