@@ -444,14 +444,11 @@ impl Store {
                     self.dir.display()
                 )
             })?)?;
-        let bytes = fs::read(dir.join(COMPONENT))?;
-        use sha2::Digest;
-        if hex::encode(sha2::Sha256::digest(&bytes)) != manifest.component.sha256 {
-            bail!(
-                "the installed drafter {id} is damaged (its component's sha256 differs from its \
-                 manifest): `tandem drafter rollback` or run an update"
-            );
-        }
+        bundle::verify_component(&dir, &manifest).with_context(|| {
+            format!(
+                "the installed drafter {id} is damaged: `tandem drafter rollback` or run an update"
+            )
+        })?;
         Ok(Some(Installed { dir, manifest }))
     }
 
@@ -504,7 +501,7 @@ impl Store {
 }
 
 /// Writes `bytes` to a fresh file beside `path` and renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
@@ -618,16 +615,13 @@ pub fn update(store: &Store, args: &UpdateArgs, explicit: bool) -> anyhow::Resul
             }
         }
     }
-    let installed = Installed {
-        dir: dest.clone(),
-        manifest: serde_json::from_slice(&fs::read(dest.join(MANIFEST))?)?,
-    };
+    let manifest: Manifest = serde_json::from_slice(&fs::read(dest.join(MANIFEST))?)?;
     store.set_state(&StoreState {
         current: Some(id.clone()),
         previous: state.current.filter(|c| *c != id).or(state.previous),
         pinned: false,
     })?;
-    Ok(Updated::Installed(installed.manifest))
+    Ok(Updated::Installed(manifest))
 }
 
 /// Downloads a bundle into `dir`, verifies it, fetches its draft model if needed, and

@@ -173,10 +173,7 @@ pub fn save(path: &Path, key: &Key, session: &Entry) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&entries)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::drafter_cmd::write_atomic(path, &serde_json::to_vec_pretty(&entries)?)
 }
 
 #[cfg(test)]
