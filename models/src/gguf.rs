@@ -96,6 +96,22 @@ impl MappedTensor {
     pub fn bytes(&self) -> &[u8] {
         &self.file.bytes()[self.range.clone()]
     }
+
+    /// Drops the tensor's pages from this process's resident memory (they stay in the page
+    /// cache and are read again if touched): for tensors the engine keeps another copy of.
+    #[cfg(target_arch = "x86_64")]
+    pub fn release(&self) {
+        // SAFETY: the mapping is private and read-only, so its pages are never modified:
+        // dropping them loses nothing, and a later read faults the same bytes back in from
+        // the file. Whole pages around the range may be dropped too, for the same reason.
+        let _ = unsafe {
+            self.file.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            )
+        };
+    }
 }
 
 /// A file mapped into memory read-only.

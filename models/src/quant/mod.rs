@@ -20,6 +20,8 @@
 //! in groups of up to [`ROW_GROUP`]; within a group each weight block is loaded and decoded
 //! once and multiplied with every row of the group.
 
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -190,6 +192,10 @@ pub(crate) struct QMatrix {
     pub in_dim: usize,
     store: Store,
     row_bytes: usize,
+    /// The eight-column copy the x86 kernels read (every quantized format but Q5_K, when
+    /// the columns are a multiple of eight), see [`packed`].
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<packed::Packed>,
 }
 
 enum Store {
@@ -279,12 +285,15 @@ impl QMatrix {
             format
         };
         let row_bytes = in_dim / bv * format.block().1;
-        let m = QMatrix {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut m = QMatrix {
             format,
             out_dim,
             in_dim,
             store,
             row_bytes,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
         };
         let have = m.bytes().len();
         if have != out_dim * row_bytes {
@@ -292,6 +301,15 @@ impl QMatrix {
                 "holds {have} bytes, expected {} for {out_dim}x{in_dim} {format:?}",
                 out_dim * row_bytes
             ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernel() != Kernel::Portable {
+            m.packed = packed::pack(format, m.bytes(), out_dim, row_bytes);
+            if let (Some(_), Store::Mapped(t)) = (&m.packed, &m.store) {
+                // The kernels read the packed copy: the file's pages need not stay in
+                // this process's resident memory (they stay in the page cache).
+                t.release();
+            }
         }
         Ok(m)
     }
@@ -342,7 +360,13 @@ impl QMatrix {
         #[cfg(target_arch = "wasm32")]
         let threads = 1;
         let tiles = self.out_dim.div_ceil(max).next_multiple_of(threads);
-        self.out_dim.div_ceil(tiles).max(1)
+        let tile = self.out_dim.div_ceil(tiles).max(1);
+        #[cfg(target_arch = "x86_64")]
+        if self.packed.is_some() {
+            // Packed columns come in whole groups.
+            return tile.next_multiple_of(packed::COLS);
+        }
+        tile
     }
 
     /// Computes tile `t` (of `tile` columns) for all `n` rows into `out_t`, laid out
@@ -357,6 +381,27 @@ impl QMatrix {
     ) {
         let cols = t * tile..((t + 1) * tile).min(self.out_dim);
         let width = cols.len();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(p), Kernel::Avx2 | Kernel::Avx2Vnni) = (&self.packed, kernel) {
+            let recs = p.columns(cols);
+            let mut r0 = 0;
+            while r0 < n {
+                let rows = (n - r0).min(ROW_GROUP);
+                let out = &mut out_t[r0 * width..(r0 + rows) * width];
+                // SAFETY: these kernels are only chosen (or passed by tests) when the CPU
+                // has their features; the records are whole groups of this matrix.
+                unsafe {
+                    match kernel {
+                        Kernel::Avx2Vnni => {
+                            x86::vnni::dot_packed(self.format, recs, p.nb, acts, r0, rows, out)
+                        }
+                        _ => x86::avx2::dot_packed(self.format, recs, p.nb, acts, r0, rows, out),
+                    }
+                }
+                r0 += rows;
+            }
+            return;
+        }
         let bytes = self.bytes();
         let w = &bytes[cols.start * self.row_bytes..cols.end * self.row_bytes];
         let mut r0 = 0;

@@ -98,17 +98,18 @@ fn every_format_matches_the_dequantized_product() {
 
 /// The batch-invariance contract at the kernel level: every row of an n-row product equals
 /// the 1-row product of that row, bit for bit, for every n from 1 to 17 (row groups of 1..4
-/// and their remainders), and the SIMD path equals the portable one bit for bit.
+/// and their remainders), and the SIMD path equals the portable one bit for bit — with 72
+/// columns the x86 paths read Q4_K and Q6_K in the packed eight-column layout, with 70 in
+/// GGUF's.
 #[test]
 fn rows_and_paths_agree_bit_for_bit() {
     // k = 896 (Qwen2.5-0.5B's width) leaves a partial group of 8 legacy blocks.
-    for dtype in FORMATS {
+    for (dtype, out_dim) in FORMATS.into_iter().flat_map(|t| [(t, 70), (t, 72)]) {
         let k = if Format::of(dtype).unwrap().act_block() == QK_K {
             768
         } else {
             896
         };
-        let out_dim = 70;
         let (m, _) = matrix(dtype, out_dim, k, 11);
         let x = values(17 * k, 5);
         let single: Vec<Vec<f32>> = (0..17)
@@ -178,6 +179,43 @@ fn fused_products_match_single_products() {
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{:?}: fused {n}-row product ({kernel}) differs from the single one",
                     m.format
+                );
+            }
+        }
+    }
+}
+
+/// The packed layout covers every column and block: products with one super-block per row,
+/// nine (a partial group of eight in the float lanes) and two, and extreme activations (a row
+/// of ±127 after quantizing) give the portable bits, in every packed format.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn packed_columns_give_the_portable_bits() {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
+        for (out_dim, k) in [(8, 256), (24, 9 * 256), (64, 512)] {
+            let (m, _) = matrix(dtype, out_dim, k, 17 + k as u64);
+            if kernel() != Kernel::Portable {
+                assert!(m.packed.is_some(), "{dtype:?} {out_dim}x{k} is packed");
+            }
+            let mut x = values(3 * k, 21);
+            for (i, v) in x[2 * k..].iter_mut().enumerate() {
+                *v = if i % 3 == 0 { -5.0 } else { 5.0 };
+            }
+            let want = m.matmul_with(Kernel::Portable, &x, 3);
+            for kernel in kernels() {
+                let got = m.matmul_with(kernel, &x, 3);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?} {out_dim}x{k} ({kernel}) differs from the portable product"
                 );
             }
         }

@@ -91,6 +91,380 @@ pub(crate) unsafe fn dot_tile(
     }
 }
 
+/// Dot products of the packed columns in `recs` (whole groups of eight, see
+/// [`super::packed`]) with activation rows `r0..r0+rows`, into `out` laid out
+/// `[rows][columns]`. Same bits as [`dot_tile`] on the same columns in GGUF layout.
+///
+/// # Safety
+/// As [`dot_tile`]; `format` is Q4_K or Q6_K, `recs` holds whole groups of `nb` records.
+#[target_feature(enable = $tf)]
+pub(crate) unsafe fn dot_packed(
+    format: Format,
+    recs: &[u8],
+    nb: usize,
+    acts: &Activations,
+    r0: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(rows <= ROW_GROUP);
+    match format {
+        Format::Q4K => by_rows!(packed_q4k, 0, rows, (recs, nb, acts, r0, out)),
+        Format::Q6K => by_rows!(packed_q6k, 0, rows, (recs, nb, acts, r0, out)),
+        Format::Q4_0 => by_rows!(packed_legacy, Q4_0, rows, (recs, nb, acts, r0, out)),
+        Format::Q4_1 => by_rows!(packed_legacy, Q4_1, rows, (recs, nb, acts, r0, out)),
+        Format::Q5_0 => by_rows!(packed_legacy, Q5_0, rows, (recs, nb, acts, r0, out)),
+        Format::Q8_0 => by_rows!(packed_legacy, Q8_0, rows, (recs, nb, acts, r0, out)),
+        _ => unreachable!("float matrices are not packed"),
+    }
+}
+
+/// `acc + Σ₄ w·x` per 32-bit lane (`w` unsigned bytes, `x` signed; exact).
+#[target_feature(enable = $tf)]
+#[inline]
+fn dot4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    if $vnni {
+        // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
+        unsafe { _mm256_dpbusd_epi32(acc, w, x) }
+    } else {
+        // The 16-bit pair sums stay in range: `w` is at most 63, or (Q8_0) both factors
+        // are at most 127 in magnitude.
+        let m = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(m, _mm256_set1_epi16(1)))
+    }
+}
+
+/// Q4_K in the eight-column layout: per super-block and column the portable integers
+/// (`Σ_j sc_j Σ q·x`, `Σ_j m_j Σx`) and float term, eight columns per vector.
+#[target_feature(enable = $tf)]
+fn packed_q4k<const R: usize, const F: u8>(
+    recs: &[u8],
+    nb: usize,
+    a: &Activations,
+    r0: usize,
+    out: &mut [f32],
+) {
+    use crate::quant::packed::{COLS, Q4K_D, Q4K_DMIN, Q4K_MN, Q4K_QS, Q4K_REC, Q4K_SC};
+    let groups = recs.len() / (nb * Q4K_REC);
+    let ncols = groups * COLS;
+    let q: [&[i8]; R] = std::array::from_fn(|r| a.q_row(r0 + r));
+    let d: [&[f32]; R] = std::array::from_fn(|r| a.d_row(r0 + r));
+    let s32: [&[i32]; R] = std::array::from_fn(|r| a.sums32_row(r0 + r));
+    let low4 = _mm256_set1_epi8(0x0F);
+    // With VNNI the high nibbles are used in place (16 × the value: no 16-bit pair sums
+    // to saturate) and the sub-block sum is divided by 16 exactly after.
+    let high4 = _mm256_set1_epi8(0xF0u8 as i8);
+    let zero = _mm256_setzero_si256();
+    for g in 0..groups {
+        let mut acc = [[_mm256_setzero_ps(); 8]; R];
+        for b in 0..nb {
+            let rec = recs[(g * nb + b) * Q4K_REC..(g * nb + b + 1) * Q4K_REC].as_ptr();
+            let mut isum = [zero; R];
+            let mut imin = [zero; R];
+            for p in 0..4 {
+                // Two chains per sub-block (even and odd `t`), so that consecutive
+                // `vpdpbusd`s do not wait for each other.
+                let mut lo = [[zero; R]; 2];
+                let mut hi = [[zero; R]; 2];
+                for t2 in 0..4 {
+                    // SAFETY (loads below): the record holds 1024 nibble bytes from
+                    // `Q4K_QS`; each activation row has `nb * 256` values.
+                    let at = Q4K_QS + 64 * (4 * p + t2);
+                    prefetch(rec.wrapping_add(at));
+                    let v = unsafe {
+                        [
+                            _mm256_load_si256(rec.add(at) as *const __m256i),
+                            _mm256_load_si256(rec.add(at + 32) as *const __m256i),
+                        ]
+                    };
+                    for (e, &v) in v.iter().enumerate() {
+                        let wl = _mm256_and_si256(v, low4);
+                        let wh = if $vnni {
+                            _mm256_and_si256(v, high4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4)
+                        };
+                        let t = 2 * t2 + e;
+                        for r in 0..R {
+                            let x = unsafe { q[r].as_ptr().add(b * QK_K + 64 * p + 4 * t) };
+                            let xl =
+                                _mm256_set1_epi32(unsafe { (x as *const i32).read_unaligned() });
+                            let xh = _mm256_set1_epi32(unsafe {
+                                (x.add(32) as *const i32).read_unaligned()
+                            });
+                            lo[e][r] = dot4(lo[e][r], wl, xl);
+                            hi[e][r] = dot4(hi[e][r], wh, xh);
+                        }
+                    }
+                }
+                // SAFETY: 64 scale bytes at `Q4K_SC`, 64 minimum bytes at `Q4K_MN`.
+                let sc_lo = _mm256_cvtepu8_epi32(unsafe {
+                    _mm_loadl_epi64(rec.add(Q4K_SC + 16 * p) as *const __m128i)
+                });
+                let sc_hi = _mm256_cvtepu8_epi32(unsafe {
+                    _mm_loadl_epi64(rec.add(Q4K_SC + 16 * p + 8) as *const __m128i)
+                });
+                let mn = _mm256_cvtepu8_epi16(unsafe {
+                    _mm_load_si128(rec.add(Q4K_MN + 16 * p) as *const __m128i)
+                });
+                for r in 0..R {
+                    let sl = _mm256_add_epi32(lo[0][r], lo[1][r]);
+                    let mut sh = _mm256_add_epi32(hi[0][r], hi[1][r]);
+                    if $vnni {
+                        sh = _mm256_srai_epi32::<4>(sh);
+                    }
+                    isum[r] = _mm256_add_epi32(
+                        isum[r],
+                        _mm256_add_epi32(
+                            _mm256_mullo_epi32(sl, sc_lo),
+                            _mm256_mullo_epi32(sh, sc_hi),
+                        ),
+                    );
+                    let s = &s32[r][8 * b + 2 * p..];
+                    let pair = (s[0] as u16 as u32 | (s[1] as u32) << 16) as i32;
+                    imin[r] =
+                        _mm256_add_epi32(imin[r], _mm256_madd_epi16(mn, _mm256_set1_epi32(pair)));
+                }
+            }
+            // SAFETY: eight f16 `d` and eight `dmin` at their offsets.
+            let dv = _mm256_cvtph_ps(unsafe { _mm_load_si128(rec.add(Q4K_D) as *const __m128i) });
+            let mv =
+                _mm256_cvtph_ps(unsafe { _mm_load_si128(rec.add(Q4K_DMIN) as *const __m128i) });
+            for r in 0..R {
+                let dx = _mm256_set1_ps(d[r][b]);
+                let t = _mm256_sub_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dv, dx), _mm256_cvtepi32_ps(isum[r])),
+                    _mm256_mul_ps(_mm256_mul_ps(mv, dx), _mm256_cvtepi32_ps(imin[r])),
+                );
+                acc[r][b % 8] = _mm256_add_ps(acc[r][b % 8], t);
+            }
+        }
+        for r in 0..R {
+            store_columns(&acc[r], &mut out[r * ncols + g * COLS..r * ncols + (g + 1) * COLS]);
+        }
+    }
+}
+
+/// The legacy formats in the eight-column layout: per block and column the portable
+/// `Σ q·x − offset·Σx` and float term, eight columns per vector.
+#[target_feature(enable = $tf)]
+fn packed_legacy<const R: usize, const F: u8>(
+    recs: &[u8],
+    nb: usize,
+    a: &Activations,
+    r0: usize,
+    out: &mut [f32],
+) {
+    use crate::quant::packed::{COLS, legacy_qs, legacy_rec};
+    let format = legacy_format(F);
+    let rec_len = legacy_rec(format);
+    let qs_at = legacy_qs(format);
+    let groups = recs.len() / (nb * rec_len);
+    let ncols = groups * COLS;
+    // VNNI multiplies Q8_0's values as unsigned bytes, 128 more than they are.
+    let off = if F == Q8_0 && $vnni { 128 } else { legacy_offset(format) };
+    let q: [&[i8]; R] = std::array::from_fn(|r| a.q_row(r0 + r));
+    let d: [&[f32]; R] = std::array::from_fn(|r| a.d_row(r0 + r));
+    let sx: [&[f32]; R] = std::array::from_fn(|r| a.s_row(r0 + r));
+    let sums: [&[i32]; R] = std::array::from_fn(|r| a.sums_row(r0 + r));
+    let low4 = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
+    // Q5_0: per `t`, each lane's byte of fifth bits spread over its four bytes, and the bit
+    // of each byte's value (low nibble side: bits 0–3, high: bits 4–7).
+    let spread: [__m256i; 4] = std::array::from_fn(|t| {
+        let b = |c: i8| 4 * t as i8 + c;
+        let (b0, b1, b2, b3) = (b(0), b(1), b(2), b(3));
+        _mm256_setr_epi8(
+            b0, b0, b0, b0, b1, b1, b1, b1, b2, b2, b2, b2, b3, b3, b3, b3, b0, b0, b0, b0, b1,
+            b1, b1, b1, b2, b2, b2, b2, b3, b3, b3, b3,
+        )
+    });
+    let bit_lo = _mm256_set1_epi32(0x0804_0201);
+    let bit_hi = _mm256_set1_epi32(0x8040_2010u32 as i32);
+    let fifth = _mm256_set1_epi8(0x10);
+    for g in 0..groups {
+        let mut acc = [[_mm256_setzero_ps(); 8]; R];
+        for b in 0..nb {
+            let rec = recs[(g * nb + b) * rec_len..(g * nb + b + 1) * rec_len].as_ptr();
+            prefetch(rec);
+            prefetch(rec.wrapping_add(64));
+            prefetch(rec.wrapping_add(128));
+            if F == Q8_0 {
+                prefetch(rec.wrapping_add(192));
+                prefetch(rec.wrapping_add(256));
+            }
+            let mut s = [[zero; R]; 2];
+            // SAFETY (loads below): the record's values at `qs_at` (128 nibble bytes, then
+            // for Q5_0 32 bytes of fifth bits; 256 bytes for Q8_0); each activation row has
+            // `nb * 32` values.
+            if F == Q8_0 {
+                for t in 0..8 {
+                    let v = unsafe { _mm256_loadu_si256(rec.add(qs_at + 32 * t) as *const __m256i) };
+                    let wu = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                    let wabs = _mm256_sign_epi8(v, v);
+                    for r in 0..R {
+                        let x = _mm256_set1_epi32(unsafe {
+                            (q[r].as_ptr().add(b * QK + 4 * t) as *const i32).read_unaligned()
+                        });
+                        s[t % 2][r] = if $vnni {
+                            dot4(s[t % 2][r], wu, x)
+                        } else {
+                            dot4(s[t % 2][r], wabs, _mm256_sign_epi8(x, v))
+                        };
+                    }
+                }
+            } else {
+                let hb = if F == Q5_0 {
+                    unsafe { _mm256_loadu_si256(rec.add(qs_at + 128) as *const __m256i) }
+                } else {
+                    zero
+                };
+                for t in 0..4 {
+                    let v = unsafe { _mm256_loadu_si256(rec.add(qs_at + 32 * t) as *const __m256i) };
+                    let mut wl = _mm256_and_si256(v, low4);
+                    let mut wh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                    if F == Q5_0 {
+                        let bits = _mm256_shuffle_epi8(hb, spread[t]);
+                        let lo5 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, bit_lo), bit_lo);
+                        let hi5 = _mm256_cmpeq_epi8(_mm256_and_si256(bits, bit_hi), bit_hi);
+                        wl = _mm256_or_si256(wl, _mm256_and_si256(lo5, fifth));
+                        wh = _mm256_or_si256(wh, _mm256_and_si256(hi5, fifth));
+                    }
+                    for r in 0..R {
+                        let x = unsafe { q[r].as_ptr().add(b * QK + 4 * t) };
+                        let xl = _mm256_set1_epi32(unsafe { (x as *const i32).read_unaligned() });
+                        let xh =
+                            _mm256_set1_epi32(unsafe { (x.add(16) as *const i32).read_unaligned() });
+                        s[0][r] = dot4(s[0][r], wl, xl);
+                        s[1][r] = dot4(s[1][r], wh, xh);
+                    }
+                }
+            }
+            // SAFETY: eight f16 scales at 0 and, for Q4_1, eight minimums at 16.
+            let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(rec as *const __m128i) });
+            let mw = if F == Q4_1 {
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(rec.add(16) as *const __m128i) })
+            } else {
+                _mm256_setzero_ps()
+            };
+            for r in 0..R {
+                let mut isum = _mm256_add_epi32(s[0][r], s[1][r]);
+                if off != 0 {
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(off * sums[r][b]));
+                }
+                let dx = _mm256_set1_ps(d[r][b]);
+                let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+                if F == Q4_1 {
+                    t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(sx[r][b])));
+                }
+                acc[r][b % 8] = _mm256_add_ps(acc[r][b % 8], t);
+            }
+        }
+        for r in 0..R {
+            store_columns(&acc[r], &mut out[r * ncols + g * COLS..r * ncols + (g + 1) * COLS]);
+        }
+    }
+}
+
+/// Q6_K in the eight-column layout: per column the portable `Σ_g sc_g (Σ q·x − 32·Σx)` and
+/// float term, eight columns per vector.
+#[target_feature(enable = $tf)]
+fn packed_q6k<const R: usize, const F: u8>(
+    recs: &[u8],
+    nb: usize,
+    a: &Activations,
+    r0: usize,
+    out: &mut [f32],
+) {
+    use crate::quant::packed::{COLS, Q6K_D, Q6K_QH, Q6K_QL, Q6K_REC, Q6K_SC};
+    let groups = recs.len() / (nb * Q6K_REC);
+    let ncols = groups * COLS;
+    let q: [&[i8]; R] = std::array::from_fn(|r| a.q_row(r0 + r));
+    let d: [&[f32]; R] = std::array::from_fn(|r| a.d_row(r0 + r));
+    let bs: [&[i32]; R] = std::array::from_fn(|r| a.sums_row(r0 + r));
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let zero = _mm256_setzero_si256();
+    for g in 0..groups {
+        let mut acc = [[_mm256_setzero_ps(); 8]; R];
+        for b in 0..nb {
+            let rec = recs[(g * nb + b) * Q6K_REC..(g * nb + b + 1) * Q6K_REC].as_ptr();
+            let mut isum = [zero; R];
+            for h in 0..2 {
+                for tq in 0..2 {
+                    // Four 16-value groups per row: values 128h + 32m + 16tq ..
+                    let mut s = [[zero; 4]; R];
+                    for t in 4 * tq..4 * tq + 4 {
+                        // SAFETY (loads below): the record's `ql` and `qh` vectors at
+                        // their offsets; each activation row has `nb * 256` values.
+                        let l0 = Q6K_QL + 32 * (8 * (2 * h) + t);
+                        let l1 = Q6K_QL + 32 * (8 * (2 * h + 1) + t);
+                        let lh = Q6K_QH + 32 * (8 * h + t);
+                        prefetch(rec.wrapping_add(l0));
+                        let ql0 = unsafe { _mm256_load_si256(rec.add(l0) as *const __m256i) };
+                        let ql1 = unsafe { _mm256_load_si256(rec.add(l1) as *const __m256i) };
+                        let qh = unsafe { _mm256_load_si256(rec.add(lh) as *const __m256i) };
+                        let w = [
+                            _mm256_or_si256(
+                                _mm256_and_si256(ql0, low4),
+                                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(ql1, low4),
+                                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                                _mm256_and_si256(qh, bits45),
+                            ),
+                            _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+                            ),
+                        ];
+                        for r in 0..R {
+                            let x = unsafe { q[r].as_ptr().add(b * QK_K + 128 * h + 4 * t) };
+                            for m in 0..4 {
+                                let xv = _mm256_set1_epi32(unsafe {
+                                    (x.add(32 * m) as *const i32).read_unaligned()
+                                });
+                                s[r][m] = dot4(s[r][m], w[m], xv);
+                            }
+                        }
+                    }
+                    for m in 0..4 {
+                        let grp = 8 * h + 2 * m + tq;
+                        // SAFETY: 128 scale bytes at `Q6K_SC`.
+                        let sc = _mm256_cvtepi8_epi32(unsafe {
+                            _mm_loadl_epi64(rec.add(Q6K_SC + 8 * grp) as *const __m128i)
+                        });
+                        for r in 0..R {
+                            let off = _mm256_set1_epi32(bs[r][16 * b + grp] << 5);
+                            let v = _mm256_mullo_epi32(_mm256_sub_epi32(s[r][m], off), sc);
+                            isum[r] = _mm256_add_epi32(isum[r], v);
+                        }
+                    }
+                }
+            }
+            // SAFETY: eight f16 `d` at `Q6K_D`.
+            let dv = _mm256_cvtph_ps(unsafe { _mm_load_si128(rec.add(Q6K_D) as *const __m128i) });
+            let zf = _mm256_setzero_ps();
+            for r in 0..R {
+                let dx = _mm256_set1_ps(d[r][b]);
+                // As `kquant_term(d, 0.0, dx, isum, 0)`, operation for operation.
+                let t = _mm256_sub_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(dv, dx), _mm256_cvtepi32_ps(isum[r])),
+                    _mm256_mul_ps(_mm256_mul_ps(zf, dx), zf),
+                );
+                acc[r][b % 8] = _mm256_add_ps(acc[r][b % 8], t);
+            }
+        }
+        for r in 0..R {
+            store_columns(&acc[r], &mut out[r * ncols + g * COLS..r * ncols + (g + 1) * COLS]);
+        }
+    }
+}
+
 /// The legacy formats: 32-value blocks against Q8 activation blocks.
 #[target_feature(enable = $tf)]
 fn legacy<const R: usize, const F: u8>(
@@ -592,6 +966,20 @@ fn finish_lanes(acc: &[__m128; 2]) -> f32 {
         _mm_storeu_ps(lanes.as_mut_ptr().add(4), acc[1]);
     }
     Combine::from_lanes(lanes).finish()
+}
+
+/// Eight columns' accumulator lanes (vector `l` holding lane `l` of every column) summed in
+/// [`Combine::finish`]'s tree, into `out[..8]`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn store_columns(a: &[__m256; 8], out: &mut [f32]) {
+    let s = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[1], a[5])),
+        _mm256_add_ps(_mm256_add_ps(a[2], a[6]), _mm256_add_ps(a[3], a[7])),
+    );
+    assert!(out.len() >= 8);
+    // SAFETY: eight values are in bounds (checked).
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
 }
 
 /// The i16 scales of groups `2v` and `2v + 1`, each broadcast over its 128-bit half.
