@@ -41,6 +41,10 @@ pub(crate) const QK: usize = 32;
 pub(crate) const QK_K: usize = 256;
 /// Rows of activations multiplied with one decoded weight block.
 pub(crate) const ROW_GROUP: usize = 4;
+/// Rows multiplied with one decoded group of packed (eight-column) weights: the weights are
+/// decoded once per group, the rows' products are cheap broadcasts.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const PACKED_ROW_GROUP: usize = 8;
 
 /// A weight format this engine has a kernel for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,7 +390,7 @@ impl QMatrix {
             let recs = p.columns(cols);
             let mut r0 = 0;
             while r0 < n {
-                let rows = (n - r0).min(ROW_GROUP);
+                let rows = (n - r0).min(PACKED_ROW_GROUP);
                 let out = &mut out_t[r0 * width..(r0 + rows) * width];
                 // SAFETY: these kernels are only chosen (or passed by tests) when the CPU
                 // has their features; the records are whole groups of this matrix.

@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::portable::legacy_offset;
-use super::{Activations, Combine, Format, QK, QK_K, ROW_GROUP, scales_mins_k4};
+use super::{Activations, Combine, Format, PACKED_ROW_GROUP, QK, QK_K, ROW_GROUP, scales_mins_k4};
 
 /// Whether this CPU runs the AVX2 kernels.
 pub(crate) fn avx2_available() -> bool {
@@ -47,6 +47,22 @@ macro_rules! by_rows {
             2 => $f::<2, { $fmt }> $args,
             3 => $f::<3, { $fmt }> $args,
             _ => $f::<4, { $fmt }> $args,
+        }
+    };
+}
+
+/// Dispatches on the number of rows (1..=8) to a kernel instantiated for it.
+macro_rules! by_rows8 {
+    ($f:ident, $fmt:expr, $rows:expr, $args:tt) => {
+        match $rows {
+            1 => $f::<1, { $fmt }> $args,
+            2 => $f::<2, { $fmt }> $args,
+            3 => $f::<3, { $fmt }> $args,
+            4 => $f::<4, { $fmt }> $args,
+            5 => $f::<5, { $fmt }> $args,
+            6 => $f::<6, { $fmt }> $args,
+            7 => $f::<7, { $fmt }> $args,
+            _ => $f::<8, { $fmt }> $args,
         }
     };
 }
@@ -107,14 +123,14 @@ pub(crate) unsafe fn dot_packed(
     rows: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(rows <= ROW_GROUP);
+    debug_assert!(rows <= PACKED_ROW_GROUP);
     match format {
-        Format::Q4K => by_rows!(packed_q4k, 0, rows, (recs, nb, acts, r0, out)),
-        Format::Q6K => by_rows!(packed_q6k, 0, rows, (recs, nb, acts, r0, out)),
-        Format::Q4_0 => by_rows!(packed_legacy, Q4_0, rows, (recs, nb, acts, r0, out)),
-        Format::Q4_1 => by_rows!(packed_legacy, Q4_1, rows, (recs, nb, acts, r0, out)),
-        Format::Q5_0 => by_rows!(packed_legacy, Q5_0, rows, (recs, nb, acts, r0, out)),
-        Format::Q8_0 => by_rows!(packed_legacy, Q8_0, rows, (recs, nb, acts, r0, out)),
+        Format::Q4K => by_rows8!(packed_q4k, 0, rows, (recs, nb, acts, r0, out)),
+        Format::Q6K => by_rows8!(packed_q6k, 0, rows, (recs, nb, acts, r0, out)),
+        Format::Q4_0 => by_rows8!(packed_legacy, Q4_0, rows, (recs, nb, acts, r0, out)),
+        Format::Q4_1 => by_rows8!(packed_legacy, Q4_1, rows, (recs, nb, acts, r0, out)),
+        Format::Q5_0 => by_rows8!(packed_legacy, Q5_0, rows, (recs, nb, acts, r0, out)),
+        Format::Q8_0 => by_rows8!(packed_legacy, Q8_0, rows, (recs, nb, acts, r0, out)),
         _ => unreachable!("float matrices are not packed"),
     }
 }
@@ -185,6 +201,8 @@ fn packed_q4k<const R: usize, const F: u8>(
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4)
                         };
                         let t = 2 * t2 + e;
+                        // Several rows are independent chains already.
+                        let e = if R == 1 { e } else { 0 };
                         for r in 0..R {
                             let x = unsafe { q[r].as_ptr().add(b * QK_K + 64 * p + 4 * t) };
                             let xl =
@@ -298,19 +316,26 @@ fn packed_legacy<const R: usize, const F: u8>(
             // for Q5_0 32 bytes of fifth bits; 256 bytes for Q8_0); each activation row has
             // `nb * 32` values.
             if F == Q8_0 {
-                for t in 0..8 {
-                    let v = unsafe { _mm256_loadu_si256(rec.add(qs_at + 32 * t) as *const __m256i) };
-                    let wu = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
-                    let wabs = _mm256_sign_epi8(v, v);
-                    for r in 0..R {
-                        let x = _mm256_set1_epi32(unsafe {
-                            (q[r].as_ptr().add(b * QK + 4 * t) as *const i32).read_unaligned()
-                        });
-                        s[t % 2][r] = if $vnni {
-                            dot4(s[t % 2][r], wu, x)
-                        } else {
-                            dot4(s[t % 2][r], wabs, _mm256_sign_epi8(x, v))
+                for t2 in 0..4 {
+                    for e in 0..2 {
+                        let t = 2 * t2 + e;
+                        let v = unsafe {
+                            _mm256_loadu_si256(rec.add(qs_at + 32 * t) as *const __m256i)
                         };
+                        let wu = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                        let wabs = _mm256_sign_epi8(v, v);
+                        // Several rows are independent chains already.
+                        let e = if R == 1 { e } else { 0 };
+                        for r in 0..R {
+                            let x = _mm256_set1_epi32(unsafe {
+                                (q[r].as_ptr().add(b * QK + 4 * t) as *const i32).read_unaligned()
+                            });
+                            s[e][r] = if $vnni {
+                                dot4(s[e][r], wu, x)
+                            } else {
+                                dot4(s[e][r], wabs, _mm256_sign_epi8(x, v))
+                            };
+                        }
                     }
                 }
             } else {
