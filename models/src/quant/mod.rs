@@ -17,8 +17,10 @@
 //! portable one bit for bit.
 //!
 //! Weight reuse: columns are processed in tiles whose weights fit in the L2 cache, and rows
-//! in groups of up to [`ROW_GROUP`]; within a group each weight block is loaded and decoded
-//! once and multiplied with every row of the group.
+//! in groups of up to [`ROW_GROUP`] (eight for packed weights); within a group each weight
+//! block is loaded and decoded once and multiplied with every row of the group. On x86 most
+//! formats are read from an eight-column copy made at load (`packed`), in which one SIMD
+//! product serves eight columns at once.
 
 #[cfg(target_arch = "x86_64")]
 mod packed;

@@ -150,6 +150,32 @@ fn dot4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
     }
 }
 
+/// `acc + w·x` for a chain of at most eight steps with `w ≤ 15`, or four with `w ≤ 31` (`w`
+/// unsigned bytes, `x` signed, `|x| ≤ 128`), closed by [`widen16`]: with VNNI as
+/// [`dot4`]; on AVX2 the `vpmaddubsw` pair sums are added as 16-bit lanes, which those bounds
+/// keep below 2^15 (8 · 2·15·128 = 30720, 4 · 2·31·128 = 31744), so the sums stay exact and
+/// the widening to 32 bits is paid once per chain instead of once per step.
+#[target_feature(enable = $tf)]
+#[inline]
+fn dot4_16(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    if $vnni {
+        dot4(acc, w, x)
+    } else {
+        _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x))
+    }
+}
+
+/// A [`dot4_16`] chain's sums as 32-bit lanes (each the sum of its lane's four products).
+#[target_feature(enable = $tf)]
+#[inline]
+fn widen16(acc: __m256i) -> __m256i {
+    if $vnni {
+        acc
+    } else {
+        _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+    }
+}
+
 /// Q4_K in the eight-column layout: per super-block and column the portable integers
 /// (`Σ_j sc_j Σ q·x`, `Σ_j m_j Σx`) and float term, eight columns per vector.
 #[target_feature(enable = $tf)]
@@ -210,8 +236,8 @@ fn packed_q4k<const R: usize, const F: u8>(
                             let xh = _mm256_set1_epi32(unsafe {
                                 (x.add(32) as *const i32).read_unaligned()
                             });
-                            lo[e][r] = dot4(lo[e][r], wl, xl);
-                            hi[e][r] = dot4(hi[e][r], wh, xh);
+                            lo[e][r] = dot4_16(lo[e][r], wl, xl);
+                            hi[e][r] = dot4_16(hi[e][r], wh, xh);
                         }
                     }
                 }
@@ -226,8 +252,8 @@ fn packed_q4k<const R: usize, const F: u8>(
                     _mm_load_si128(rec.add(Q4K_MN + 16 * p) as *const __m128i)
                 });
                 for r in 0..R {
-                    let sl = _mm256_add_epi32(lo[0][r], lo[1][r]);
-                    let mut sh = _mm256_add_epi32(hi[0][r], hi[1][r]);
+                    let sl = _mm256_add_epi32(widen16(lo[0][r]), widen16(lo[1][r]));
+                    let mut sh = _mm256_add_epi32(widen16(hi[0][r]), widen16(hi[1][r]));
                     if $vnni {
                         sh = _mm256_srai_epi32::<4>(sh);
                     }
@@ -360,8 +386,8 @@ fn packed_legacy<const R: usize, const F: u8>(
                         let xl = _mm256_set1_epi32(unsafe { (x as *const i32).read_unaligned() });
                         let xh =
                             _mm256_set1_epi32(unsafe { (x.add(16) as *const i32).read_unaligned() });
-                        s[0][r] = dot4(s[0][r], wl, xl);
-                        s[1][r] = dot4(s[1][r], wh, xh);
+                        s[0][r] = dot4_16(s[0][r], wl, xl);
+                        s[1][r] = dot4_16(s[1][r], wh, xh);
                     }
                 }
             }
@@ -373,7 +399,11 @@ fn packed_legacy<const R: usize, const F: u8>(
                 _mm256_setzero_ps()
             };
             for r in 0..R {
-                let mut isum = _mm256_add_epi32(s[0][r], s[1][r]);
+                let mut isum = if F == Q8_0 {
+                    _mm256_add_epi32(s[0][r], s[1][r])
+                } else {
+                    _mm256_add_epi32(widen16(s[0][r]), widen16(s[1][r]))
+                };
                 if off != 0 {
                     isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(off * sums[r][b]));
                 }
