@@ -153,6 +153,9 @@ pub enum Kernel {
     Avx2,
     /// x86_64 AVX2 with AVX-512 VNNI dot-product instructions (256-bit).
     Avx2Vnni,
+    /// x86_64 AVX2 with AVX-VNNI (the same dot products, VEX-encoded, on CPUs without
+    /// AVX-512).
+    Avx2AvxVnni,
 }
 
 impl fmt::Display for Kernel {
@@ -161,34 +164,57 @@ impl fmt::Display for Kernel {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
             Kernel::Avx2Vnni => "avx2+vnni",
+            Kernel::Avx2AvxVnni => "avx2+avxvnni",
         })
     }
 }
 
 /// The kernel path used by this process: the best the CPU supports, detected once at run
-/// time. `TANDEM_KERNEL=portable` or `=avx2` forces a lesser path (for comparisons).
+/// time. `TANDEM_KERNEL=NAME` (`portable`, `avx2`, `avx2+avxvnni`, `avx2+vnni`) forces
+/// another path this CPU supports (for comparisons); a name it does not support is ignored
+/// with a warning.
 pub fn kernel() -> Kernel {
     static CHOSEN: OnceLock<Kernel> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        let best = best_kernel();
-        match std::env::var("TANDEM_KERNEL").as_deref() {
-            Ok("portable") => Kernel::Portable,
-            Ok("avx2") if best == Kernel::Avx2Vnni => Kernel::Avx2,
-            _ => best,
+        let supported = supported_kernels();
+        let best = *supported
+            .last()
+            .expect("the portable path is always supported");
+        match std::env::var("TANDEM_KERNEL") {
+            Ok(name) => match supported.iter().find(|k| k.to_string() == name) {
+                Some(&k) => k,
+                None => {
+                    let names: Vec<String> = supported.iter().map(|k| k.to_string()).collect();
+                    eprintln!(
+                        "warning: TANDEM_KERNEL={name:?} is not a kernel path this CPU runs \
+                         ({}): using {best}",
+                        names.join(", ")
+                    );
+                    best
+                }
+            },
+            Err(_) => best,
         }
     })
 }
 
-fn best_kernel() -> Kernel {
+/// The kernel paths this CPU can run, best last.
+pub(crate) fn supported_kernels() -> Vec<Kernel> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut v = vec![Kernel::Portable];
     #[cfg(target_arch = "x86_64")]
-    if x86::vnni_available() {
-        return Kernel::Avx2Vnni;
+    {
+        if x86::avx2_available() {
+            v.push(Kernel::Avx2);
+        }
+        if x86::avxvnni_available() {
+            v.push(Kernel::Avx2AvxVnni);
+        }
+        if x86::vnni_available() {
+            v.push(Kernel::Avx2Vnni);
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    if x86::avx2_available() {
-        return Kernel::Avx2;
-    }
-    Kernel::Portable
+    v
 }
 
 /// A weight matrix `[out_dim, in_dim]` in its GGUF block format, read in place.
@@ -388,7 +414,9 @@ impl QMatrix {
         let cols = t * tile..((t + 1) * tile).min(self.out_dim);
         let width = cols.len();
         #[cfg(target_arch = "x86_64")]
-        if let (Some(p), Kernel::Avx2 | Kernel::Avx2Vnni) = (&self.packed, kernel) {
+        if let (Some(p), Kernel::Avx2 | Kernel::Avx2Vnni | Kernel::Avx2AvxVnni) =
+            (&self.packed, kernel)
+        {
             let recs = p.columns(cols);
             let mut r0 = 0;
             while r0 < n {
@@ -400,6 +428,9 @@ impl QMatrix {
                     match kernel {
                         Kernel::Avx2Vnni => {
                             x86::vnni::dot_packed(self.format, recs, p.nb, acts, r0, rows, out)
+                        }
+                        Kernel::Avx2AvxVnni => {
+                            x86::avxvnni::dot_packed(self.format, recs, p.nb, acts, r0, rows, out)
                         }
                         _ => x86::avx2::dot_packed(self.format, recs, p.nb, acts, r0, rows, out),
                     }
@@ -450,6 +481,11 @@ impl QMatrix {
             // SAFETY: `Kernel::Avx2Vnni` likewise, with AVX-512 VNNI and VL.
             Kernel::Avx2Vnni => unsafe {
                 x86::vnni::dot_tile(self.format, w, rb, acts, r0, rows, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2AvxVnni` likewise, with AVX-VNNI.
+            Kernel::Avx2AvxVnni => unsafe {
+                x86::avxvnni::dot_tile(self.format, w, rb, acts, r0, rows, out)
             },
             _ => portable::dot_tile(self.format, w, rb, acts, r0, rows, out),
         }

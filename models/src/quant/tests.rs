@@ -45,21 +45,6 @@ fn matrix(dtype: GgmlDType, out_dim: usize, k: usize, seed: u64) -> (QMatrix, Ve
     (m, deq)
 }
 
-/// Every path this CPU can run.
-fn kernels() -> Vec<Kernel> {
-    let mut v = vec![Kernel::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if x86::avx2_available() {
-            v.push(Kernel::Avx2);
-        }
-        if x86::vnni_available() {
-            v.push(Kernel::Avx2Vnni);
-        }
-    }
-    v
-}
-
 /// Each format's kernel against the plain product of the dequantized weights with the
 /// dequantized activations it was given: they differ by float order and, for Q4_1, by the
 /// f16 rounding of the activation block sums only, so a wrong nibble, high bit, scale or
@@ -71,7 +56,7 @@ fn every_format_matches_the_dequantized_product() {
     for dtype in FORMATS {
         let (m, wd) = matrix(dtype, out_dim, k, 3);
         let acts = Activations::quantize(&x, n, k, m.format.act_block());
-        for kernel in kernels() {
+        for kernel in supported_kernels() {
             let got = m.matmul_with(kernel, &x, n);
             for r in 0..n {
                 for j in 0..out_dim {
@@ -115,7 +100,7 @@ fn rows_and_paths_agree_bit_for_bit() {
         let single: Vec<Vec<f32>> = (0..17)
             .map(|r| m.matmul_with(Kernel::Portable, &x[r * k..(r + 1) * k], 1))
             .collect();
-        for kernel in kernels() {
+        for kernel in supported_kernels() {
             for n in 1..=17 {
                 let y = m.matmul_with(kernel, &x[..n * k], n);
                 for (r, want) in single.iter().take(n).enumerate() {
@@ -168,7 +153,7 @@ fn fused_products_match_single_products() {
     let refs: Vec<&QMatrix> = mats.iter().collect();
     for n in [1, 3, 6] {
         let x = values(n * k, 7 + n as u64);
-        for kernel in kernels() {
+        for kernel in supported_kernels() {
             let fused = matmul_many(kernel, &refs, &x, n);
             for (m, got) in mats.iter().zip(&fused) {
                 let want = m.matmul_with(kernel, &x, n);
@@ -209,7 +194,7 @@ fn packed_columns_give_the_portable_bits() {
                 *v = if i % 3 == 0 { -5.0 } else { 5.0 };
             }
             let want = m.matmul_with(Kernel::Portable, &x, 3);
-            for kernel in kernels() {
+            for kernel in supported_kernels() {
                 let got = m.matmul_with(kernel, &x, 3);
                 assert!(
                     got.iter()

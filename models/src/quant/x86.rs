@@ -22,6 +22,12 @@ pub(crate) fn vnni_available() -> bool {
         && is_x86_feature_detected!("avx512vl")
 }
 
+/// Whether this CPU runs the AVX-VNNI kernels (the same 256-bit dot products, VEX-encoded:
+/// Alder Lake and later client cores, Atom-class N100/N200, Zen 5).
+pub(crate) fn avxvnni_available() -> bool {
+    avx2_available() && is_x86_feature_detected!("avxvnni")
+}
+
 /// How far ahead of the block being computed the weight stream is prefetched.
 const PREFETCH: usize = 1536;
 
@@ -71,7 +77,7 @@ macro_rules! by_rows8 {
 /// `vpmaddwd` by `vpdpbusd` and fuses the k-quant scale multiply-add into `vpdpwssd`. The
 /// integer results are the same (exact), so both instantiations give the same bits.
 macro_rules! kernels {
-    ($module:ident, $tf:tt, $vnni:expr) => {
+    ($module:ident, $tf:tt, $vnni:expr, $dpbusd:ident, $dpwssd:ident) => {
         // The VNNI calls need `unsafe` where the module lacks the feature (the AVX2
         // instantiation, whose branches are dead) and not where it has it.
         #[allow(unused_unsafe)]
@@ -112,7 +118,8 @@ pub(crate) unsafe fn dot_tile(
 /// `[rows][columns]`. Same bits as [`dot_tile`] on the same columns in GGUF layout.
 ///
 /// # Safety
-/// As [`dot_tile`]; `format` is Q4_K or Q6_K, `recs` holds whole groups of `nb` records.
+/// As [`dot_tile`]; `format` is one [`super::packed::pack`] packs, `recs` holds whole groups
+/// of `nb` records of it.
 #[target_feature(enable = $tf)]
 pub(crate) unsafe fn dot_packed(
     format: Format,
@@ -131,7 +138,7 @@ pub(crate) unsafe fn dot_packed(
         Format::Q4_1 => by_rows8!(packed_legacy, Q4_1, rows, (recs, nb, acts, r0, out)),
         Format::Q5_0 => by_rows8!(packed_legacy, Q5_0, rows, (recs, nb, acts, r0, out)),
         Format::Q8_0 => by_rows8!(packed_legacy, Q8_0, rows, (recs, nb, acts, r0, out)),
-        _ => unreachable!("float matrices are not packed"),
+        _ => unreachable!("Q5_K and float matrices are not packed"),
     }
 }
 
@@ -141,10 +148,10 @@ pub(crate) unsafe fn dot_packed(
 fn dot4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
     if $vnni {
         // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
-        unsafe { _mm256_dpbusd_epi32(acc, w, x) }
+        unsafe { $dpbusd(acc, w, x) }
     } else {
-        // The 16-bit pair sums stay in range: `w` is at most 63, or (Q8_0) both factors
-        // are at most 127 in magnitude.
+        // The 16-bit pair sums stay in range: `w` is at most 63 (2·63·128 < 2^15), or
+        // (Q8_0) |w| ≤ 128 and |x| ≤ 127 (activations are quantized to ±127).
         let m = _mm256_maddubs_epi16(w, x);
         _mm256_add_epi32(acc, _mm256_madd_epi16(m, _mm256_set1_epi16(1)))
     }
@@ -577,7 +584,7 @@ fn legacy<const R: usize, const F: u8>(
                         let sx = _mm256_sign_epi8(xv, wv);
                         part[r][i] = if $vnni {
                             // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
-                            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, sx) }
+                            unsafe { $dpbusd(_mm256_setzero_si256(), wabs, sx) }
                         } else {
                             _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, sx), ones)
                         };
@@ -600,7 +607,7 @@ fn legacy<const R: usize, const F: u8>(
                         };
                         part[r][i] = if $vnni {
                             // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
-                            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv) }
+                            unsafe { $dpbusd(_mm256_setzero_si256(), wv, xv) }
                         } else {
                             _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones)
                         };
@@ -703,7 +710,7 @@ fn kquant4<const R: usize, const F: u8>(
                         isum[r] = if $vnni {
                             // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
                             unsafe {
-                                _mm256_dpwssd_epi32(_mm256_dpwssd_epi32(isum[r], m_lo, s_lo), m_hi, s_hi)
+                                $dpwssd($dpwssd(isum[r], m_lo, s_lo), m_hi, s_hi)
                             }
                         } else {
                             let p_lo = _mm256_madd_epi16(m_lo, s_lo);
@@ -806,7 +813,7 @@ fn q6k<const R: usize, const F: u8>(
                             let m = _mm256_maddubs_epi16(wv, xv);
                             isum[r] = if $vnni {
                                 // SAFETY: this instantiation is compiled with AVX-512 VNNI + VL.
-                                unsafe { _mm256_dpwssd_epi32(isum[r], m, scv) }
+                                unsafe { $dpwssd(isum[r], m, scv) }
                             } else {
                                 _mm256_add_epi32(isum[r], _mm256_madd_epi16(m, scv))
                             };
@@ -838,8 +845,27 @@ fn q6k<const R: usize, const F: u8>(
     };
 }
 
-kernels!(avx2, "avx2,fma,f16c", false);
-kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", true);
+kernels!(
+    avx2,
+    "avx2,fma,f16c",
+    false,
+    _mm256_dpbusd_epi32,
+    _mm256_dpwssd_epi32
+);
+kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    true,
+    _mm256_dpbusd_epi32,
+    _mm256_dpwssd_epi32
+);
+kernels!(
+    avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    true,
+    _mm256_dpbusd_avx_epi32,
+    _mm256_dpwssd_avx_epi32
+);
 
 const fn legacy_format(f: u8) -> Format {
     match f {
