@@ -418,10 +418,7 @@ impl QMatrix {
             (&self.packed, kernel)
         {
             let recs = p.columns(cols);
-            let mut r0 = 0;
-            while r0 < n {
-                let rows = (n - r0).min(PACKED_ROW_GROUP);
-                let out = &mut out_t[r0 * width..(r0 + rows) * width];
+            row_groups(n, PACKED_ROW_GROUP, width, out_t, |r0, rows, out| {
                 // SAFETY: these kernels are only chosen (or passed by tests) when the CPU
                 // has their features; the records are whole groups of this matrix.
                 unsafe {
@@ -435,19 +432,14 @@ impl QMatrix {
                         _ => x86::avx2::dot_packed(self.format, recs, p.nb, acts, r0, rows, out),
                     }
                 }
-                r0 += rows;
-            }
+            });
             return;
         }
         let bytes = self.bytes();
         let w = &bytes[cols.start * self.row_bytes..cols.end * self.row_bytes];
-        let mut r0 = 0;
-        while r0 < n {
-            let rows = (n - r0).min(ROW_GROUP);
-            let out = &mut out_t[r0 * width..(r0 + rows) * width];
-            self.dot_tile(kernel, w, acts, r0, rows, out);
-            r0 += rows;
-        }
+        row_groups(n, ROW_GROUP, width, out_t, |r0, rows, out| {
+            self.dot_tile(kernel, w, acts, r0, rows, out)
+        });
     }
 
     /// Dot products of the weight rows in `w` (a tile of whole rows) with activation rows
@@ -489,6 +481,23 @@ impl QMatrix {
             },
             _ => portable::dot_tile(self.format, w, rb, acts, r0, rows, out),
         }
+    }
+}
+
+/// Calls `f(r0, rows, out)` for the rows `0..n` in groups of at most `group`, `out` being the
+/// group's part of `out_t` (laid out `[rows][width]`).
+fn row_groups(
+    n: usize,
+    group: usize,
+    width: usize,
+    out_t: &mut [f32],
+    mut f: impl FnMut(usize, usize, &mut [f32]),
+) {
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = (n - r0).min(group);
+        f(r0, rows, &mut out_t[r0 * width..(r0 + rows) * width]);
+        r0 += rows;
     }
 }
 
