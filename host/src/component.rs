@@ -259,6 +259,21 @@ fn engine() -> anyhow::Result<Engine> {
     Ok(ENGINE.get_or_init(|| engine).clone())
 }
 
+/// What names this process's compiled components in the cache: a hash of everything that
+/// makes wasmtime's machine code loadable (its version, the compiler settings and the CPU
+/// features it compiled for). A file with another tag is not used.
+pub fn engine_tag() -> anyhow::Result<String> {
+    let mut compat = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&engine()?.precompile_compatibility_hash(), &mut compat);
+    Ok(format!("{:016x}", std::hash::Hasher::finish(&compat)))
+}
+
+/// The cache file name of the component whose sha256 is `digest` (hex), compiled by the
+/// engine tagged `tag`.
+pub fn cache_key(digest: &str, tag: &str) -> String {
+    format!("{}-{tag}.cwasm", &digest[..24])
+}
+
 /// Where compiled components are cached: `$TANDEM_WASM_CACHE`, else
 /// `$XDG_CACHE_HOME/tandem/wasm`, else `~/.cache/tandem/wasm` — a directory of this user's
 /// (see [`crate::cache`]).
@@ -284,13 +299,7 @@ impl Runtime {
         let mut h = Sha256::new();
         h.update(&bytes);
         let digest = hex::encode(h.finalize());
-        let mut compat = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut compat);
-        let key = format!(
-            "{}-{:016x}.cwasm",
-            &digest[..24],
-            std::hash::Hasher::finish(&compat)
-        );
+        let key = cache_key(&digest, &engine_tag()?);
         let dir = cache_dir();
         let cache = CompiledCache::open(&dir)
             .map_err(|e| tracing_warn(&format!("compiled-component cache: {e}")))

@@ -379,19 +379,21 @@ impl Store {
     /// Opens (creating it 0700) the store: `dir`, else `$TANDEM_DRAFTERS`, else
     /// `~/.cache/tandem/drafters`.
     pub fn open(dir: Option<&Path>) -> anyhow::Result<Store> {
-        let dir = match dir {
-            Some(d) => d.to_path_buf(),
-            None => match std::env::var_os("TANDEM_DRAFTERS") {
-                Some(d) => PathBuf::from(d),
-                None => tandem_models::fetch::cache_root().join("drafters"),
-            },
-        };
+        let dir = dir.map_or_else(Store::default_dir, Path::to_path_buf);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating the drafter store {}", dir.display()))?;
         Ok(Store { dir })
+    }
+
+    /// `$TANDEM_DRAFTERS`, else `~/.cache/tandem/drafters`.
+    pub fn default_dir() -> PathBuf {
+        match std::env::var_os("TANDEM_DRAFTERS") {
+            Some(d) => PathBuf::from(d),
+            None => tandem_models::fetch::cache_root().join("drafters"),
+        }
     }
 
     /// The current and previous bundles.

@@ -9,6 +9,7 @@ mod component;
 mod demo;
 mod drafter_cmd;
 mod generate;
+mod info;
 mod ledger;
 mod models_cmd;
 mod nn;
@@ -61,6 +62,9 @@ enum Command {
         #[command(subcommand)]
         command: drafter_cmd::DrafterCommand,
     },
+    /// What this device is and can run: architecture, CPU features and kernel path, memory,
+    /// GPU adapters, wasmtime and its compiled-component cache, models and drafters present.
+    Info(info::InfoArgs),
     /// Model catalog, fetching, backbone split, fingerprints and local generation.
     Models {
         #[command(subcommand)]
@@ -175,6 +179,7 @@ fn main() {
         }),
         Command::Serve(args) => serve::run(&args),
         Command::LinkShaper(args) => link_shaper(&args),
+        Command::Info(args) => info::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -255,6 +255,44 @@ fn greedy_output_equals_target_only_for_every_strategy() {
             }
         }
     }
+    // `tandem info` sees the compiled component, made by this engine, and the file's hash;
+    // a compiled file of another engine (another wasmtime or CPU) is counted as incompatible.
+    let info = |dir: &Path| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["info", "--json", "--drafter", wasm.to_str().unwrap()])
+            .env("TANDEM_WASM_CACHE", dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let i = info(dir.path());
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&wasm).unwrap()))
+    };
+    assert_eq!(i["drafters"]["component_sha256"], sha.as_str());
+    assert_eq!(i["drafters"]["component_compiled"], true, "{i}");
+    assert_eq!(i["wasmtime"]["cached"], 1, "{i}");
+    assert_eq!(i["wasmtime"]["cached_compatible"], 1, "{i}");
+    assert_eq!(i["arch"], std::env::consts::ARCH);
+    assert_eq!(
+        i["kernel"]["chosen"],
+        tandem_models::quant::kernel().to_string().as_str()
+    );
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other
+            .path()
+            .join(format!("{}-0123456789abcdef.cwasm", &sha[..24])),
+        b"x",
+    )
+    .unwrap();
+    let i = info(other.path());
+    assert_eq!(i["wasmtime"]["cached"], 1, "{i}");
+    assert_eq!(i["wasmtime"]["cached_compatible"], 0, "{i}");
+    assert_eq!(i["drafters"]["component_compiled"], false, "{i}");
+
     // A tampered compiled component is never deserialized: it is recompiled (with a
     // warning) and the next start uses the fresh one.
     let cached: Vec<PathBuf> = std::fs::read_dir(dir.path())

@@ -22,6 +22,8 @@
 //! formats are read from an eight-column copy made at load (`packed`), in which one SIMD
 //! product serves eight columns at once.
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(target_arch = "x86_64")]
 mod packed;
 mod portable;
@@ -156,6 +158,10 @@ pub enum Kernel {
     /// x86_64 AVX2 with AVX-VNNI (the same dot products, VEX-encoded, on CPUs without
     /// AVX-512).
     Avx2AvxVnni,
+    /// aarch64 NEON (every aarch64 CPU).
+    Neon,
+    /// aarch64 NEON with the 8-bit dot-product instructions (Armv8.2 `dotprod`).
+    NeonDotprod,
 }
 
 impl fmt::Display for Kernel {
@@ -165,12 +171,15 @@ impl fmt::Display for Kernel {
             Kernel::Avx2 => "avx2",
             Kernel::Avx2Vnni => "avx2+vnni",
             Kernel::Avx2AvxVnni => "avx2+avxvnni",
+            Kernel::Neon => "neon",
+            Kernel::NeonDotprod => "neon+dotprod",
         })
     }
 }
 
 /// The kernel path used by this process: the best the CPU supports, detected once at run
-/// time. `TANDEM_KERNEL=NAME` (`portable`, `avx2`, `avx2+avxvnni`, `avx2+vnni`) forces
+/// time. `TANDEM_KERNEL=NAME` (`portable`, `avx2`, `avx2+avxvnni`, `avx2+vnni` on x86_64;
+/// `portable`, `neon`, `neon+dotprod` on aarch64) forces
 /// another path this CPU supports (for comparisons); a name it does not support is ignored
 /// with a warning.
 pub fn kernel() -> Kernel {
@@ -199,8 +208,11 @@ pub fn kernel() -> Kernel {
 }
 
 /// The kernel paths this CPU can run, best last.
-pub(crate) fn supported_kernels() -> Vec<Kernel> {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+pub fn supported_kernels() -> Vec<Kernel> {
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(unused_mut)
+    )]
     let mut v = vec![Kernel::Portable];
     #[cfg(target_arch = "x86_64")]
     {
@@ -212,6 +224,15 @@ pub(crate) fn supported_kernels() -> Vec<Kernel> {
         }
         if x86::vnni_available() {
             v.push(Kernel::Avx2Vnni);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if neon::neon_available() {
+            v.push(Kernel::Neon);
+        }
+        if neon::dotprod_available() {
+            v.push(Kernel::NeonDotprod);
         }
     }
     v
@@ -479,6 +500,14 @@ impl QMatrix {
             Kernel::Avx2AvxVnni => unsafe {
                 x86::avxvnni::dot_tile(self.format, w, rb, acts, r0, rows, out)
             },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `Kernel::Neon` is only chosen (or passed by tests) when the CPU has NEON.
+            Kernel::Neon => unsafe { neon::dot_tile(self.format, w, rb, acts, r0, rows, out) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: `Kernel::NeonDotprod` likewise, with `dotprod`.
+            Kernel::NeonDotprod => unsafe {
+                neon::dot_tile_dotprod(self.format, w, rb, acts, r0, rows, out)
+            },
             _ => portable::dot_tile(self.format, w, rb, acts, r0, rows, out),
         }
     }
@@ -701,7 +730,10 @@ impl Activations {
     }
 
     /// Per-32 integer sums of row `r` (256-blocks).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )] // used by the SIMD paths
     pub fn sums32_row(&self, r: usize) -> &[i32] {
         let ns = self.k / 32;
         &self.sums32[r * ns..(r + 1) * ns]
@@ -770,7 +802,10 @@ pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
 /// The eight 6-bit scales and eight minimums of a Q4_K/Q5_K super-block, unpacked from
 /// its 12 packed bytes with word operations (same values as [`scale_min_k4`]).
 #[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86 paths
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)] // used by the SIMD paths
 pub(crate) fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     const M1: u32 = 0x3f3f_3f3f;
     const M2: u32 = 0x0f0f_0f0f;
