@@ -434,39 +434,19 @@ fn meminfo_kib(meminfo: &str, key: &str) -> u64 {
 fn cpu_features() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut v = Vec::new();
+    #[allow(unused_macros)]
+    macro_rules! detect {
+        ($detected:ident: $($f:tt),*) => {$(
+            if std::arch::$detected!($f) {
+                v.push($f);
+            }
+        )*};
+    }
     #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! detect {
-            ($($f:tt),*) => {$(
-                if std::arch::is_x86_feature_detected!($f) {
-                    v.push($f);
-                }
-            )*};
-        }
-        detect!(
-            "sse4.2",
-            "avx",
-            "avx2",
-            "fma",
-            "f16c",
-            "avxvnni",
-            "avx512f",
-            "avx512bw",
-            "avx512vl",
-            "avx512vnni"
-        );
-    }
+    detect!(is_x86_feature_detected: "sse4.2", "avx", "avx2", "fma", "f16c", "avxvnni",
+        "avx512f", "avx512bw", "avx512vl", "avx512vnni");
     #[cfg(target_arch = "aarch64")]
-    {
-        macro_rules! detect {
-            ($($f:tt),*) => {$(
-                if std::arch::is_aarch64_feature_detected!($f) {
-                    v.push($f);
-                }
-            )*};
-        }
-        detect!("neon", "dotprod", "fp16", "i8mm", "sve", "sve2");
-    }
+    detect!(is_aarch64_feature_detected: "neon", "dotprod", "fp16", "i8mm", "sve", "sve2");
     v
 }
 

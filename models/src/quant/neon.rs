@@ -189,24 +189,35 @@ fn decode_legacy(format: Format, blk: &[u8]) -> [int8x16_t; 2] {
     }
 }
 
+/// `f(r)` for each row `r` of the group `r0..r0 + rows` (empty past it): the rows' slices of
+/// the activations, looked up once per column instead of once per block.
+#[inline(always)]
+fn per_row<'a, T>(rows: usize, r0: usize, f: impl Fn(usize) -> &'a [T]) -> [&'a [T]; ROW_GROUP] {
+    std::array::from_fn(|i| if i < rows { f(r0 + i) } else { &[] })
+}
+
 #[inline(always)]
 fn legacy_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
     let bb = format.block().1;
     let offset = legacy_offset(format);
+    let n = acc.len();
+    let q = per_row(n, r0, |r| a.q_row(r));
+    let d = per_row(n, r0, |r| a.d_row(r));
+    let sums = per_row(n, r0, |r| a.sums_row(r));
+    let s = per_row(n, r0, |r| a.s_row(r));
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let [w0, w1] = decode_legacy(format, blk);
         let dw = f16_at(blk, 0);
         let mw = (format == Format::Q4_1).then(|| f16_at(blk, 2));
         for (r, acc) in acc.iter_mut().enumerate() {
-            let r = r0 + r;
-            let x = &a.q_row(r)[b * QK..(b + 1) * QK];
+            let x = &q[r][b * QK..(b + 1) * QK];
             // SAFETY: NEON is part of every aarch64 target.
             let v = unsafe { vdupq_n_s32(0) };
             let v = D::dot(D::dot(v, w0, load_i8(x)), w1, load_i8(&x[16..]));
             // SAFETY: as above.
-            let isum = unsafe { vaddvq_s32(v) } - offset * a.sums_row(r)[b];
-            let mw_sx = mw.map(|m| (m, a.s_row(r)[b]));
-            acc.add(b, legacy_term(dw, a.d_row(r)[b], isum, mw_sx));
+            let isum = unsafe { vaddvq_s32(v) } - offset * sums[r][b];
+            let mw_sx = mw.map(|m| (m, s[r][b]));
+            acc.add(b, legacy_term(dw, d[r][b], isum, mw_sx));
         }
     }
 }
@@ -214,6 +225,10 @@ fn legacy_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc:
 #[inline(always)]
 fn k4_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
     let bb = format.block().1;
+    let n = acc.len();
+    let xq = per_row(n, r0, |r| a.q_row(r));
+    let d = per_row(n, r0, |r| a.d_row(r));
+    let sums32 = per_row(n, r0, |r| a.sums32_row(r));
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let (sc, mn) = scales_mins_k4(&blk[4..16]);
         let (qh, qs) = match format {
@@ -244,7 +259,7 @@ fn k4_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc: &mu
                 }
             });
             for (r, vs) in vsum.iter_mut().enumerate().take(acc.len()) {
-                let x = &a.q_row(r0 + r)[b * QK_K + c * 64..];
+                let x = &xq[r][b * QK_K + c * 64..];
                 let lo = D::dot(
                     D::dot(zero, v[0][0], load_i8(x)),
                     v[1][0],
@@ -263,17 +278,11 @@ fn k4_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc: &mu
             }
         }
         for (r, acc) in acc.iter_mut().enumerate() {
-            let s32 = &a.sums32_row(r0 + r)[b * 8..(b + 1) * 8];
+            let s32 = &sums32[r][b * 8..(b + 1) * 8];
             let imin: i32 = mn.iter().zip(s32).map(|(&m, &s)| m as i32 * s).sum();
             // SAFETY: NEON is part of every aarch64 target.
             let isum = unsafe { vaddvq_s32(vsum[r]) };
-            let term = kquant_term(
-                f16_at(blk, 0),
-                f16_at(blk, 2),
-                a.d_row(r0 + r)[b],
-                isum,
-                imin,
-            );
+            let term = kquant_term(f16_at(blk, 0), f16_at(blk, 2), d[r][b], isum, imin);
             acc.add(b, term);
         }
     }
@@ -281,6 +290,10 @@ fn k4_row<D: Dot>(format: Format, w: &[u8], a: &Activations, r0: usize, acc: &mu
 
 #[inline(always)]
 fn q6k_row<D: Dot>(w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
+    let n = acc.len();
+    let q = per_row(n, r0, |r| a.q_row(r));
+    let d = per_row(n, r0, |r| a.d_row(r));
+    let sums = per_row(n, r0, |r| a.sums_row(r));
     for (b, blk) in w.chunks_exact(210).enumerate() {
         let scales = &blk[192..208];
         // SAFETY: NEON is part of every aarch64 target.
@@ -317,7 +330,7 @@ fn q6k_row<D: Dot>(w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
                 .map(|v| vreinterpretq_s8_u8(v))
             };
             for (r, vs) in vsum.iter_mut().enumerate().take(acc.len()) {
-                let x = &a.q_row(r0 + r)[b * QK_K + half * 128..];
+                let x = &q[r][b * QK_K + half * 128..];
                 for (i, &gv) in g.iter().enumerate() {
                     let p = D::dot(zero, gv, load_i8(&x[i * 16..]));
                     let sc = scales[half * 8 + i] as i8 as i32;
@@ -327,7 +340,7 @@ fn q6k_row<D: Dot>(w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
             }
         }
         for (r, acc) in acc.iter_mut().enumerate() {
-            let bs = &a.sums_row(r0 + r)[b * 16..(b + 1) * 16];
+            let bs = &sums[r][b * 16..(b + 1) * 16];
             let smin: i32 = scales
                 .iter()
                 .zip(bs)
@@ -335,7 +348,7 @@ fn q6k_row<D: Dot>(w: &[u8], a: &Activations, r0: usize, acc: &mut [Combine]) {
                 .sum();
             // SAFETY: NEON is part of every aarch64 target.
             let isum = unsafe { vaddvq_s32(vsum[r]) } - 32 * smin;
-            let term = kquant_term(f16_at(blk, 208), 0.0, a.d_row(r0 + r)[b], isum, 0);
+            let term = kquant_term(f16_at(blk, 208), 0.0, d[r][b], isum, 0);
             acc.add(b, term);
         }
     }
