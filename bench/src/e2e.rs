@@ -136,7 +136,7 @@ pub struct VerifyTime {
 }
 
 /// Kills the child when dropped.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -374,7 +374,7 @@ fn parse_cores(s: &str) -> anyhow::Result<Option<(usize, usize)>> {
 }
 
 /// Waits for the verifier's "listening on" line; its address.
-fn wait_listening(child: &mut Child, log: &Path) -> anyhow::Result<SocketAddr> {
+pub(crate) fn wait_listening(child: &mut Child, log: &Path) -> anyhow::Result<SocketAddr> {
     let stdout = child.stdout.take().context("verifier stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

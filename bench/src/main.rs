@@ -8,6 +8,7 @@ mod link;
 mod model;
 mod report;
 mod soak;
+mod verifier;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,11 @@ enum Command {
     /// malformed-frame flood, idle connections and hot-swaps; checks every token, prints
     /// sessions, errors, round-time percentiles and peak RSS; writes soak.json.
     Soak(soak::Args),
+    /// Many simulated devices (recorded real drafts) against one verifier, batching on and
+    /// off alternately, N = 1, 2, 4, 8, 16: aggregate and per-session tokens/s, round
+    /// latency percentiles; writes verifier.json. Fails if any round differs from the
+    /// recording.
+    Verifier(verifier::Args),
 }
 
 fn main() {
@@ -49,6 +55,7 @@ fn main() {
         Command::Heads(args) => heads::run(&args),
         Command::Gpu(args) => gpu::run(&args),
         Command::Soak(args) => soak::run(&args),
+        Command::Verifier(args) => verifier::run(&args),
     };
     if let Err(e) = result {
         eprintln!("tandem-bench: error: {e:#}");

@@ -120,6 +120,25 @@ pub enum Rows {
     All,
     /// Only the last input position (prefill, plain decoding).
     Last,
+    /// None: the forward only extends the KV cache (a prefill chunk before the last).
+    None,
+}
+
+/// One sequence's part of a batched forward ([`Model::forward_batch`]): its input tokens at
+/// positions `pos..` over its own cache, the rows it wants logits of, and its exits.
+pub struct Step<'a> {
+    /// Input tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first; must not exceed `cache.len()` (a lower one rolls back).
+    pub pos: usize,
+    /// The sequence's KV cache.
+    pub cache: &'a mut KvCache,
+    /// Which positions produce logits.
+    pub rows: Rows,
+    /// Layers whose logits go to `on_exit` as soon as they are computed.
+    pub exits: &'a [usize],
+    /// Receives the exits' logits (on a thread of the compute pool).
+    pub on_exit: &'a mut (dyn FnMut(ExitLogits) + Send),
 }
 
 /// How a [`KvCache`] stores keys and values.
@@ -442,80 +461,131 @@ impl Model {
         exits: &[usize],
         on_exit: &mut (dyn FnMut(ExitLogits) + Send),
     ) -> Result<Logits> {
+        let mut step = [Step {
+            tokens,
+            pos,
+            cache,
+            rows,
+            exits,
+            on_exit,
+        }];
+        self.forward_batch(&mut step).remove(0)
+    }
+
+    /// One forward over several sequences at once, each with its own KV cache, positions,
+    /// rows and exits: every weight is read once for all of their rows. A sequence's
+    /// logits (and exits) are bitwise the same as from its own [`Model::forward_with_exits`]
+    /// (the kernels are batch-invariant; attention, RoPE and the caches stay per
+    /// sequence). Returns one result per step, in order; a step that is invalid gets its
+    /// error and the others still run.
+    pub fn forward_batch(&self, steps: &mut [Step<'_>]) -> Vec<Result<Logits>> {
+        let mut results: Vec<Option<Result<Logits>>> = Vec::with_capacity(steps.len());
+        let mut valid: Vec<&mut Step> = Vec::with_capacity(steps.len());
+        for s in steps.iter_mut() {
+            match self.check_step(s) {
+                Ok(()) => {
+                    s.cache.truncate(s.pos);
+                    results.push(None);
+                    valid.push(s);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if valid.is_empty() {
+            return results.into_iter().map(Option::unwrap).collect();
+        }
+        // The forward holds the compute team: its helpers spin between the parallel
+        // regions (about 150 per SmolLM2 token) instead of sleeping and being woken.
+        #[cfg(not(target_arch = "wasm32"))]
+        let out = crate::team::forward(|| self.run_blocks(&mut valid));
+        #[cfg(target_arch = "wasm32")]
+        let out = self.run_blocks(&mut valid);
+        let mut out = match out {
+            Ok(logits) => {
+                for s in valid.iter_mut() {
+                    s.cache.len = s.pos + s.tokens.len();
+                }
+                logits.into_iter().map(Ok).collect::<Vec<_>>()
+            }
+            Err(e) => {
+                // Leave every cache as it was before the failed forward.
+                let message = e.to_string();
+                let mut first = Some(e);
+                valid
+                    .iter_mut()
+                    .map(|s| {
+                        s.cache.truncate(s.pos);
+                        Err(first.take().unwrap_or_else(|| {
+                            Error::InvalidArgument(format!("batched forward failed: {message}"))
+                        }))
+                    })
+                    .collect()
+            }
+        }
+        .into_iter();
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| out.next().expect("one result per valid step")))
+            .collect()
+    }
+
+    fn check_step(&self, s: &Step) -> Result<()> {
         let c = &self.config;
-        let n = tokens.len();
+        let n = s.tokens.len();
         if n == 0 {
             return Err(Error::InvalidArgument(
                 "forward needs at least one token".into(),
             ));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::TokenOutOfRange {
                 token: bad,
                 vocab: c.vocab_size,
             });
         }
-        if pos > cache.len() {
+        if s.pos > s.cache.len() {
             return Err(Error::PositionGap {
-                pos,
-                cached: cache.len(),
+                pos: s.pos,
+                cached: s.cache.len(),
             });
         }
-        if pos + n > c.context_length {
+        if s.pos + n > c.context_length {
             return Err(Error::ContextExceeded {
-                pos,
+                pos: s.pos,
                 n,
-                end: pos + n,
+                end: s.pos + n,
                 context: c.context_length,
             });
         }
-        if let Some(&bad) = exits.iter().find(|&&k| k == 0 || k > c.n_layer) {
+        if let Some(&bad) = s.exits.iter().find(|&&k| k == 0 || k > c.n_layer) {
             return Err(Error::InvalidArgument(format!(
                 "exit layer {bad} is out of range: this model has layers 1..={}",
                 c.n_layer
             )));
         }
-        if cache.keys.layers() != c.n_layer || cache.kv_dim != c.kv_dim() {
+        if s.cache.keys.layers() != c.n_layer || s.cache.kv_dim != c.kv_dim() {
             return Err(Error::InvalidArgument(
                 "this KV cache was made for a different model".into(),
             ));
         }
-        cache.truncate(pos);
-        // The forward holds the compute team: its helpers spin between the parallel
-        // regions (about 150 per SmolLM2 token) instead of sleeping and being woken.
-        #[cfg(not(target_arch = "wasm32"))]
-        let result =
-            crate::team::forward(|| self.run_blocks(tokens, pos, cache, rows, exits, on_exit));
-        #[cfg(target_arch = "wasm32")]
-        let result = self.run_blocks(tokens, pos, cache, rows, exits, on_exit);
-        match result {
-            Ok(logits) => {
-                cache.len = pos + n;
-                Ok(logits)
-            }
-            Err(e) => {
-                // Leave the cache as it was before the failed forward.
-                cache.truncate(pos);
-                Err(e)
-            }
-        }
+        Ok(())
     }
 
-    fn run_blocks(
-        &self,
-        tokens: &[u32],
-        pos: usize,
-        cache: &mut KvCache,
-        rows: Rows,
-        exits: &[usize],
-        on_exit: &mut (dyn FnMut(ExitLogits) + Send),
-    ) -> Result<Logits> {
+    /// The blocks over the rows of every step: products over all rows together; RoPE,
+    /// the caches and attention per step.
+    fn run_blocks(&self, steps: &mut [&mut Step]) -> Result<Vec<Logits>> {
         let c = &self.config;
-        let n = tokens.len();
         let d = c.n_embd;
-        let mut h = Vec::with_capacity(n * d);
-        for &t in tokens {
-            self.embedding.lookup(t, &mut h)?;
+        let (qd, kvd) = (c.n_head * c.head_dim, c.kv_dim());
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let mut spans = Vec::with_capacity(steps.len());
+        let mut h = Vec::with_capacity(total * d);
+        for s in steps.iter() {
+            let start = h.len() / d;
+            for &t in s.tokens {
+                self.embedding.lookup(t, &mut h)?;
+            }
+            spans.push(start..start + s.tokens.len());
         }
         let shape = AttnShape {
             n_head: c.n_head,
@@ -523,39 +593,81 @@ impl Model {
             head_dim: c.head_dim,
         };
         let neox = c.arch == Architecture::Qwen2;
-        let rope = RopeTable::new(pos, n, c.rope_dim, c.rope_base);
-        let mut x = vec![0f32; n * d];
+        let ropes: Vec<RopeTable> = steps
+            .iter()
+            .map(|s| RopeTable::new(s.pos, s.tokens.len(), c.rope_dim, c.rope_base))
+            .collect();
+        let mut x = vec![0f32; total * d];
         for (i, b) in self.blocks.iter().enumerate() {
             rms_norm(&h, &b.attn_norm, c.rms_eps, &mut x);
-            let [mut q, mut k, mut v] = Linear::forward_many([&b.wq, &b.wk, &b.wv], &x, n)?;
+            let [mut q, mut k, mut v] = Linear::forward_many([&b.wq, &b.wk, &b.wv], &x, total)?;
             add_bias(&mut q, b.bq.as_deref());
             add_bias(&mut k, b.bk.as_deref());
             add_bias(&mut v, b.bv.as_deref());
-            rope.apply(&mut q, c.n_head, c.head_dim, neox);
-            rope.apply(&mut k, c.n_head_kv, c.head_dim, neox);
-            cache.keys.push(i, &k);
-            cache.values.push(i, &v);
-            let mut att = vec![0f32; n * d];
-            let (keys, values) = (cache.keys.view(i), cache.values.view(i));
-            attention(&q, keys, values, pos, &shape, &mut att);
-            add_assign(&mut h, &b.wo.forward(&att, n)?);
+            let mut att = vec![0f32; total * qd];
+            for ((s, r), rope) in steps.iter_mut().zip(&spans).zip(&ropes) {
+                let (qs, ks) = (
+                    &mut q[r.start * qd..r.end * qd],
+                    &mut k[r.start * kvd..r.end * kvd],
+                );
+                rope.apply(qs, c.n_head, c.head_dim, neox);
+                rope.apply(ks, c.n_head_kv, c.head_dim, neox);
+                s.cache.keys.push(i, ks);
+                s.cache.values.push(i, &v[r.start * kvd..r.end * kvd]);
+                let (keys, values) = (s.cache.keys.view(i), s.cache.values.view(i));
+                attention(
+                    qs,
+                    keys,
+                    values,
+                    s.pos,
+                    &shape,
+                    &mut att[r.start * qd..r.end * qd],
+                );
+            }
+            add_assign(&mut h, &b.wo.forward(&att, total)?);
 
             rms_norm(&h, &b.ffn_norm, c.rms_eps, &mut x);
-            let [mut g, u] = Linear::forward_many([&b.gate, &b.up], &x, n)?;
+            let [mut g, u] = Linear::forward_many([&b.gate, &b.up], &x, total)?;
             swiglu(&mut g, &u);
-            add_assign(&mut h, &b.down.forward(&g, n)?);
+            add_assign(&mut h, &b.down.forward(&g, total)?);
 
             let layer = i + 1;
-            if exits.contains(&layer) {
-                on_exit(ExitLogits {
-                    layer,
-                    hidden: self.adapted(layer, select_rows(&h, d, rows))?,
-                    model: self,
-                });
+            for (s, r) in steps.iter_mut().zip(&spans) {
+                if s.exits.contains(&layer) {
+                    let hidden = select_rows(&h[r.start * d..r.end * d], d, s.rows);
+                    (s.on_exit)(ExitLogits {
+                        layer,
+                        hidden: self.adapted(layer, hidden)?,
+                        model: self,
+                    });
+                }
             }
         }
-        // A drafter split at a trained exit carries that exit's adapter at its last block.
-        self.head(&self.adapted(c.n_layer, select_rows(&h, d, rows))?)
+        // One output head over the selected rows of every step. A drafter split at a
+        // trained exit carries that exit's adapter at its last block.
+        let mut selected = Vec::new();
+        for (s, r) in steps.iter().zip(&spans) {
+            selected.extend_from_slice(select_rows(&h[r.start * d..r.end * d], d, s.rows));
+        }
+        let vocab = c.vocab_size;
+        let all = if selected.is_empty() {
+            Vec::new()
+        } else {
+            self.head(&self.adapted(c.n_layer, &selected)?)?.data
+        };
+        let mut rest = all.as_slice();
+        Ok(steps
+            .iter()
+            .map(|s| {
+                let rows = select_rows(&h[..s.tokens.len() * d], d, s.rows).len() / d;
+                let (mine, tail) = rest.split_at(rows * vocab);
+                rest = tail;
+                Logits {
+                    vocab,
+                    data: mine.to_vec(),
+                }
+            })
+            .collect())
     }
 
     /// Hidden states after block `layer` as the output head should read them: through the
@@ -613,6 +725,7 @@ fn select_rows(h: &[f32], d: usize, rows: Rows) -> &[f32] {
     match rows {
         Rows::All => h,
         Rows::Last => &h[h.len() - d..],
+        Rows::None => &h[..0],
     }
 }
 

@@ -206,3 +206,148 @@ fn f16_kv_cache_is_batch_invariant_and_close_to_f32() {
         "an f16 cache moved a logit by {worst} of the spread (measured: 0.038)"
     );
 }
+
+/// A batched forward over several sequences gives each the bits of its own forward: 1, 2,
+/// 5 and 8 sequences of different prompts, positions, block lengths and row choices
+/// (prefill chunks without logits among them), exits included; a bad step in the batch
+/// gets its error and the others still run.
+fn check_batches(name: &str) {
+    use tandem_models::{Rows, Step};
+    let path = model(name);
+    let m = Model::load(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    let exit = m.config().n_layer / 2;
+    // Eight sequences: prompt, the prefix already in the cache, the block this forward adds.
+    let seqs: Vec<(Vec<u32>, usize, usize)> = (0..8)
+        .map(|i| {
+            let ids = tok.encode(PROMPTS[i % PROMPTS.len()]).unwrap();
+            let ids = ids[..ids.len().min(20 + i)].to_vec();
+            let (prefix, block) = [
+                (0, 7),
+                (3, 1),
+                (9, 5),
+                (4, 16),
+                (12, 2),
+                (0, 20),
+                (15, 5),
+                (6, 9),
+            ][i];
+            let block = block.min(ids.len() - prefix);
+            (ids, prefix, block)
+        })
+        .collect();
+    // What each sequence's block gives alone: all rows, and the exit's rows.
+    let alone: Vec<(tandem_models::Logits, Vec<f32>)> = seqs
+        .iter()
+        .map(|(ids, prefix, block)| {
+            let mut c = m.new_cache();
+            if *prefix > 0 {
+                m.forward(&ids[..*prefix], 0, &mut c).unwrap();
+            }
+            let mut hidden = Vec::new();
+            let l = m
+                .forward_with_exits(
+                    &ids[*prefix..prefix + block],
+                    *prefix,
+                    &mut c,
+                    Rows::All,
+                    &[exit],
+                    &mut |e| hidden = e.logits().unwrap().data,
+                )
+                .unwrap();
+            (l, hidden)
+        })
+        .collect();
+    for count in [1, 2, 5, 8] {
+        let mut caches: Vec<_> = seqs[..count]
+            .iter()
+            .map(|(ids, prefix, _)| {
+                let mut c = m.new_cache();
+                if *prefix > 0 {
+                    m.forward(&ids[..*prefix], 0, &mut c).unwrap();
+                }
+                c
+            })
+            .collect();
+        let rows = [Rows::All, Rows::Last, Rows::None];
+        let mut exits: Vec<Vec<f32>> = vec![Vec::new(); count];
+        let results = {
+            let mut sinks: Vec<_> = exits
+                .iter_mut()
+                .map(|slot| move |e: tandem_models::ExitLogits| *slot = e.logits().unwrap().data)
+                .collect();
+            let mut steps: Vec<Step> = seqs[..count]
+                .iter()
+                .zip(caches.iter_mut())
+                .zip(sinks.iter_mut())
+                .enumerate()
+                .map(|(i, (((ids, prefix, block), cache), sink))| Step {
+                    tokens: &ids[*prefix..prefix + block],
+                    pos: *prefix,
+                    cache,
+                    rows: rows[i % 3],
+                    exits: std::slice::from_ref(&exit),
+                    on_exit: sink,
+                })
+                .collect();
+            m.forward_batch(&mut steps)
+        };
+        for (i, r) in results.into_iter().enumerate() {
+            let got = r.unwrap();
+            let (want, want_exit) = &alone[i];
+            let (_, prefix, block) = &seqs[i];
+            let what = format!("{name}: sequence {i} of a batch of {count}");
+            match rows[i % 3] {
+                Rows::All => assert_eq!(&got, want, "{what}"),
+                Rows::Last => assert_eq!(got.data, want.last(), "{what} (last row)"),
+                Rows::None => assert!(got.data.is_empty(), "{what}: no rows asked"),
+            }
+            let v = m.config().vocab_size;
+            let exit_want = match rows[i % 3] {
+                Rows::All => &want_exit[..],
+                Rows::Last => &want_exit[want_exit.len() - v..],
+                Rows::None => &[][..],
+            };
+            assert_eq!(exits[i], exit_want, "{what}: exit layer {exit}");
+            assert_eq!(caches[i].len(), prefix + block, "{what}: cache length");
+        }
+    }
+
+    // A token out of range in one step: its error, the other step's bits.
+    let (ids, prefix, block) = &seqs[2];
+    let mut ca = m.new_cache();
+    m.forward(&ids[..*prefix], 0, &mut ca).unwrap();
+    let mut cb = m.new_cache();
+    let bad = [u32::MAX];
+    let mut steps = [
+        Step {
+            tokens: &bad,
+            pos: 0,
+            cache: &mut cb,
+            rows: Rows::All,
+            exits: &[],
+            on_exit: &mut |_| {},
+        },
+        Step {
+            tokens: &ids[*prefix..prefix + block],
+            pos: *prefix,
+            cache: &mut ca,
+            rows: Rows::All,
+            exits: &[],
+            on_exit: &mut |_| {},
+        },
+    ];
+    let mut r = m.forward_batch(&mut steps).into_iter();
+    let err = r.next().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("out of range") || err.contains(&u32::MAX.to_string()),
+        "{err}"
+    );
+    assert_eq!(r.next().unwrap().unwrap(), alone[2].0);
+}
+
+#[test]
+fn batched_forward_gives_every_sequence_its_own_bits() {
+    check_batches("smollm2-135m");
+    check_batches("qwen2.5-coder-0.5b");
+}

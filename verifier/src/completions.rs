@@ -10,11 +10,14 @@ use tandem_core::protocol::Outcome;
 use tandem_core::sampling::{
     Rng, SamplingParams, argmax, distribution, prob_of, sample, sample_from,
 };
-use tandem_models::{IncrementalDecoder, KvPrecision, Model, Tokenizer};
+use tandem_models::{IncrementalDecoder, Model, Rows, Tokenizer};
 use tokio::sync::mpsc;
 
+use crate::batch::Work;
+use crate::metrics::Metrics;
 use crate::registry::Target;
 use crate::server::{ServerDraft, State};
+use crate::session::Limits;
 use tandem_client::openai::{
     ApiError, Body, Choice, CompletionRequest, Kind, Meta, Options, Piece, TokenLogprob, parse,
     releasing, respond, run_choices,
@@ -73,24 +76,29 @@ fn pick(state: &State, model: Option<&str>) -> Result<Arc<Target>, String> {
 }
 
 /// Commits tokens after `prompt` until `commit` returns false or the context is full
-/// (`commit` also gets the target's logits at the token's position):
+/// (`commit` also gets the target's logits at the token's position); the target's forwards
+/// go through its batch scheduler like sessions' rounds:
 /// plain decoding (one target step per token), or with `draft` = (model, γ) speculative
 /// decoding on this server (the "cloud-sd" baseline): γ drafts, one target forward over the
 /// block, the shared acceptance rule; with the whole q at hand the residual is exact.
+#[allow(clippy::too_many_arguments)]
 fn decode(
-    target: &Model,
+    target: &Arc<Target>,
     draft: Option<(&Model, usize)>,
     prompt: &[u32],
     params: &SamplingParams,
     context: usize,
-    kv: KvPrecision,
+    limits: &Limits,
+    metrics: &Arc<Metrics>,
     commit: &mut dyn FnMut(u32, &[f32]) -> bool,
 ) -> Result<(), String> {
     let failed = |e: tandem_models::Error| format!("model failed: {e}");
     let mut rng = Rng::new(params.seed);
     let mut draft_rng = Rng::new(params.seed ^ 0xc10d_5d00_0000_0001);
-    let mut cache = target.new_cache_with(kv);
-    let logits = target.forward_last(prompt, 0, &mut cache).map_err(failed)?;
+    let mut cache = target.model.new_cache_with(limits.kv_cache);
+    let logits = target
+        .prefill(&mut cache, prompt, limits, metrics)
+        .map_err(failed)?;
     let first = sample(logits.last(), params, &mut rng);
     let mut committed = prompt.to_vec();
     committed.push(first);
@@ -131,8 +139,16 @@ fn decode(
         }
         let mut input = vec![committed[pos0 - 1]];
         input.extend_from_slice(&drafts);
+        let work = Work {
+            tokens: &input,
+            pos: pos0 - 1,
+            rows: Rows::All,
+            exit: 0,
+            on_exit: None,
+            prompt: false,
+        };
         let rows = target
-            .forward(&input, pos0 - 1, &mut cache)
+            .forward(&mut cache, work, limits, metrics)
             .map_err(failed)?;
         let verdict = judge(&drafts, &qs, |i| rows.row(i), params, &mut rng, usize::MAX);
         let n = verdict.accepted;
@@ -180,11 +196,11 @@ fn logprob(tokenizer: &Tokenizer, logits: &[f32], t: u32, k: usize) -> TokenLogp
 
 /// Runs a request's choices one after the other (`run_choices`) and sends their pieces.
 fn generate(
-    target: &Target,
+    target: &Arc<Target>,
     draft: Option<(&Model, usize)>,
     req: &Completion,
-    max_context: usize,
-    kv: KvPrecision,
+    limits: &Limits,
+    metrics: &Arc<Metrics>,
     emit: &mut dyn FnMut(Piece) -> bool,
 ) {
     let fail = |m: String| Piece::Failed(ApiError::invalid(m));
@@ -199,7 +215,7 @@ fn generate(
             return;
         }
     };
-    let context = max_context.min(target.model.config().context_length);
+    let context = limits.max_context.min(target.model.config().context_length);
     if tokens.len() + req.max_tokens > context {
         emit(Piece::Failed(ApiError::context_exceeded(
             "prompt",
@@ -215,7 +231,9 @@ fn generate(
             seed: req.params.seed.wrapping_add(i as u64),
             ..req.params
         };
-        one_choice(target, draft, req, &tokens, &params, context, kv, send)
+        one_choice(
+            target, draft, req, &tokens, &params, context, limits, metrics, send,
+        )
     });
 }
 
@@ -223,13 +241,14 @@ fn generate(
 /// (or `Failed`). False when the client is gone or it failed.
 #[allow(clippy::too_many_arguments)]
 fn one_choice(
-    target: &Target,
+    target: &Arc<Target>,
     draft: Option<(&Model, usize)>,
     req: &Completion,
     tokens: &[u32],
     params: &SamplingParams,
     context: usize,
-    kv: KvPrecision,
+    limits: &Limits,
+    metrics: &Arc<Metrics>,
     send: &mut dyn FnMut(Piece) -> bool,
 ) -> bool {
     let mut choice = Choice::new(0, &req.options.stop);
@@ -241,12 +260,13 @@ fn one_choice(
     let mut matched = false;
     let tokenizer = &target.tokenizer;
     let result = decode(
-        &target.model,
+        target,
         draft,
         tokens,
         params,
         context,
-        kv,
+        limits,
+        metrics,
         &mut |t, logits| {
             generated += 1;
             if tokenizer.eos_tokens().contains(&t) {
@@ -356,9 +376,18 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
         Ok(t) => t,
         Err(e) => return e.response(),
     };
-    let Some(slot) = state.enter() else {
-        return ApiError::unavailable(state.busy_message()).response();
+    let mut slot = match state.enter().await {
+        Ok(slot) => slot,
+        Err(e) => return ApiError::unavailable(e.message).response(),
     };
+    let context = state
+        .config
+        .limits
+        .max_context
+        .min(target.model.config().context_length);
+    if let Err(e) = slot.reserve_kv(&target, context) {
+        return ApiError::unavailable(e.message).response();
+    }
     let limits = state.config.limits;
     let (tx, rx) = mpsc::unbounded_channel::<Piece>();
     let mut meta = Meta::new(Kind::Completion, target.id(), &completion.options);
@@ -381,7 +410,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
             } = &p
                 && (!greedy || *index == 0)
             {
-                metrics.add_generated(*completion_tokens);
+                metrics.add_generated(&gen_target.id(), *completion_tokens);
             }
             tx.send(p).is_ok()
         });
@@ -389,8 +418,8 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Respons
             &gen_target,
             draft,
             &completion,
-            limits.max_context,
-            limits.kv_cache,
+            &limits,
+            &metrics,
             &mut emit,
         );
     });

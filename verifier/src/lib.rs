@@ -4,6 +4,7 @@
 //! one round trip per token over the same protocol (a `Verify` with no drafts), and
 //! OpenAI-compatible `/v1/completions`.
 
+pub mod batch;
 mod completions;
 pub mod metrics;
 pub mod registry;

@@ -76,6 +76,28 @@ struct Serve {
     /// Concurrent sessions (streams and completions).
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
+    /// Sessions that may wait for a place when --max-sessions are open; more are refused
+    /// with Busy at once.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Seconds a session waits in that queue before it is refused with Busy.
+    #[arg(long, default_value_t = 30)]
+    queue_timeout: u64,
+    /// MiB the KV caches of all sessions may reserve together (each session reserves its
+    /// whole context when it opens; one that does not fit is refused). Default: no cap.
+    #[arg(long)]
+    kv_memory_mb: Option<usize>,
+    /// Run each session's forwards on its own, not batched with other sessions' (for
+    /// comparison; batching gives the same bits).
+    #[arg(long)]
+    no_batching: bool,
+    /// Tokens (of all sessions together) one batched forward takes at most.
+    #[arg(long, default_value_t = 256)]
+    max_batch_tokens: usize,
+    /// Prompts run in chunks of this many tokens, so that a long prompt does not stall
+    /// other sessions' rounds.
+    #[arg(long, default_value_t = 32)]
+    prefill_chunk: usize,
     /// Longest context of a session (capped by each model's own).
     #[arg(long, default_value_t = 4096)]
     max_context: usize,
@@ -164,6 +186,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         ("--max-streams", args.max_streams as u64),
         ("--handshake-timeout", args.handshake_timeout),
         ("--idle-timeout", args.idle_timeout),
+        ("--queue-timeout", args.queue_timeout),
+        ("--max-batch-tokens", args.max_batch_tokens as u64),
+        ("--prefill-chunk", args.prefill_chunk as u64),
+        ("--kv-memory-mb", args.kv_memory_mb.unwrap_or(1) as u64),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
@@ -180,6 +206,12 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             max_session_time: Duration::from_secs(args.max_session_time),
             hint_confidence: args.hint_confidence,
+            queue: args.queue,
+            queue_timeout: Duration::from_secs(args.queue_timeout),
+            kv_memory: args.kv_memory_mb.map(|mb| mb << 20),
+            batching: !args.no_batching,
+            max_batch_tokens: args.max_batch_tokens,
+            prefill_chunk: args.prefill_chunk,
             kv_cache: match args.kv_cache {
                 KvCacheArg::F32 => KvPrecision::F32,
                 KvCacheArg::F16 => KvPrecision::F16,

@@ -131,6 +131,8 @@ pub struct Target {
     /// When it was loaded, Unix seconds.
     pub loaded_at: u64,
     backbones: Mutex<HashMap<usize, BackboneFingerprint>>,
+    /// The scheduler that batches this target's forwards.
+    pub(crate) batcher: crate::batch::Batcher,
     seq: AtomicU64,
     active: AtomicUsize,
     retired: AtomicBool,
@@ -173,6 +175,7 @@ impl Target {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             backbones: Mutex::new(HashMap::new()),
+            batcher: Default::default(),
             seq: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             retired: AtomicBool::new(false),

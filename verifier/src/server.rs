@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -119,19 +119,58 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// Configuration.
     pub config: ServerConfig,
-    sessions: AtomicUsize,
+    /// One permit per place among the concurrent sessions.
+    places: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     /// Held while an admin load runs: one at a time.
     loading: std::sync::Mutex<()>,
 }
 
-/// A place among the server's concurrent sessions; freed when dropped.
-pub struct SessionSlot(Arc<State>);
+/// A place among the server's concurrent sessions, and the KV memory the session reserved;
+/// freed when dropped.
+pub struct SessionSlot {
+    state: Arc<State>,
+    _place: tokio::sync::OwnedSemaphorePermit,
+    kv_reserved: usize,
+}
+
+impl SessionSlot {
+    /// Reserves the KV memory of a session of `max_context` positions on `target` under
+    /// `--kv-memory-mb`; refused with what it needs and what is free.
+    pub(crate) fn reserve_kv(
+        &mut self,
+        target: &Target,
+        max_context: usize,
+    ) -> Result<(), SessionError> {
+        let limits = &self.state.config.limits;
+        let bytes = Session::kv_bytes_for(target, max_context, limits.kv_cache);
+        let mib = |b: usize| b.div_ceil(1 << 20);
+        self.state
+            .metrics
+            .reserve_kv(bytes, limits.kv_memory)
+            .map_err(|others| {
+                self.state.metrics.session_refused();
+                let cap = limits.kv_memory.unwrap_or(0);
+                SessionError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "a session on {} may need {} MiB of KV cache ({max_context} positions),                          but open sessions hold {} of this server's {} MiB (--kv-memory-mb);                          retry later",
+                        target.id(),
+                        mib(bytes),
+                        mib(others),
+                        mib(cap)
+                    ),
+                )
+            })?;
+        self.kv_reserved += bytes;
+        Ok(())
+    }
+}
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
-        self.0.metrics.session_ended();
+        self.state.metrics.release_kv(self.kv_reserved);
+        self.state.metrics.session_ended();
     }
 }
 
@@ -147,8 +186,8 @@ impl State {
             registry: Registry::default(),
             draft: draft.map(Arc::new),
             metrics: Arc::new(Metrics::default()),
+            places: Arc::new(tokio::sync::Semaphore::new(config.limits.max_sessions)),
             config,
-            sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             loading: std::sync::Mutex::new(()),
         })
@@ -169,31 +208,48 @@ impl State {
         Ok(target)
     }
 
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<SessionSlot> {
-        let max = self.config.limits.max_sessions;
-        let mut cur = self.sessions.load(Ordering::SeqCst);
-        loop {
-            if cur >= max {
-                self.metrics.session_refused();
-                return None;
+    /// A place among the concurrent sessions: at once when one is free, else after waiting
+    /// in the queue (`--queue` sessions at most, each for `--queue-timeout`); refused with
+    /// Busy and a message saying why.
+    pub(crate) async fn enter(self: &Arc<Self>) -> Result<SessionSlot, SessionError> {
+        let limits = &self.config.limits;
+        let slot = |place| {
+            self.metrics.session_started();
+            SessionSlot {
+                state: self.clone(),
+                _place: place,
+                kv_reserved: 0,
             }
-            match self
-                .sessions
-                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
+        };
+        if let Ok(place) = self.places.clone().try_acquire_owned() {
+            return Ok(slot(place));
         }
-        self.metrics.session_started();
-        Some(SessionSlot(self.clone()))
-    }
-
-    pub(crate) fn busy_message(&self) -> String {
-        format!(
-            "the verifier is serving its maximum of {} sessions; retry later",
-            self.config.limits.max_sessions
-        )
+        let busy = |message: String| {
+            self.metrics.session_refused();
+            SessionError::new(ErrorCode::Busy, message)
+        };
+        if self.metrics.queue_waiting() >= limits.queue as i64 {
+            return Err(busy(format!(
+                "the verifier is serving its maximum of {} sessions and {} more are waiting \
+                 (--queue); retry later",
+                limits.max_sessions,
+                self.metrics.queue_waiting()
+            )));
+        }
+        self.metrics.queue_entered();
+        let waited =
+            tokio::time::timeout(limits.queue_timeout, self.places.clone().acquire_owned()).await;
+        self.metrics.queue_left(waited.is_err());
+        match waited {
+            Ok(Ok(place)) => Ok(slot(place)),
+            Ok(Err(_)) => Err(busy("the verifier is shutting down".into())),
+            Err(_) => Err(busy(format!(
+                "waited {:.1} s (--queue-timeout) for one of the verifier's {} session places; \
+                 retry later",
+                limits.queue_timeout.as_secs_f64(),
+                limits.max_sessions
+            ))),
+        }
     }
 
     fn token_ok(&self, token: Option<&str>) -> bool {
@@ -872,9 +928,7 @@ async fn open_session(
     params
         .validate()
         .map_err(|e| SessionError::new(ErrorCode::BadRequest, e.to_string()))?;
-    let slot = state
-        .enter()
-        .ok_or_else(|| SessionError::new(ErrorCode::Busy, state.busy_message()))?;
+    let mut slot = state.enter().await?;
     let st = state.clone();
     let h = hello.clone();
     let target = tokio::task::spawn_blocking(move || st.registry.pick(&h))
@@ -891,6 +945,7 @@ async fn open_session(
         state.config.limits,
         state.metrics.clone(),
     );
+    slot.reserve_kv(session.target(), session.max_context())?;
     Ok((session, slot))
 }
 
@@ -970,12 +1025,17 @@ fn session_loop(
                 if cancelled.remove(&v.round) {
                     continue;
                 }
-                let mut alive = true;
-                let result = s.verify(&v, &mut |m| alive &= out.send(&m));
+                let hints = out.clone();
+                let result = s.verify(
+                    &v,
+                    Box::new(move |m| {
+                        hints.send(&m);
+                    }),
+                );
                 match result {
                     Ok(r) => {
                         rounds += 1;
-                        alive && out.send(&ServerMsg::Result(r))
+                        out.send(&ServerMsg::Result(r))
                     }
                     Err(e) => {
                         out.send(&e.to_msg());

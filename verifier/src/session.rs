@@ -10,6 +10,8 @@ use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult}
 use tandem_core::sampling::{Rng, SamplingParams, argmax, sample, top_probability};
 use tandem_models::{KvCache, KvPrecision, Rows};
 
+use crate::batch::Work;
+
 use crate::metrics::Metrics;
 use crate::registry::{Target, TargetUse};
 
@@ -41,6 +43,22 @@ pub struct Limits {
     pub hint_confidence: f32,
     /// How sessions' KV caches store keys and values (f16 halves their memory).
     pub kv_cache: KvPrecision,
+    /// Whether the sessions of a target share forwards (the batch scheduler); off, each
+    /// session runs its own forwards on its own thread.
+    pub batching: bool,
+    /// Rows (tokens of all sessions together) one batched forward takes at most.
+    pub max_batch_tokens: usize,
+    /// Prompts are run in chunks of this many tokens, each queued behind other sessions'
+    /// rounds.
+    pub prefill_chunk: usize,
+    /// Sessions that may wait for a free place when `max_sessions` are open (more are
+    /// refused with Busy at once).
+    pub queue: usize,
+    /// How long a session waits in that queue before it is refused with Busy.
+    pub queue_timeout: std::time::Duration,
+    /// Bytes the KV caches of all sessions may reserve together (each session reserves its
+    /// whole context at Hello); `None`: no cap.
+    pub kv_memory: Option<usize>,
 }
 
 impl Default for Limits {
@@ -57,6 +75,12 @@ impl Default for Limits {
             inbound_queue: 64,
             hint_confidence: 0.0,
             kv_cache: KvPrecision::F32,
+            batching: true,
+            max_batch_tokens: 256,
+            prefill_chunk: 32,
+            queue: 64,
+            queue_timeout: std::time::Duration::from_secs(30),
+            kv_memory: None,
         }
     }
 }
@@ -116,6 +140,8 @@ pub struct Session {
     generated: usize,
     prefilled: bool,
     metrics: Arc<Metrics>,
+    /// KV cache bytes last counted in the metrics.
+    kv_counted: usize,
 }
 
 impl Session {
@@ -143,7 +169,26 @@ impl Session {
             generated: 0,
             prefilled: false,
             metrics,
+            kv_counted: 0,
         }
+    }
+
+    /// KV cache bytes a session of `max_context` positions on `target` can reach.
+    pub fn kv_bytes_for(target: &Target, max_context: usize, precision: KvPrecision) -> usize {
+        let c = target.model.config();
+        let per_value = match precision {
+            KvPrecision::F32 => 4,
+            KvPrecision::F16 => 2,
+        };
+        2 * c.n_layer * c.kv_dim() * per_value * max_context
+    }
+
+    /// Brings the metrics' KV memory in use up to date with this session's cache.
+    fn count_kv(&mut self) {
+        let now = self.cache.size_bytes();
+        self.metrics
+            .add_kv_bytes(now as i64 - self.kv_counted as i64);
+        self.kv_counted = now;
     }
 
     /// The target this session runs on.
@@ -187,16 +232,16 @@ impl Session {
                 "max_tokens is 0: nothing to generate",
             ));
         }
-        let model = &self.target.0.model;
-        let logits = model
-            .forward_last(tokens, 0, &mut self.cache)
-            .map_err(model_error)?;
+        let target = self.target.0.clone();
+        let logits = target.prefill(&mut self.cache, tokens, &self.limits, &self.metrics);
+        self.count_kv();
+        let logits = logits.map_err(model_error)?;
         let first = sample(logits.last(), &self.params, &mut self.rng);
         self.history = tokens.to_vec();
         self.history.push(first);
         self.generated = 1;
         self.prefilled = true;
-        self.metrics.add_generated(1);
+        self.metrics.add_generated(&target.id(), 1);
         Ok(first)
     }
 
@@ -205,7 +250,7 @@ impl Session {
     pub fn verify(
         &mut self,
         v: &Verify,
-        hint: &mut (dyn FnMut(ServerMsg) + Send),
+        mut hint: Box<dyn FnMut(ServerMsg) + Send>,
     ) -> Result<VerifyResult, SessionError> {
         if !self.prefilled {
             return Err(bad("Verify before Prefill: send the prompt first"));
@@ -267,45 +312,51 @@ impl Session {
         }
         let started = Instant::now();
         let target = self.target.0.clone();
-        let model = &target.model;
         let mut input = Vec::with_capacity(gamma + 1);
         input.push(v.prev);
         input.extend_from_slice(&v.tokens);
-        let exit = target.early_exit_layer;
         // No hint for a round without drafts: nothing to redirect, and the exit's output
         // head would cost time.
-        let exits: &[usize] = if exit > 0 && gamma > 0 { &[exit] } else { &[] };
+        let exit = if gamma > 0 {
+            target.early_exit_layer
+        } else {
+            0
+        };
         let round = v.round;
         let confidence = self.limits.hint_confidence;
-        let logits = model
-            .forward_with_exits(
-                &input,
-                pos - 1,
-                &mut self.cache,
-                Rows::All,
-                exits,
-                &mut |e| {
-                    // The exit's prediction up to its first disagreement with the drafts
-                    // (or through the bonus position): all the client uses, and each row
-                    // costs an output-head product.
-                    // With a confidence threshold the hint is sent only when the exit is
-                    // sure of every token in it.
-                    let mut tokens = Vec::with_capacity(input.len());
-                    for i in 0..e.rows() {
-                        let Ok(row) = e.row_logits(i) else { return };
-                        if confidence > 0.0 && top_probability(&row) <= confidence {
-                            return;
-                        }
-                        let t = argmax(&row);
-                        tokens.push(t);
-                        if v.tokens.get(i) != Some(&t) {
-                            break;
-                        }
-                    }
-                    hint(ServerMsg::Hint { round, tokens });
-                },
-            )
-            .map_err(model_error)?;
+        let drafts = v.tokens.clone();
+        let on_exit: crate::batch::ExitSink = Box::new(move |e| {
+            // The exit's prediction up to its first disagreement with the drafts (or
+            // through the bonus position): all the client uses, and each row costs an
+            // output-head product. With a confidence threshold the hint is sent only when
+            // the exit is sure of every token in it.
+            let mut tokens = Vec::with_capacity(drafts.len() + 1);
+            for i in 0..e.rows() {
+                let Ok(row) = e.row_logits(i) else { return };
+                if confidence > 0.0 && top_probability(&row) <= confidence {
+                    return;
+                }
+                let t = argmax(&row);
+                tokens.push(t);
+                if drafts.get(i) != Some(&t) {
+                    break;
+                }
+            }
+            hint(ServerMsg::Hint { round, tokens });
+        });
+        let work = Work {
+            tokens: &input,
+            pos: pos - 1,
+            rows: Rows::All,
+            exit,
+            on_exit: Some(on_exit),
+            prompt: false,
+        };
+        let logits = target.forward(&mut self.cache, work, &self.limits, &self.metrics);
+        let logits = logits.map_err(|e| {
+            self.count_kv();
+            model_error(e)
+        })?;
         let verdict = judge(
             &v.tokens,
             &v.q,
@@ -329,9 +380,10 @@ impl Session {
             }
         }
         self.cache.truncate(pos + n);
+        self.count_kv();
         self.generated += n + 1;
         let took = started.elapsed();
-        self.metrics.record_round(gamma, n, took);
+        self.metrics.record_round(&target.id(), gamma, n, took);
         Ok(VerifyResult {
             round,
             accepted: n as u32,
@@ -343,5 +395,11 @@ impl Session {
     /// Bytes held by this session's KV cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.size_bytes()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.metrics.add_kv_bytes(-(self.kv_counted as i64));
     }
 }

@@ -333,6 +333,8 @@ async fn session_limit_and_release_when_the_client_disappears() {
     let config = ServerConfig {
         limits: Limits {
             max_sessions: 1,
+            // No waiting room: the second session is refused at once.
+            queue: 0,
             max_draft: 4,
             ..Limits::default()
         },
@@ -439,13 +441,6 @@ async fn sessions_end_at_their_maximum_time() {
     assert_eq!(code, ErrorCode::Expired);
     assert!(message.contains("maximum time of 2 s"), "{message}");
     assert_eq!(srv.state.metrics.sessions_active(), 0);
-}
-
-fn metric(srv: &tandem_verifier::RunningServer, name: &str) -> f64 {
-    let text = srv.state.metrics.render();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 /// While the worker is busy (a long prefill), the server reads at most its inbound queue of a

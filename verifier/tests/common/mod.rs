@@ -253,3 +253,11 @@ pub async fn speculative(
     run.tokens = committed[prompt.len()..prompt.len() + n].to_vec();
     Ok(run)
 }
+
+/// A value of the server's `/metrics` (a line `NAME VALUE`).
+pub fn metric(srv: &RunningServer, name: &str) -> f64 {
+    let text = srv.state.metrics.render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
