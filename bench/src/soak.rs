@@ -15,6 +15,8 @@ use tandem_client::{Endpoint, SessionClient};
 use tandem_core::protocol::{ClientMsg, Hello, Outcome, ServerMsg, Verify};
 use tandem_core::sampling::SamplingParams;
 
+use crate::e2e::Guard;
+
 /// Options of `tandem-bench soak`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,14 +60,16 @@ struct Counters {
     swaps: AtomicU64,
 }
 
-/// Kills the child when dropped.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// The `tandem-verifier` built beside this binary.
+pub(crate) fn verifier_beside_me() -> anyhow::Result<PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("tandem-verifier");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build --release -p tandem-verifier`)",
+            bin.display()
+        );
     }
+    Ok(bin)
 }
 
 /// Greedy target-only continuations of `n` tokens (EOS not special: the verifier does not
@@ -265,7 +269,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -274,13 +278,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs the soak.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let bin = std::env::current_exe()?.with_file_name("tandem-verifier");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p tandem-verifier`)",
-            bin.display()
-        );
-    }
+    let bin = verifier_beside_me()?;
     let model_path = tandem_models::fetch::resolve("smollm2-135m")?;
     let model = tandem_models::Model::load(&model_path)?;
     let tok = tandem_models::Tokenizer::from_gguf(&model_path)?;

@@ -25,6 +25,7 @@ use tandem_core::sampling::{SamplingParams, argmax};
 use tandem_models::{Model, Tokenizer};
 
 use crate::e2e::{Guard, read_prompts, wait_listening};
+use crate::soak::{percentile, verifier_beside_me};
 
 /// Options of `tandem-bench verifier`.
 #[derive(clap::Args)]
@@ -258,13 +259,6 @@ struct Row {
     mean_batch: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// `GET /metrics` of the verifier: the value of a line `name value`.
 async fn metric(addr: &str, name: &str) -> f64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -356,13 +350,7 @@ async fn measure(
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let bin = std::env::current_exe()?.with_file_name("tandem-verifier");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (`cargo build --release -p tandem-verifier`)",
-            bin.display()
-        );
-    }
+    let bin = verifier_beside_me()?;
     if args.gamma == 0 || args.tokens == 0 || args.sessions.is_empty() || args.seconds <= 0.0 {
         bail!("--gamma, --tokens, --sessions and --seconds must be positive");
     }

@@ -135,24 +135,6 @@ async fn no_session_waits_more_than_its_share_of_forwards() {
     assert!(metric(&srv, "tandem_batch_rows_count") > 0.0);
 }
 
-/// The session's messages until the server ends the stream.
-async fn drain(c: &mut SessionClient) -> Vec<ServerMsg> {
-    let mut v = Vec::new();
-    while let Ok(Some(m)) = c.recv().await {
-        v.push(m);
-    }
-    v
-}
-
-fn refusal(msgs: &[ServerMsg]) -> (ErrorCode, String) {
-    msgs.iter()
-        .find_map(|m| match m {
-            ServerMsg::Error { code, message } => Some((*code, message.clone())),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no error in {msgs:?}"))
-}
-
 /// Opens a session with a prompt and waits for its first token.
 async fn open(ep: &Endpoint) -> SessionClient {
     let mut c = SessionClient::connect(ep).await.unwrap();
@@ -189,7 +171,7 @@ async fn sessions_wait_for_a_place_then_are_refused_clearly() {
     let mut b = SessionClient::connect(&ep).await.unwrap();
     b.send(&ClientMsg::Hello(hello(SamplingParams::default(), 8)))
         .unwrap();
-    let (code, message) = refusal(&drain(&mut b).await);
+    let (code, message) = error_code(&drain(&mut b).await).unwrap();
     assert_eq!(code, ErrorCode::Busy);
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert!(message.contains("--queue-timeout"), "{message}");
@@ -208,7 +190,7 @@ async fn sessions_wait_for_a_place_then_are_refused_clearly() {
     let mut d = SessionClient::connect(&ep).await.unwrap();
     d.send(&ClientMsg::Hello(hello(SamplingParams::default(), 8)))
         .unwrap();
-    let (code, message) = refusal(&drain(&mut d).await);
+    let (code, message) = error_code(&drain(&mut d).await).unwrap();
     assert_eq!(code, ErrorCode::Busy);
     assert!(message.contains("--queue"), "{message}");
     assert!(started.elapsed() < Duration::from_millis(900));
@@ -246,7 +228,7 @@ async fn kv_memory_is_capped_and_counted() {
     let mut b = SessionClient::connect(&ep).await.unwrap();
     b.send(&ClientMsg::Hello(hello(SamplingParams::default(), 8)))
         .unwrap();
-    let (code, message) = refusal(&drain(&mut b).await);
+    let (code, message) = error_code(&drain(&mut b).await).unwrap();
     assert_eq!(code, ErrorCode::Busy);
     assert!(
         message.contains("--kv-memory-mb") && message.contains("MiB"),

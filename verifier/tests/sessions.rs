@@ -23,22 +23,6 @@ fn config_with_exit(layer: usize) -> ServerConfig {
     }
 }
 
-/// The session's messages until the server ends the stream.
-async fn drain(c: &mut SessionClient) -> Vec<ServerMsg> {
-    let mut v = Vec::new();
-    while let Ok(Some(m)) = c.recv().await {
-        v.push(m);
-    }
-    v
-}
-
-fn error_code(msgs: &[ServerMsg]) -> Option<(ErrorCode, String)> {
-    msgs.iter().find_map(|m| match m {
-        ServerMsg::Error { code, message } => Some((*code, message.clone())),
-        _ => None,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speculative_greedy_output_equals_target_only() {
     let srv = server(config_with_exit(24), &[SMOL]).await;

@@ -261,3 +261,20 @@ pub fn metric(srv: &RunningServer, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
+
+/// The session's messages until the server ends the stream.
+pub async fn drain(c: &mut SessionClient) -> Vec<ServerMsg> {
+    let mut v = Vec::new();
+    while let Ok(Some(m)) = c.recv().await {
+        v.push(m);
+    }
+    v
+}
+
+/// The first `Error` among `msgs`: its code and message.
+pub fn error_code(msgs: &[ServerMsg]) -> Option<(tandem_core::protocol::ErrorCode, String)> {
+    msgs.iter().find_map(|m| match m {
+        ServerMsg::Error { code, message } => Some((*code, message.clone())),
+        _ => None,
+    })
+}
