@@ -30,8 +30,8 @@ fn spec(i: usize) -> (Vec<u32>, usize, SamplingParams) {
 
 const N: usize = 24;
 
-/// Runs sessions `0..count` at once; their texts, in order.
-async fn run_together(ep: &Endpoint, count: usize) -> Vec<Vec<u32>> {
+/// Runs sessions `0..count` at once; what each saw, in order.
+async fn run_together(ep: &Endpoint, count: usize) -> Vec<Run> {
     let runs: Vec<_> = (0..count)
         .map(|i| {
             let ep = ep.clone();
@@ -40,7 +40,6 @@ async fn run_together(ep: &Endpoint, count: usize) -> Vec<Vec<u32>> {
                 speculative(&ep, hello(params, 64), &ids, N, gamma, None)
                     .await
                     .unwrap()
-                    .tokens
             })
         })
         .collect();
@@ -52,11 +51,16 @@ async fn run_together(ep: &Endpoint, count: usize) -> Vec<Vec<u32>> {
 }
 
 /// Sessions of different prompts, γ and sampling run 1, 2, 5 and 8 at a time: each text is
-/// the one the same session gives alone (greedy ones the target-only text), and forwards
-/// did carry several sessions.
+/// the one the same session gives alone (greedy ones the target-only text), every round
+/// with drafts still gets its early-exit hint before its result, and forwards did carry
+/// several sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sessions_get_the_bits_they_get_alone() {
-    let srv = server(ServerConfig::default(), &[SMOL]).await;
+    let config = ServerConfig {
+        early_exit_layer: Some(24),
+        ..ServerConfig::default()
+    };
+    let srv = server(config, &[SMOL]).await;
     let ep = Endpoint::plain(srv.addr.to_string());
     let mut alone = Vec::new();
     for i in 0..8 {
@@ -71,11 +75,14 @@ async fn concurrent_sessions_get_the_bits_they_get_alone() {
     }
     for count in [1, 2, 5, 8] {
         let got = run_together(&ep, count).await;
-        for (i, text) in got.iter().enumerate() {
+        for (i, run) in got.iter().enumerate() {
             assert_eq!(
-                text, &alone[i],
+                run.tokens, alone[i],
                 "session {i} of {count} at once differs from the same session alone"
             );
+            let with_drafts = if spec(i).1 > 0 { run.rounds } else { 0 };
+            assert_eq!(run.hints, with_drafts, "session {i} of {count}: hints");
+            assert_eq!(run.bad_hints, 0, "session {i} of {count}");
         }
     }
     let forwards = metric(&srv, "tandem_batch_sessions_count");
