@@ -297,7 +297,7 @@ impl<M: DraftModel> Machine<M> {
 
     fn hint(&mut self, round: u32, h: &[u32]) {
         // Drafting ahead from a hint only pays when the next block will have drafts.
-        let next_gamma = self.cfg.fixed_gamma.unwrap_or_else(|| self.choose_gamma());
+        let next_gamma = self.gammas().1;
         let Some(f) = self.inflight.as_mut() else {
             return;
         };
@@ -480,23 +480,26 @@ impl<M: DraftModel> Machine<M> {
         Ok(())
     }
 
-    fn choose_gamma(&self) -> usize {
+    /// The block sizes to send next: `(fresh, warm)`, fresh when no drafts ahead survived
+    /// the last result, warm while they did (see [`Policy::pipelined_rate`]).
+    fn gammas(&self) -> (usize, usize) {
         let max = self.cfg.max_draft;
         let left = self
             .cfg
             .max_tokens
             .saturating_sub(self.committed.len() - self.prompt_len);
-        let g = match (self.cfg.strategy, self.cfg.fixed_gamma) {
-            (Strategy::CloudAr, _) => 0,
-            (_, Some(g)) => g.min(max),
-            (Strategy::Sync, None) => self.policy.choose(max, false, self.cfg.energy_budget),
+        let (fresh, warm) = match (self.cfg.strategy, self.cfg.fixed_gamma) {
+            (Strategy::CloudAr, _) => (0, 0),
+            (_, Some(g)) => (g.min(max), g.min(max)),
+            (Strategy::Sync, None) => self.policy.plan(max, false, self.cfg.energy_budget),
             (Strategy::Tandem, None) => {
                 let overlap = self.cfg.pipeline || self.cfg.hints;
-                self.policy.choose(max, overlap, self.cfg.energy_budget)
+                self.policy.plan(max, overlap, self.cfg.energy_budget)
             }
         };
         // No point drafting past the end.
-        g.min(left.saturating_sub(1))
+        let cap = left.saturating_sub(1);
+        (fresh.min(cap), warm.min(cap))
     }
 
     /// At most one draft step, then the actions for the host. An empty list means "call
@@ -515,7 +518,14 @@ impl<M: DraftModel> Machine<M> {
             let gamma = match self.next_gamma {
                 Some(g) => g,
                 None => {
-                    let g = self.choose_gamma();
+                    // Drafts that survived the last result go out as a warm block;
+                    // otherwise the pipe is empty and a fresh block refills it.
+                    let (fresh, warm) = self.gammas();
+                    let g = if self.ahead.len() >= warm {
+                        warm
+                    } else {
+                        fresh.max(self.ahead.len())
+                    };
                     self.next_gamma = Some(g);
                     g
                 }
@@ -531,7 +541,7 @@ impl<M: DraftModel> Machine<M> {
         // A block is in flight: draft ahead (tandem) the next block, plus the guess of the
         // round's next token unless a hint already predicted it; otherwise wait.
         if self.cfg.strategy == Strategy::Tandem {
-            let g = self.cfg.fixed_gamma.unwrap_or_else(|| self.choose_gamma());
+            let g = self.gammas().1;
             let f = self.inflight.as_ref().unwrap();
             let needed = g + usize::from(!f.from_hint);
             // Without pipelining, only a hint's prediction starts drafting ahead.
