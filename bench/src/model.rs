@@ -25,6 +25,17 @@ pub struct Bound {
     pub gamma: u32,
 }
 
+/// The best rate of one-block-in-flight pipelining and its plan.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ChainBound {
+    /// Tokens per second.
+    pub tokens_per_s: f64,
+    /// Draft length of a block sent when no drafts ahead survived.
+    pub fresh: u32,
+    /// Draft length of a block sent when they did.
+    pub warm: u32,
+}
+
 /// Expected committed tokens per round: (1 − α^(γ+1)) / (1 − α).
 pub fn tokens_per_round(alpha: f64, gamma: u32) -> f64 {
     if alpha >= 1.0 {
@@ -86,6 +97,38 @@ impl Inputs {
                     }
                 },
             )
+    }
+
+    /// The best rate of pipelining as tandem's drafter does it — one block in flight, the
+    /// drafts made during a flight lost when the block is cut — over every plan of a fresh
+    /// and a warm block size ≤ `max_gamma` (the drafter policy's two-state chain,
+    /// `tandem_guest_drafter::policy::Policy::pipelined_rate`). Lower than
+    /// [`Inputs::pipelined_bound`], which counts every flight as overlapped.
+    pub fn chain_bound(&self, max_gamma: u32) -> ChainBound {
+        let p = tandem_guest_drafter::policy::Policy::known(
+            &[self.alpha],
+            self.draft_ms,
+            self.rtt_ms,
+            (self.verify_a_ms, self.verify_b_ms),
+        );
+        let mut best = ChainBound {
+            tokens_per_s: 0.0,
+            fresh: 0,
+            warm: 0,
+        };
+        for warm in 0..=max_gamma {
+            for fresh in 0..=max_gamma {
+                let t = p.pipelined_rate(fresh as usize, warm as usize);
+                if t > best.tokens_per_s {
+                    best = ChainBound {
+                        tokens_per_s: t,
+                        fresh,
+                        warm,
+                    };
+                }
+            }
+        }
+        best
     }
 
     /// Synchronous rounds of a fixed γ: E(γ) / (γ·draft + RTT + verify(γ+1)).
@@ -154,6 +197,37 @@ mod tests {
         let good = Inputs { alpha: 0.9, ..m };
         let p = good.pipelined_bound(8, true);
         assert!(p.gamma >= 4 && p.tokens_per_s > 3.0 * good.cloud_ar_rate());
+    }
+
+    #[test]
+    fn the_chain_bound_lies_between_cloud_decoding_and_the_overlapped_bound() {
+        // The e2e run of 2026-12-07: one-in-flight pipelining loses drafts ahead on every
+        // cut block, so it stays under the bound that overlaps every flight.
+        for rtt in [3.0, 100.0, 300.0] {
+            let m = Inputs {
+                alpha: 0.936,
+                draft_ms: 46.0,
+                verify_a_ms: 77.0,
+                verify_b_ms: 31.0,
+                rtt_ms: rtt,
+            };
+            let c = m.chain_bound(16);
+            let b = m.pipelined_bound(16, false);
+            assert!(c.tokens_per_s < b.tokens_per_s, "{rtt}: {c:?} {b:?}");
+            assert!(c.tokens_per_s > m.cloud_ar_rate(), "{rtt}: {c:?}");
+            assert!(c.fresh < c.warm, "{rtt}: {c:?}");
+        }
+        // Useless drafts: plain cloud decoding is the plan.
+        let m = Inputs {
+            alpha: 0.0,
+            draft_ms: 46.0,
+            verify_a_ms: 77.0,
+            verify_b_ms: 31.0,
+            rtt_ms: 100.0,
+        };
+        let c = m.chain_bound(16);
+        assert_eq!((c.fresh, c.warm), (0, 0));
+        assert!((c.tokens_per_s - m.cloud_ar_rate()).abs() < 1e-6, "{c:?}");
     }
 
     #[test]

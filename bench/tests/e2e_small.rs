@@ -163,6 +163,10 @@ fn a_small_sweep_runs_every_strategy_losslessly_and_writes_the_report() {
         assert!(row["bytes_per_token"].as_f64().unwrap() > 0.0, "{row}");
         if s.starts_with("tandem") {
             assert!(row["achieved_over_bound"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(
+                row["achieved_over_chain_bound"].as_f64().unwrap() > 0.0,
+                "{row}"
+            );
         }
     }
     // Strategies that draft on the device report rounds with drafts; sync uses γ = 4.

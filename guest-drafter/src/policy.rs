@@ -75,6 +75,27 @@ const MAX_POSITIONS: usize = 64;
 const POSITION_PRIOR: f64 = 4.0;
 
 impl Policy {
+    /// A policy that knows its world: acceptance `alpha[i]` at draft position i (the last
+    /// entry for positions beyond), draft step, RTT and verifier time a + b·n (ms), as if
+    /// each had been measured a million times. What the e2e benchmark computes its bounds
+    /// with. `alpha` must not be empty.
+    pub fn known(alpha: &[f64], draft_ms: f64, rtt_ms: f64, verify: (f64, f64)) -> Policy {
+        const SEEN: f64 = 1e6;
+        let at = |i: usize| alpha[i.min(alpha.len() - 1)];
+        let mut p = Policy {
+            accepted: at(0) * SEEN,
+            trials: SEEN,
+            by_pos: (0..=MAX_POSITIONS).map(|i| (at(i) * SEEN, SEEN)).collect(),
+            draft_ms,
+            rtt_ms,
+            ..Policy::default()
+        };
+        for n in [1, 17] {
+            p.observe_verify(n, verify.0 + verify.1 * n as f64);
+        }
+        p
+    }
+
     /// The acceptance-rate estimate.
     pub fn alpha(&self) -> f64 {
         ((self.accepted + PRIOR_ACCEPTED) / (self.trials + PRIOR_TRIALS)).clamp(0.0, 0.999)
@@ -874,24 +895,9 @@ mod tests {
         (tokens / ms * 1000.0, plan)
     }
 
-    /// A policy that knows the world exactly (acceptance counted a million times per
-    /// position, timings measured).
+    /// A policy that knows the world exactly.
     fn oracle(w: &World) -> Policy {
-        let mut p = Policy {
-            rtt_ms: w.rtt,
-            draft_ms: w.draft,
-            ..Policy::default()
-        };
-        for i in 0..=16 {
-            let a = w.alpha[i.min(w.alpha.len() - 1)];
-            p.by_pos.push((a * 1e6, 1e6));
-        }
-        p.accepted = w.alpha[0] * 1e6;
-        p.trials = 1e6;
-        for n in [1, 17] {
-            p.observe_verify(n, w.verify.0 + w.verify.1 * n as f64);
-        }
-        p
+        Policy::known(&w.alpha, w.draft, w.rtt, w.verify)
     }
 
     #[test]
