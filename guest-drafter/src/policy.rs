@@ -658,17 +658,22 @@ mod tests {
         }
     }
 
-    /// Runs `rounds` rounds in which the policy chooses γ and the world decides how many
-    /// drafts are accepted (a fixed pseudo-random sequence); returns the share of the best
-    /// rate each round's choice reached, per round.
-    fn simulate(p: &mut Policy, w: &World, rounds: usize, seed: u64) -> Vec<f64> {
+    /// A fixed pseudo-random sequence of uniform numbers in [0, 1) (xorshift).
+    fn uniform(seed: u64) -> impl FnMut() -> f64 {
         let mut x = seed;
-        let mut uniform = || {
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 11) as f64 / (1u64 << 53) as f64
-        };
+        }
+    }
+
+    /// Runs `rounds` rounds in which the policy chooses γ and the world decides how many
+    /// drafts are accepted (a fixed pseudo-random sequence); returns the share of the best
+    /// rate each round's choice reached, per round.
+    fn simulate(p: &mut Policy, w: &World, rounds: usize, seed: u64) -> Vec<f64> {
+        let mut uniform = uniform(seed);
         let mut shares = Vec::new();
         for _ in 0..rounds {
             p.rtt_ms = w.rtt;
@@ -854,13 +859,7 @@ mod tests {
         skip: usize,
         seed: u64,
     ) -> (f64, (usize, usize)) {
-        let mut x = seed;
-        let mut uniform = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = uniform(seed);
         let alpha = |i: usize| w.alpha[i.min(w.alpha.len() - 1)];
         let (mut tokens, mut ms) = (0.0, 0.0);
         let mut warm_state = false;
