@@ -266,22 +266,26 @@ impl Policy {
         (12.0 + 7.0 * gamma as f64) * 8.0 / self.bandwidth_bps * 1000.0
     }
 
-    /// Expected time of one round with `gamma` drafts, ms.
-    pub fn round_ms(&self, gamma: usize, pipelined: bool) -> f64 {
-        let draft = gamma as f64 * self.draft_ms;
-        let wire = self.rtt_ms + self.verify_time(gamma + 1) + self.transfer_ms(gamma);
-        if !pipelined || gamma == 0 {
-            return draft + wire;
-        }
-        // Drafting of the next block overlaps the flight of this one, but that work only
-        // survives when the whole block and the guessed next token are accepted.
-        let keep = self.all_accepted(gamma);
-        keep * draft.max(wire) + (1.0 - keep) * (draft + wire)
+    /// Wire time of a block of `gamma` drafts, ms: the round trip, the verifier's time for
+    /// it and its uplink transfer.
+    fn wire_ms(&self, gamma: usize) -> f64 {
+        self.rtt_ms + self.verify_time(gamma + 1) + self.transfer_ms(gamma)
     }
 
-    /// Expected tokens per second with `gamma` drafts.
-    pub fn throughput(&self, gamma: usize, pipelined: bool) -> f64 {
-        self.expected(gamma) / self.round_ms(gamma, pipelined).max(1e-6) * 1000.0
+    /// Expected time of one synchronous round with `gamma` drafts, ms.
+    pub fn round_ms(&self, gamma: usize) -> f64 {
+        gamma as f64 * self.draft_ms + self.wire_ms(gamma)
+    }
+
+    /// Expected tokens per second of synchronous rounds with `gamma` drafts.
+    pub fn throughput(&self, gamma: usize) -> f64 {
+        self.expected(gamma) / self.round_ms(gamma).max(1e-6) * 1000.0
+    }
+
+    /// What the chain of [`Policy::pipelined_rate`] needs of a block of `g` drafts:
+    /// expected tokens, the chance that the drafts ahead survive it, its wire time.
+    fn block(&self, g: usize) -> (f64, f64, f64) {
+        (self.expected(g), self.all_accepted(g), self.wire_ms(g))
     }
 
     /// Expected tokens per second of pipelined drafting that sends `fresh` drafts when no
@@ -295,11 +299,7 @@ impl Policy {
     /// are lost and the next block (of `fresh`) leaves after wire(g) + fresh·draft. A short
     /// fresh block refills an empty pipe sooner; a long warm one makes the most of a flight.
     pub fn pipelined_rate(&self, fresh: usize, warm: usize) -> f64 {
-        let block = |g: usize| {
-            let wire = self.rtt_ms + self.verify_time(g + 1) + self.transfer_ms(g);
-            (self.expected(g), self.all_accepted(g), wire)
-        };
-        self.chain_rate(block(fresh), block(warm), fresh, warm)
+        self.chain_rate(self.block(fresh), self.block(warm), fresh, warm)
     }
 
     /// [`Policy::pipelined_rate`] from each block size's (expected tokens, chance that the
@@ -333,16 +333,23 @@ impl Policy {
         tokens / ms.max(1e-6) * 1000.0
     }
 
-    /// The block sizes to draft: `(fresh, warm)` as in [`Policy::pipelined_rate`] when
-    /// drafting is pipelined, the same γ for both otherwise (see [`Policy::choose`]).
-    /// Both in 0..=max_draft, within the energy `budget`, shorter ones preferred unless
-    /// longer ones are clearly better; the probe of [`Policy::choose`] applies to both.
+    /// Drafting energy per generated token with `gamma` drafts, joules.
+    pub fn joules_per_token(&self, gamma: usize) -> f64 {
+        gamma as f64 * self.step_joules / self.expected(gamma)
+    }
+
+    /// The block sizes to draft next, `(fresh, warm)`, each in 0..=max_draft with energy
+    /// per token within `budget`, shorter ones preferred unless longer ones are clearly
+    /// better; (0, 0) (plain cloud decoding) when no drafting pays. Pipelined, the pair
+    /// that maximises [`Policy::pipelined_rate`]; synchronous, the γ with the best
+    /// [`Policy::throughput`] for both.
+    ///
+    /// Rounds without drafts teach nothing about α, so one unlucky early block could keep
+    /// drafting off for good. When γ = 0 has been chosen for `probe_after` rounds and only
+    /// the α estimate stands in the way (with the prior α drafting would pay), one draft
+    /// is sent as a probe; failed probes double the wait.
     pub fn plan(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> (usize, usize) {
-        if !pipelined {
-            let g = self.choose(max_draft, false, budget);
-            return (g, g);
-        }
-        let plan = self.best_plan(max_draft, budget);
+        let plan = self.best_plan(max_draft, pipelined, budget);
         if plan.1 == 0 && self.idle_rounds >= self.probe_after && max_draft > 0 {
             let prior = Policy {
                 accepted: 0.0,
@@ -350,77 +357,43 @@ impl Policy {
                 by_pos: Vec::new(),
                 ..self.clone()
             };
-            if prior.best_plan(max_draft, budget).1 > 0 {
+            if prior.best_plan(max_draft, pipelined, budget).1 > 0 {
                 return (1, 1);
             }
         }
         plan
     }
 
-    fn best_plan(&self, max_draft: usize, budget: Option<f64>) -> (usize, usize) {
-        let blocks: Vec<_> = (0..=max_draft)
-            .map(|g| {
-                let wire = self.rtt_ms + self.verify_time(g + 1) + self.transfer_ms(g);
-                let fits = budget.is_none_or(|b| g == 0 || self.joules_per_token(g) <= b);
-                (self.expected(g), self.all_accepted(g), wire, fits)
-            })
-            .collect();
+    /// The γ of the next block in the steady state: [`Policy::plan`]'s warm size.
+    pub fn choose(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
+        self.plan(max_draft, pipelined, budget).1
+    }
+
+    fn best_plan(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> (usize, usize) {
+        let fits = |g: usize| budget.is_none_or(|b| g == 0 || self.joules_per_token(g) <= b);
+        // Prefer shorter blocks unless longer ones are clearly better.
         let mut best = ((0, 0), f64::MIN);
-        for warm in 0..=max_draft {
-            for fresh in 0..=max_draft {
-                let (f, w) = (blocks[fresh], blocks[warm]);
-                if !f.3 || !w.3 || (warm == 0 && fresh > 0) {
+        let mut consider = |plan: (usize, usize), t: f64| {
+            if t > best.1 * 1.01 {
+                best = (plan, t);
+            }
+        };
+        if !pipelined {
+            for g in (0..=max_draft).filter(|&g| fits(g)) {
+                consider((g, g), self.throughput(g));
+            }
+            return best.0;
+        }
+        let blocks: Vec<_> = (0..=max_draft).map(|g| self.block(g)).collect();
+        for warm in (0..=max_draft).filter(|&g| fits(g)) {
+            for fresh in (0..=max_draft).filter(|&g| fits(g)) {
+                if warm == 0 && fresh > 0 {
                     continue;
                 }
-                let t = self.chain_rate((f.0, f.1, f.2), (w.0, w.1, w.2), fresh, warm);
-                if t > best.1 * 1.01 {
-                    best = ((fresh, warm), t);
-                }
-            }
-        }
-        best.0
-    }
-
-    /// Drafting energy per generated token with `gamma` drafts, joules.
-    pub fn joules_per_token(&self, gamma: usize) -> f64 {
-        gamma as f64 * self.step_joules / self.expected(gamma)
-    }
-
-    /// The γ in 0..=max_draft with the best expected throughput whose energy per token is
-    /// within `budget`; 0 (plain cloud decoding) when no drafting pays.
-    ///
-    /// Rounds without drafts teach nothing about α, so one unlucky early block could keep
-    /// drafting off for good. When γ = 0 has been chosen for `probe_after` rounds and only
-    /// the α estimate stands in the way (with the prior α drafting would pay), one draft
-    /// is sent as a probe; failed probes double the wait.
-    pub fn choose(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
-        let g = self.best(max_draft, pipelined, budget);
-        if g == 0 && self.idle_rounds >= self.probe_after && max_draft > 0 {
-            let prior = Policy {
-                accepted: 0.0,
-                trials: 0.0,
-                by_pos: Vec::new(),
-                ..self.clone()
-            };
-            if prior.best(max_draft, pipelined, budget) > 0 {
-                return 1;
-            }
-        }
-        g
-    }
-
-    fn best(&self, max_draft: usize, pipelined: bool, budget: Option<f64>) -> usize {
-        let mut best = (0, self.throughput(0, pipelined));
-        for g in 1..=max_draft {
-            if let Some(b) = budget
-                && self.joules_per_token(g) > b
-            {
-                continue;
-            }
-            let t = self.throughput(g, pipelined);
-            // Prefer shorter blocks unless longer ones are clearly better.
-            if t > best.1 * 1.01 {
-                best = (g, t);
+                consider(
+                    (fresh, warm),
+                    self.chain_rate(blocks[fresh], blocks[warm], fresh, warm),
+                );
             }
         }
         best.0
@@ -847,6 +820,7 @@ mod tests {
             assert!(Policy::default().warm(&bad).is_err(), "{bad:?}");
         }
     }
+
     /// Runs `rounds` pipelined rounds: the policy plans (fresh, warm), the world decides
     /// acceptance (and whether the guess of each round's next token was right), and time
     /// passes as in the pipeline: max((warm + 1)·draft, wire) after a round whose drafts
