@@ -1,5 +1,7 @@
 //! `tandem-bench gpu`: draft-model decode speed on every wgpu adapter found and on the CPU
-//! engine, with the GPU's traffic per token (submissions, bytes read back and written).
+//! engine, with the GPU's traffic per token (submissions, bytes read back and written);
+//! and the verifier's side: the cost of a verify block of n tokens, t(n)/t(1) for
+//! n = 1..16, and how early a round's early-exit hint is read back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession};
+use tandem_models::backend::{ExitTo, Readback, VerifySequence};
 use tandem_models::draft::decode;
 use tandem_models::{CpuSequence, DraftForward, Model, Tokenizer};
 
@@ -19,12 +22,38 @@ pub struct Args {
     /// Greedy single-token steps timed per backend (after a prefill and one warm-up step).
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Longest verify block of the t(n)/t(1) curve (0: no curve).
+    #[arg(long, default_value_t = 16)]
+    verify_blocks: usize,
+    /// Timed repetitions of each verify block (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     /// Where gpu.json goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
 }
 
 const PROMPT: &str = "def fib(n: int):\n    \"\"\"Return n-th Fibonacci number.\n    >>> fib(10)\n    55\n    \"\"\"\n";
+
+/// A verify-block cost curve on one backend.
+#[derive(serde::Serialize)]
+struct Curve {
+    model: String,
+    backend: String,
+    /// Block sizes n (tokens in one verify forward, after the prompt).
+    n: Vec<usize>,
+    /// Median time of a block of n, ms.
+    ms: Vec<f64>,
+    /// t(n)/t(1).
+    ratio: Vec<f64>,
+    /// Bytes read back per round (the GPU: 12 per position; the CPU engine: none).
+    bytes_read: Vec<u64>,
+    /// A block of 5 with the early exit at `hint_layer`: when the hint was in hand and when
+    /// the round's results were, ms after the forward started (medians).
+    hint_layer: usize,
+    hint_ms: f64,
+    round_with_hint_ms: f64,
+}
 
 #[derive(serde::Serialize)]
 struct Row {
@@ -50,12 +79,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("wgpu finds no adapter: only the CPU is measured");
     }
     let mut rows = Vec::new();
+    let mut curves = Vec::new();
     for name in &args.models {
         let path = tandem_models::fetch::resolve(name).with_context(|| format!("model {name}"))?;
         let tok = Tokenizer::from_gguf(&path)?;
         let prompt = tok.encode(PROMPT)?;
         // CPU engine.
-        let mut cpu = CpuSequence::new(Arc::new(Model::load(&path)?));
+        let cpu_model = Arc::new(Model::load(&path)?);
+        let layers = cpu_model.config().n_layer;
+        let mut cpu = CpuSequence::new(cpu_model);
         let t = greedy(&mut cpu, &prompt, args.steps, |_| {})?;
         rows.push(Row {
             model: name.clone(),
@@ -73,6 +105,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             tokens: t.tokens,
         });
         print_row(rows.last().unwrap());
+        if args.verify_blocks > 0 {
+            curves.push(curve(
+                &mut cpu,
+                name,
+                "cpu (tandem-models)",
+                &prompt,
+                layers,
+                args,
+                |_| 0,
+            )?);
+        }
         drop(cpu);
         for a in &adapters {
             let gpu =
@@ -100,18 +143,113 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 tokens: t.tokens,
             });
             print_row(rows.last().unwrap());
+            if args.verify_blocks > 0 {
+                let mut s = GpuSession::new(Arc::clone(&m))?;
+                let backend = format!("{} ({})", a.name, a.backend);
+                curves.push(curve(&mut s, name, &backend, &prompt, layers, args, |s| {
+                    s.stats().bytes_read
+                })?);
+            }
         }
     }
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join("gpu.json");
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(
-            &serde_json::json!({ "adapters": adapters.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "rows": rows }),
-        )?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "adapters": adapters.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "rows": rows,
+            "verify_curves": curves,
+        }))?,
     )?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// The verify-block curve of one sequence: after the prompt, blocks of n = 1..=max tokens
+/// at the same position (rolled back between runs), each position's best token read back;
+/// then a block of 5 with an early exit halfway down the model.
+fn curve<S: VerifySequence>(
+    s: &mut S,
+    model: &str,
+    backend: &str,
+    prompt: &[u32],
+    layers: usize,
+    args: &Args,
+    bytes_read: impl Fn(&S) -> u64,
+) -> anyhow::Result<Curve> {
+    s.forward(prompt, 0, Readback::Nothing, None)?;
+    let p = prompt.len();
+    let block: Vec<u32> = prompt
+        .iter()
+        .copied()
+        .cycle()
+        .take(args.verify_blocks.max(5))
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let reps = args.reps.max(1);
+    let (mut ns, mut ms, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 1..=args.verify_blocks {
+        let mut times = Vec::with_capacity(reps);
+        let mut read = 0;
+        for _ in 0..reps {
+            s.truncate(p);
+            let before = bytes_read(s);
+            let t = Instant::now();
+            s.forward(&block[..n], p, Readback::Rows, None)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            read = bytes_read(s) - before;
+        }
+        ns.push(n);
+        ms.push(median(times));
+        bytes.push(read);
+    }
+    let hint_layer = layers / 2;
+    let (mut hints, mut rounds) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        s.truncate(p);
+        let t = Instant::now();
+        let mut at = None;
+        let mut sink = |_: &[tandem_models::backend::Best]| at = Some(t.elapsed());
+        let exit = ExitTo {
+            layer: hint_layer,
+            sink: &mut sink,
+        };
+        s.forward(&block[..5], p, Readback::Rows, Some(exit))?;
+        rounds.push(t.elapsed().as_secs_f64() * 1000.0);
+        hints.push(at.context("the exit sink was not called")?.as_secs_f64() * 1000.0);
+    }
+    let c = Curve {
+        model: model.into(),
+        backend: backend.into(),
+        ratio: ms.iter().map(|t| t / ms[0]).collect(),
+        n: ns,
+        ms,
+        bytes_read: bytes,
+        hint_layer,
+        hint_ms: median(hints),
+        round_with_hint_ms: median(rounds),
+    };
+    let show: Vec<String> =
+        c.n.iter()
+            .zip(&c.ratio)
+            .map(|(n, r)| format!("{n}:{r:.2}"))
+            .collect();
+    println!(
+        "{:<20} {:<45} verify t(1) {:.1} ms, t(n)/t(1) {} | bytes read per round {:?} | block of 5 with exit at {}: hint at {:.1} ms, results at {:.1} ms",
+        c.model,
+        c.backend,
+        c.ms[0],
+        show.join(" "),
+        c.bytes_read,
+        c.hint_layer,
+        c.hint_ms,
+        c.round_with_hint_ms
+    );
+    Ok(c)
 }
 
 /// Times of a greedy decode, and the tokens it produced.

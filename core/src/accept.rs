@@ -60,6 +60,26 @@ pub struct Verdict {
     pub outcome: Outcome,
 }
 
+/// The greedy verdict from each position's best token alone (what a device reads back
+/// instead of whole rows): the drafts are accepted up to the first that differs from
+/// `best(i)`, which replaces it; all accepted, `best(γ)` is the bonus token. The same verdict
+/// [`judge`] gives greedy parameters on logits whose argmaxes these are.
+pub fn judge_argmax(drafts: &[u32], best: impl Fn(usize) -> u32) -> Verdict {
+    for (i, &x) in drafts.iter().enumerate() {
+        let b = best(i);
+        if b != x {
+            return Verdict {
+                accepted: i,
+                outcome: Outcome::Token(b),
+            };
+        }
+    }
+    Verdict {
+        accepted: drafts.len(),
+        outcome: Outcome::Token(best(drafts.len())),
+    }
+}
+
 /// Judges a draft block against the target's logits: `logits(i)` is the target's row that
 /// predicts the token at draft position `i` (there are `drafts.len() + 1` rows; the last one
 /// gives the bonus token). `rng` is the session's acceptance RNG; `k` the top-K size sent on
@@ -72,18 +92,11 @@ pub fn judge<'a>(
     rng: &mut Rng,
     k: usize,
 ) -> Verdict {
+    if params.is_greedy() {
+        return judge_argmax(drafts, |i| argmax(logits(i)));
+    }
     for (i, &x) in drafts.iter().enumerate() {
         let row = logits(i);
-        if params.is_greedy() {
-            let best = argmax(row);
-            if best != x {
-                return Verdict {
-                    accepted: i,
-                    outcome: Outcome::Token(best),
-                };
-            }
-            continue;
-        }
         let p = distribution(row, params);
         let p_x = prob_of(&p, x);
         let u = rng.uniform();
@@ -94,12 +107,7 @@ pub fn judge<'a>(
             };
         }
     }
-    let row = logits(drafts.len());
-    let bonus = if params.is_greedy() {
-        argmax(row)
-    } else {
-        sample_from(&distribution(row, params), rng)
-    };
+    let bonus = sample_from(&distribution(logits(drafts.len()), params), rng);
     Verdict {
         accepted: drafts.len(),
         outcome: Outcome::Token(bonus),

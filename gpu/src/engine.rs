@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QTensor};
-use tandem_models::{Architecture, Config};
+use tandem_models::backend::{Best, Block, ExitTo, Readback, TargetBackend, VerifySequence};
+use tandem_models::{Architecture, Config, Logits};
 use wgpu::util::DeviceExt;
 
 use crate::{Error, Gpu, Result};
@@ -18,6 +19,8 @@ const MAX_CHUNK: usize = 32;
 const SLOT: u64 = 256;
 /// First KV capacity, in positions; doubled when a forward needs more.
 const FIRST_CAPACITY: usize = 256;
+/// Bytes of one position's [`Best`] on the device (token, logit, probability).
+const BEST: usize = 12;
 
 /// The GGUF block formats the matrix kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -228,9 +231,10 @@ mod params {
         Attention { heads: u32, kv_heads: u32, head_dim: u32, scale: f32 }
         /// `G = silu(G) * U` over `len` elements per row.
         Swiglu { len: u32 }
-        /// Argmax over `vocab` logits of the last position: row n − 1 when `all_rows` ≠ 0
-        /// (logits were computed for every row), else row 0.
-        Argmax { vocab: u32, all_rows: u32 }
+        /// Argmax (and its probability) over `vocab` logits: of the last position, which is
+        /// row 0 for `mode` 0 (its logits computed alone) and row n − 1 for mode 1; of every
+        /// row for mode 2.
+        Argmax { vocab: u32, mode: u32 }
     }
 }
 
@@ -376,14 +380,25 @@ impl GpuModel {
     /// Uploads a `llama`/`qwen2` GGUF to `gpu`. Refused (with a reason, so the caller can use
     /// the CPU backend): matrices in formats the kernels do not read, heads wider than 256,
     /// and a trained exit adapter at the last block.
+    /// An upload the device has no memory for fails with what the weights need.
     pub fn load(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
         let device = gpu.device.clone();
-        let what = format!("uploading {} to {}", path.display(), gpu.info);
-        crate::captured(&device, &what, || Self::upload(gpu, path))
+        let (config, tensors) = tandem_models::load_tensors(path)?;
+        let what = format!(
+            "uploading {} ({} MiB of weights on the device, plus each sequence's KV cache) to {}",
+            path.display(),
+            device_bytes(&tensors).div_ceil(1 << 20),
+            gpu.info
+        );
+        crate::captured(&device, &what, || Self::upload(gpu, path, config, tensors))
     }
 
-    fn upload(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
-        let (config, tensors) = tandem_models::load_tensors(path)?;
+    fn upload(
+        gpu: Gpu,
+        path: &Path,
+        config: Config,
+        tensors: BTreeMap<String, Arc<QTensor>>,
+    ) -> Result<Arc<GpuModel>> {
         let unsupported = |what: String| Error::Unsupported {
             path: path.display().to_string(),
             what,
@@ -397,7 +412,7 @@ impl GpuModel {
                 last_exit.trim_end_matches('.')
             )));
         }
-        if c.head_dim > 256 || c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 {
+        if c.head_dim > 256 || c.rope_dim > c.head_dim || !c.rope_dim.is_multiple_of(2) {
             return Err(unsupported(format!(
                 "head size {} (rotary {}): the attention kernel takes heads of at most 256",
                 c.head_dim, c.rope_dim
@@ -598,6 +613,21 @@ impl Uploader<'_> {
     }
 }
 
+/// Bytes the tensors take on the device: quantized blocks padded to whole words, the rest as
+/// f32.
+fn device_bytes(tensors: &BTreeMap<String, Arc<QTensor>>) -> u64 {
+    tensors
+        .values()
+        .map(|t| {
+            let n = t.shape().elem_count();
+            match Format::of(t.dtype()) {
+                Some(f) => (n / f.block() * f.words() * 4) as u64,
+                None => n as u64 * 4,
+            }
+        })
+        .sum()
+}
+
 fn bytes_of(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte is a valid u8; the slice covers exactly the
     // floats' memory.
@@ -635,6 +665,11 @@ pub enum Want {
     LastLogits,
     /// And every position's logits (tests, verification-style blocks).
     AllLogits,
+    /// Every position's best token, its logit and probability (12 bytes a position): what a
+    /// greedy verifier needs of a block.
+    Rows,
+    /// Those and every position's logits (a sampling verifier's block).
+    RowsAndLogits,
 }
 
 /// What a forward returns.
@@ -646,6 +681,8 @@ pub struct Output {
     pub max_logit: f32,
     /// Logits as asked: empty, the last row, or every row (row-major, `vocab` wide).
     pub logits: Vec<f32>,
+    /// Every position's best token ([`Want::Rows`], [`Want::RowsAndLogits`]), else empty.
+    pub rows: Vec<Best>,
 }
 
 /// Counters of a session's traffic with the device.
@@ -661,6 +698,8 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Bytes written to the device per forward (token ids and the step's position).
     pub bytes_written: u64,
+    /// Bytes of early-exit results copied back (part of `bytes_read`).
+    pub exit_bytes_read: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -730,6 +769,8 @@ struct Buffers {
     logits: wgpu::Buffer,
     res: wgpu::Buffer,
     res_read: wgpu::Buffer,
+    exit_res: wgpu::Buffer,
+    exit_read: wgpu::Buffer,
     logits_read: wgpu::Buffer,
     step: wgpu::Buffer,
 }
@@ -743,8 +784,12 @@ pub struct GpuSession {
     capacity: usize,
     params: Option<wgpu::Buffer>,
     body: Vec<Dispatch>,
+    /// `body[..layer_end[i]]` runs blocks 0..=i.
+    layer_end: Vec<usize>,
     tail_last: Vec<Dispatch>,
     tail_all: Vec<Dispatch>,
+    tail_rows: Vec<Dispatch>,
+    tail_exit: Vec<Dispatch>,
     len: usize,
     stats: Stats,
 }
@@ -776,8 +821,10 @@ impl GpuSession {
             xq: buffer(dev, "xq", m * widest * 4, st),
             xs: buffer(dev, "xs", m * widest / 32 * 2 * 4, st),
             logits: buffer(dev, "logits", m * c.vocab_size * 4, st | U::COPY_SRC),
-            res: buffer(dev, "argmax", 8, st | U::COPY_SRC),
-            res_read: buffer(dev, "argmax-read", 8, U::MAP_READ | U::COPY_DST),
+            res: buffer(dev, "argmax", m * BEST, st | U::COPY_SRC),
+            res_read: buffer(dev, "argmax-read", m * BEST, U::MAP_READ | U::COPY_DST),
+            exit_res: buffer(dev, "exit", m * BEST, st | U::COPY_SRC),
+            exit_read: buffer(dev, "exit-read", m * BEST, U::MAP_READ | U::COPY_DST),
             logits_read: buffer(
                 dev,
                 "logits-read",
@@ -793,8 +840,11 @@ impl GpuSession {
             capacity: 0,
             params: None,
             body: Vec::new(),
+            layer_end: Vec::new(),
             tail_last: Vec::new(),
             tail_all: Vec::new(),
+            tail_rows: Vec::new(),
+            tail_exit: Vec::new(),
             len: 0,
             stats: Stats::default(),
         };
@@ -830,11 +880,39 @@ impl GpuSession {
     /// Runs `tokens` at positions `pos..` (`pos <= len()`; a lower `pos` rolls back first)
     /// and reads back what `want` asks for.
     pub fn forward(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Output> {
-        let device = self.model.gpu.device.clone();
-        crate::captured(&device, "running the model", || self.run(tokens, pos, want))
+        self.forward_with_exit(tokens, pos, want, None)
     }
 
-    fn run(&mut self, tokens: &[u32], pos: usize, want: Want) -> Result<Output> {
+    /// [`GpuSession::forward`] with an early exit: the blocks up to it and the exit's head
+    /// run in a submission of their own, whose results (12 bytes a position) are read back
+    /// and handed to the sink while the rest of the forward runs in the next. With several
+    /// chunks (more than 32 tokens) the sink is called once, after the last chunk's exit.
+    pub fn forward_with_exit(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want: Want,
+        exit: Option<ExitTo>,
+    ) -> Result<Output> {
+        let device = self.model.gpu.device.clone();
+        crate::captured(&device, "running the model", || {
+            self.run(tokens, pos, want, exit)
+        })
+    }
+
+    /// Bytes this session's KV cache holds on the device (its whole capacity).
+    pub fn cache_bytes(&self) -> usize {
+        let c = &self.model.config;
+        2 * c.n_layer * self.capacity * c.kv_dim() * 4
+    }
+
+    fn run(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want: Want,
+        mut exit: Option<ExitTo>,
+    ) -> Result<Output> {
         let c = self.model.config.clone();
         let n = tokens.len();
         if n == 0 {
@@ -861,6 +939,14 @@ impl GpuSession {
                 c.context_length
             )));
         }
+        if let Some(e) = &exit
+            && (e.layer == 0 || e.layer >= c.n_layer)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "early exit after block {} of {}: it must lie in 1..{}",
+                e.layer, c.n_layer, c.n_layer
+            )));
+        }
         self.len = pos;
         if pos + n > self.capacity {
             let mut cap = self.capacity.max(1);
@@ -874,12 +960,16 @@ impl GpuSession {
             argmax: 0,
             max_logit: 0.0,
             logits: Vec::new(),
+            rows: Vec::new(),
         };
+        let per_row = matches!(want, Want::Rows | Want::RowsAndLogits);
+        let mut exit_rows = Vec::new();
         for (ci, chunk) in chunks.iter().enumerate() {
             let p = pos + ci * MAX_CHUNK;
             let last = ci + 1 == chunks.len();
             let tail = match want {
                 Want::AllLogits => Some(&self.tail_all),
+                Want::Rows | Want::RowsAndLogits => Some(&self.tail_rows),
                 _ if last => Some(&self.tail_last),
                 _ => None,
             };
@@ -893,27 +983,49 @@ impl GpuSession {
             q.write_buffer(&self.b.step, 0, &step);
             self.stats.bytes_written += (ids.len() + step.len()) as u64;
             let dev = &self.model.gpu.device;
-            let mut enc = dev.create_command_encoder(&Default::default());
-            {
+            let rows_of = |d: &Dispatch| match d.rows {
+                Rows::Tokens => chunk.len() as u32,
+                Rows::One => 1,
+            };
+            let encode = |enc: &mut wgpu::CommandEncoder,
+                          list: &mut dyn Iterator<Item = &Dispatch>| {
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                for d in self.body.iter().chain(tail.into_iter().flatten()) {
+                for d in list {
                     pass.set_pipeline(&self.model.pipelines[&d.kernel].pipeline);
                     pass.set_bind_group(0, &d.group, &[d.slot * SLOT as u32]);
-                    let y = match d.rows {
-                        Rows::Tokens => chunk.len() as u32,
-                        Rows::One => 1,
-                    };
-                    pass.dispatch_workgroups(d.x, y, 1);
+                    pass.dispatch_workgroups(d.x, rows_of(d), 1);
                 }
-            }
+            };
+            // With an exit, the blocks up to it and the exit's head go in a submission of
+            // their own, so its results can be read while the rest runs.
+            let split = match &exit {
+                Some(e) => self.layer_end[e.layer - 1],
+                None => 0,
+            };
+            let best_bytes = (chunk.len() * BEST) as u64;
+            let exit_sub = exit.as_ref().map(|_| {
+                let mut enc = dev.create_command_encoder(&Default::default());
+                encode(
+                    &mut enc,
+                    &mut self.body[..split].iter().chain(&self.tail_exit),
+                );
+                enc.copy_buffer_to_buffer(&self.b.exit_res, 0, &self.b.exit_read, 0, best_bytes);
+                q.submit([enc.finish()])
+            });
             let logit_rows = match want {
-                Want::Argmax => 0,
+                Want::Argmax | Want::Rows => 0,
                 Want::LastLogits => 1,
-                Want::AllLogits => chunk.len(),
+                Want::AllLogits | Want::RowsAndLogits => chunk.len(),
             };
             let logit_bytes = (logit_rows * c.vocab_size * 4) as u64;
+            let res_bytes = if per_row { best_bytes } else { 8 };
+            let mut enc = dev.create_command_encoder(&Default::default());
+            encode(
+                &mut enc,
+                &mut self.body[split..].iter().chain(tail.into_iter().flatten()),
+            );
             if tail.is_some() {
-                enc.copy_buffer_to_buffer(&self.b.res, 0, &self.b.res_read, 0, 8);
+                enc.copy_buffer_to_buffer(&self.b.res, 0, &self.b.res_read, 0, res_bytes);
                 if logit_bytes > 0 {
                     enc.copy_buffer_to_buffer(
                         &self.b.logits,
@@ -925,19 +1037,34 @@ impl GpuSession {
                 }
             }
             q.submit([enc.finish()]);
-            self.stats.submissions += 1;
+            self.stats.submissions += 1 + exit_sub.is_some() as u64;
+            if let Some(sub) = exit_sub {
+                let raw = self.read(&self.b.exit_read, best_bytes, Some(sub))?;
+                exit_rows.extend(bests(&raw));
+                self.stats.bytes_read += best_bytes;
+                self.stats.exit_bytes_read += best_bytes;
+                if last && let Some(e) = exit.as_mut() {
+                    (e.sink)(&exit_rows);
+                }
+            }
             if tail.is_some() {
-                let res = self.read(&self.b.res_read, 8)?;
-                out.argmax = u32::from_le_bytes(res[0..4].try_into().unwrap());
-                out.max_logit = f32::from_le_bytes(res[4..8].try_into().unwrap());
+                let res = self.read(&self.b.res_read, res_bytes, None)?;
+                if per_row {
+                    out.rows.extend(bests(&res));
+                    let l = out.rows[out.rows.len() - 1];
+                    (out.argmax, out.max_logit) = (l.token, l.logit);
+                } else {
+                    out.argmax = u32::from_le_bytes(res[0..4].try_into().unwrap());
+                    out.max_logit = f32::from_le_bytes(res[4..8].try_into().unwrap());
+                }
                 if logit_bytes > 0 {
-                    let raw = self.read(&self.b.logits_read, logit_bytes)?;
+                    let raw = self.read(&self.b.logits_read, logit_bytes, None)?;
                     out.logits.extend(
                         raw.chunks_exact(4)
                             .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
                     );
                 }
-                self.stats.bytes_read += 8 + logit_bytes;
+                self.stats.bytes_read += res_bytes + logit_bytes;
             }
         }
         self.len = pos + n;
@@ -946,7 +1073,14 @@ impl GpuSession {
         Ok(out)
     }
 
-    fn read(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    /// Copies `bytes` of a mapped-read buffer back, once submission `after` (default: every
+    /// submission so far) is done.
+    fn read(
+        &self,
+        buf: &wgpu::Buffer,
+        bytes: u64,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let slice = buf.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -955,7 +1089,10 @@ impl GpuSession {
         self.model
             .gpu
             .device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: after,
+                timeout: None,
+            })
             .map_err(|e| Error::Device(format!("waiting for the GPU: {e}")))?;
         rx.recv()
             .map_err(|_| Error::Device("the read-back was dropped".into()))?
@@ -1031,6 +1168,7 @@ impl GpuSession {
         }
         let half = (c.rope_dim / 2) as u32;
         let neox = (c.arch == Architecture::Qwen2) as u32;
+        let mut layer_end = Vec::with_capacity(m.layers.len());
         for (i, l) in m.layers.iter().enumerate() {
             let (kc, vc) = &self.kv[i];
             body.push(norm(&b.h, &l.attn_norm, &b.x, d, eps, false));
@@ -1141,8 +1279,11 @@ impl GpuSession {
                 1,
                 Rows::Tokens,
             );
+            layer_end.push(body.len());
         }
-        let tail = |last: bool| -> Vec<Pending> {
+        // Mode of the argmax kernel (see its params) and where it writes.
+        let tail = |mode: u32, res: &wgpu::Buffer| -> Vec<Pending> {
+            let last = mode == 0;
             let rows = if last { Rows::One } else { Rows::Tokens };
             let mut t = vec![norm(&b.h, &m.output_norm, &b.x, d, eps, last)];
             let head = m.head();
@@ -1161,18 +1302,17 @@ impl GpuSession {
             );
             t.push(Pending::new(
                 Kernel::Argmax,
-                params::Argmax {
-                    vocab: v,
-                    all_rows: (!last) as u32,
-                },
-                &[("L", &b.logits), ("R", &b.res)],
+                params::Argmax { vocab: v, mode },
+                &[("L", &b.logits), ("R", res)],
                 1,
-                Rows::One,
+                if mode == 2 { Rows::Tokens } else { Rows::One },
             ));
             t
         };
-        let (tail_last, tail_all) = (tail(true), tail(false));
-        let total = body.len() + tail_last.len() + tail_all.len();
+        let (tail_last, tail_all) = (tail(0, &b.res), tail(1, &b.res));
+        let (tail_rows, tail_exit) = (tail(2, &b.res), tail(2, &b.exit_res));
+        let total =
+            body.len() + tail_last.len() + tail_all.len() + tail_rows.len() + tail_exit.len();
         let dev = &m.gpu.device;
         let params = buffer(
             dev,
@@ -1224,11 +1364,26 @@ impl GpuSession {
                 .collect()
         };
         self.body = finish(body);
+        self.layer_end = layer_end;
         self.tail_last = finish(tail_last);
         self.tail_all = finish(tail_all);
+        self.tail_rows = finish(tail_rows);
+        self.tail_exit = finish(tail_exit);
         m.gpu.queue.write_buffer(&params, 0, &bytes);
         self.params = Some(params);
     }
+}
+
+/// [`Best`]s from the argmax kernel's words (token, logit bits, probability bits).
+fn bests(raw: &[u8]) -> impl Iterator<Item = Best> + '_ {
+    raw.chunks_exact(BEST).map(|w| {
+        let word = |i: usize| u32::from_le_bytes(w[4 * i..4 * i + 4].try_into().unwrap());
+        Best {
+            token: word(0),
+            logit: f32::from_bits(word(1)),
+            prob: f32::from_bits(word(2)),
+        }
+    })
 }
 
 fn norm(
@@ -1344,5 +1499,60 @@ impl tandem_models::DraftForward for GpuSession {
             argmax: out.argmax,
             logits: want_logits.then_some(out.logits),
         })
+    }
+}
+
+impl VerifySequence for GpuSession {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        want: Readback,
+        exit: Option<ExitTo>,
+    ) -> tandem_models::Result<Block> {
+        let w = match want {
+            Readback::Nothing => Want::Argmax,
+            Readback::Last => Want::LastLogits,
+            Readback::Rows => Want::Rows,
+            Readback::RowsAndLogits => Want::RowsAndLogits,
+        };
+        let out = self
+            .forward_with_exit(tokens, pos, w, exit)
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) => tandem_models::Error::InvalidArgument(m),
+                other => tandem_models::Error::Backend(Box::new(other)),
+            })?;
+        let vocab = self.model.config.vocab_size;
+        Ok(Block {
+            rows: out.rows,
+            logits: (!out.logits.is_empty()).then_some(Logits {
+                vocab,
+                data: out.logits,
+            }),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn truncate(&mut self, len: usize) {
+        GpuSession::truncate(self, len)
+    }
+
+    fn cache_bytes(&self) -> usize {
+        GpuSession::cache_bytes(self)
+    }
+}
+
+impl TargetBackend for GpuModel {
+    fn device(&self) -> String {
+        format!("gpu: {}", self.gpu.info)
+    }
+
+    fn sequence(self: Arc<Self>) -> tandem_models::Result<Box<dyn VerifySequence>> {
+        GpuSession::new(self)
+            .map(|s| Box::new(s) as Box<dyn VerifySequence>)
+            .map_err(|e| tandem_models::Error::Backend(Box::new(e)))
     }
 }

@@ -15,6 +15,7 @@ mod engine;
 
 pub use engine::{GpuModel, GpuSession, Output, Stats, Want};
 pub use tandem_models::GpuChoice;
+pub use tandem_models::backend::{Best, ExitTo};
 
 use std::fmt;
 
@@ -139,7 +140,8 @@ pub(crate) fn captured<T>(
     let oom = pollster::block_on(oom.pop());
     match oom.or(invalid) {
         Some(wgpu::Error::OutOfMemory { .. }) => Err(Error::Device(format!(
-            "{what}: the GPU ran out of memory (use --gpu off to run on the CPU)"
+            "{what}: the GPU ran out of memory (run on the CPU instead: --gpu off, or the \
+             verifier's --device cpu)"
         ))),
         Some(e) => Err(Error::Device(format!("{what}: {e}"))),
         None => r,

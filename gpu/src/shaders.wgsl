@@ -391,14 +391,20 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 }
 
 //!KERNEL argmax
-// Index and value of the largest logit of one row (lowest index among equals).
+// Per row of logits: the index and value of the largest (lowest index among equals) and its
+// softmax probability. `mode` 0 reads row 0 (the last position's logits, computed alone),
+// 1 row n − 1 of every row's logits; both write R[0..3]. Mode 2 reads every row, one
+// workgroup each, and writes row t's three words at R[3t..3t + 3].
 var<workgroup> bv: array<f32, 256>;
 var<workgroup> bi: array<u32, 256>;
 @compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) li: u32) {
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let vocab = P.vocab;
+    let mode = P.mode;
     var row = 0u;
-    if (P.all_rows != 0u) { row = S.n - 1u; }
+    var out = 0u;
+    if (mode == 1u) { row = S.n - 1u; }
+    if (mode == 2u) { row = wg.y; out = 3u * wg.y; }
     let o = row * vocab;
     var best = -3.4e38;
     var idx = 0xffffffffu;
@@ -417,8 +423,20 @@ fn main(@builtin(local_invocation_index) li: u32) {
         }
         workgroupBarrier();
     }
+    let top = bv[0];
+    let top_i = bi[0];
+    workgroupBarrier();
+    var s = 0.0;
+    for (var i = li; i < vocab; i += 256u) { s += exp(L[o + i] - top); }
+    bv[li] = s;
+    workgroupBarrier();
+    for (var w = 128u; w > 0u; w >>= 1u) {
+        if (li < w) { bv[li] += bv[li + w]; }
+        workgroupBarrier();
+    }
     if (li == 0u) {
-        R[0] = bi[0];
-        R[1] = bitcast<u32>(bv[0]);
+        R[out] = top_i;
+        R[out + 1u] = bitcast<u32>(top);
+        R[out + 2u] = bitcast<u32>(1.0 / bv[0]);
     }
 }

@@ -328,3 +328,170 @@ fn bad_inputs_are_errors() {
     );
     assert_eq!(Gpu::open(&GpuChoice::Off).unwrap().map(|g| g.info), None);
 }
+
+// The verifier's side: per-position best tokens, early exits, verify blocks.
+
+/// A prompt and `extra` greedy tokens after it, with every position's logits from single
+/// steps on a fresh session: the reference for the verify-block tests.
+fn single_steps(
+    name: &str,
+    g: &Arc<GpuModel>,
+    prompt: &str,
+    extra: usize,
+) -> (Vec<u32>, usize, Vec<Vec<f32>>) {
+    let tok = Tokenizer::from_gguf(model(name)).unwrap();
+    let mut seq = tok.encode(prompt).unwrap();
+    let prompt_len = seq.len();
+    let mut s = GpuSession::new(Arc::clone(g)).unwrap();
+    let mut rows = Vec::new();
+    let mut p = 0;
+    while p < prompt_len + extra {
+        let o = s.forward(&[seq[p]], p, Want::LastLogits).unwrap();
+        rows.push(o.logits);
+        if p + 1 == seq.len() {
+            seq.push(o.argmax);
+        }
+        p += 1;
+    }
+    (seq, prompt_len, rows)
+}
+
+/// Verify blocks of 1, 4 and 7 tokens after a prefill, one of them after a rejected block
+/// was rolled back: every position's logits are bitwise those of single steps, and the
+/// per-position best tokens computed on the device are the argmax of those logits (12 bytes
+/// a position read back).
+#[test]
+fn verify_blocks_are_bitwise_single_steps() {
+    let g = GpuModel::load(gpu(), &model("smollm2-135m")).unwrap();
+    let (seq, prompt_len, single) = single_steps("smollm2-135m", &g, PROMPTS[0], 12);
+    let mut s = GpuSession::new(Arc::clone(&g)).unwrap();
+    let o = s.forward(&seq[..prompt_len], 0, Want::AllLogits).unwrap();
+    let vocab = g.config().vocab_size;
+    let same = |got: &[f32], p: usize, what: &str| {
+        assert!(
+            got.iter()
+                .zip(&single[p])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: position {p}'s logits differ from a single step's"
+        );
+    };
+    for (i, row) in o.logits.chunks(vocab).enumerate() {
+        same(row, i, "prefill");
+    }
+    let mut p = prompt_len;
+    for n in [1, 4, 7] {
+        if n == 4 {
+            // A block whose drafts were wrong, then the same positions again.
+            let wrong: Vec<u32> = seq[p..p + n].iter().map(|t| (t + 7) % 1000).collect();
+            s.forward(&wrong, p, Want::Rows).unwrap();
+            s.truncate(p);
+        }
+        let before = s.stats();
+        let o = s.forward(&seq[p..p + n], p, Want::RowsAndLogits).unwrap();
+        let rows = s.forward(&seq[p..p + n], p, Want::Rows).unwrap();
+        let read = s.stats().bytes_read - before.bytes_read;
+        let logit_bytes = (n * vocab * 4) as u64;
+        assert_eq!(
+            read,
+            logit_bytes + 2 * 12 * n as u64,
+            "block of {n}: bytes read"
+        );
+        assert!(rows.logits.is_empty());
+        assert_eq!(
+            rows.rows, o.rows,
+            "block of {n}: rows with and without logits"
+        );
+        for (i, row) in o.logits.chunks(vocab).enumerate() {
+            same(row, p + i, &format!("block of {n}"));
+            let (best, first, _) = top2(row);
+            let b = o.rows[i];
+            assert_eq!(
+                (b.token as usize, b.logit),
+                (best, first),
+                "block of {n}, row {i}"
+            );
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            assert!(
+                (b.prob as f64 - 1.0 / z).abs() < 1e-4,
+                "{} vs {}",
+                b.prob,
+                1.0 / z
+            );
+        }
+        p += n;
+    }
+}
+
+/// A prompt of Qwen2.5-Coder-0.5B (Q5_0, Q8_0, Q4_K and Q6_K matrices, biases) in one step:
+/// every position's logits bitwise those of single steps. (A matrix kernel that looped over
+/// all of a step's tokens in one invocation was exact up to 8 tokens and wrong from 12 on
+/// llvmpipe; this caught it.)
+#[test]
+fn qwen_prefill_is_bitwise_single_steps() {
+    let name = "qwen2.5-coder-0.5b";
+    let g = GpuModel::load(gpu(), &model(name)).unwrap();
+    let prompt = "def fib(n: int):\n    \"\"\"Return n-th Fibonacci number.";
+    let (seq, prompt_len, single) = single_steps(name, &g, prompt, 0);
+    assert!(prompt_len >= 12, "{prompt_len} tokens");
+    let mut s = GpuSession::new(Arc::clone(&g)).unwrap();
+    let o = s.forward(&seq[..prompt_len], 0, Want::AllLogits).unwrap();
+    let vocab = g.config().vocab_size;
+    for (p, row) in o.logits.chunks(vocab).enumerate() {
+        assert!(
+            row.iter()
+                .zip(&single[p])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "position {p} of {prompt_len}: the prefill's logits differ from a single step's"
+        );
+    }
+}
+
+/// The early exit at block 15 of SmolLM2's 30, read back between the two submissions of a
+/// verify block, is bitwise what a model made of the first 15 blocks (and the final norm
+/// and head) computes for those positions; the forward's own results are unchanged by it.
+#[test]
+fn early_exit_is_the_first_blocks_forward() {
+    const K: usize = 15;
+    let path = model("smollm2-135m");
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("smollm2-15.gguf");
+    tandem_models::backbone::split_backbone(&path, K, &split).unwrap();
+    let g = GpuModel::load(gpu(), &path).unwrap();
+    let gk = GpuModel::load(gpu(), &split).unwrap();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    let mut seq = tok.encode(PROMPTS[2]).unwrap();
+    let prompt_len = seq.len();
+    seq.extend([28, 1127, 1047, 42, 17, 8]);
+    let block = &seq[prompt_len..];
+    let mut reference = GpuSession::new(gk).unwrap();
+    let want = reference.forward(&seq, 0, Want::Rows).unwrap().rows[prompt_len..].to_vec();
+    let mut plain = GpuSession::new(Arc::clone(&g)).unwrap();
+    plain.forward(&seq[..prompt_len], 0, Want::Argmax).unwrap();
+    let plain = plain.forward(block, prompt_len, Want::Rows).unwrap();
+    let mut s = GpuSession::new(g).unwrap();
+    s.forward(&seq[..prompt_len], 0, Want::Argmax).unwrap();
+    let before = s.stats();
+    let mut got = Vec::new();
+    let mut sink = |rows: &[tandem_gpu::Best]| got.extend_from_slice(rows);
+    let exit = tandem_gpu::ExitTo {
+        layer: K,
+        sink: &mut sink,
+    };
+    let o = s
+        .forward_with_exit(block, prompt_len, Want::Rows, Some(exit))
+        .unwrap();
+    assert_eq!(got, want, "the exit's rows");
+    assert_eq!(o.rows, plain.rows, "the forward with an exit");
+    let after = s.stats();
+    assert_eq!(after.submissions - before.submissions, 2);
+    assert_eq!(after.exit_bytes_read - before.exit_bytes_read, 12 * 6);
+    let bad = tandem_gpu::ExitTo {
+        layer: 30,
+        sink: &mut |_| {},
+    };
+    let e = s
+        .forward_with_exit(block, prompt_len, Want::Rows, Some(bad))
+        .unwrap_err();
+    assert!(e.to_string().contains("must lie in 1..30"), "{e}");
+}

@@ -141,19 +141,25 @@ fn a_tiny_adapter_learns_changes_the_exit_resumes_exactly_and_makes_a_drafter() 
     );
 
     // The verifier's hints use the adapter's layer when the file has one.
-    let target = tandem_verifier::Target::load(
-        &tandem_verifier::TargetSpec {
-            family: None,
-            version: None,
-            model: a.to_str().unwrap().to_string(),
-            early_exit_layer: None,
-        },
-        "smol".into(),
-        "1".into(),
-        None,
-    )
-    .unwrap();
+    let spec = tandem_verifier::TargetSpec {
+        family: None,
+        version: None,
+        model: a.to_str().unwrap().to_string(),
+        early_exit_layer: None,
+        device: None,
+    };
+    let load =
+        |device| tandem_verifier::Target::load(&spec, "smol".into(), "1".into(), None, device);
+    let target = load(&tandem_verifier::Device::Cpu).unwrap();
     assert_eq!(target.early_exit_layer, 15);
+    // The GPU kernels have no exit adapters: such a target is refused there, saying so.
+    let e = load(&tandem_verifier::Device::Gpu(Some("llvmpipe".into())))
+        .err()
+        .unwrap();
+    assert!(
+        format!("{e:#}").contains("trained exit adapter at block 15"),
+        "{e:#}"
+    );
 
     // 3. Paused at step 15 and resumed: the same file, byte for byte, from cached data.
     let b = d.join("b.gguf");

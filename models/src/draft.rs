@@ -43,6 +43,16 @@ impl CpuSequence {
     }
 }
 
+impl CpuSequence {
+    pub(crate) fn parts(&mut self) -> (&Model, &mut KvCache) {
+        (&self.model, &mut self.cache)
+    }
+
+    pub(crate) fn parts_ref(&self) -> (&Model, &KvCache) {
+        (&self.model, &self.cache)
+    }
+}
+
 impl DraftForward for CpuSequence {
     fn vocab_size(&self) -> usize {
         self.model.config().vocab_size

@@ -6,12 +6,14 @@
 //! - [`backbone`]: tokenizer and backbone fingerprints and the backbone split that makes a
 //!   drafter GGUF.
 //! - [`draft`]: one sequence of a model on any backend ([`DraftForward`], the CPU's
-//!   [`CpuSequence`]) and the one decode loop.
+//!   [`CpuSequence`]) and the one decode loop; [`backend`]: the verifier's side of it.
 //! - [`Tokenizer`] and [`IncrementalDecoder`] (native only).
 //! - [`catalog`] and [`fetch`] (native only): the real models this project uses.
 
 pub mod adapter;
 pub mod backbone;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod backend;
 pub mod catalog;
 mod config;
 pub mod draft;

@@ -11,6 +11,10 @@
 //! starves: a round waits at most ⌈rows of rounds ahead of it / max-batch-tokens⌉ forwards,
 //! a chunk at most one forward per chunk ahead of it. The bits do not depend on any of this:
 //! the engine's forwards are batch-invariant.
+//!
+//! Targets on a GPU (`--device gpu`) do not go through the scheduler: each session's
+//! forward is one (or, with a hint, two) submissions of its own on the device's queue,
+//! through the [`VerifySequence`] backend trait.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,14 +22,76 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
+use tandem_models::backend::{Best, Block, ExitTo, Readback, VerifySequence};
 use tandem_models::{Error, ExitLogits, KvCache, Logits, Rows, Step};
 
 use crate::metrics::Metrics;
 use crate::registry::Target;
 use crate::session::Limits;
 
-/// Receives an exit layer's logits during a forward.
-pub type ExitSink = Box<dyn FnMut(ExitLogits) + Send>;
+/// An exit layer's output during a forward: the CPU engine's hidden states (logits computed
+/// on demand, a row at a time) or a device's best tokens.
+pub enum ExitRows<'a> {
+    /// From the CPU engine.
+    Cpu(ExitLogits<'a>),
+    /// From a device (computed there; 12 bytes a position read back).
+    Device(&'a [Best]),
+}
+
+impl ExitRows<'_> {
+    /// Positions.
+    pub fn rows(&self) -> usize {
+        match self {
+            ExitRows::Cpu(e) => e.rows(),
+            ExitRows::Device(b) => b.len(),
+        }
+    }
+
+    /// Position `i`'s best token and, when `prob`, its probability (else 1).
+    pub fn best(&self, i: usize, prob: bool) -> Option<(u32, f32)> {
+        match self {
+            ExitRows::Cpu(e) => {
+                let row = e.row_logits(i).ok()?;
+                let p = if prob {
+                    tandem_core::sampling::top_probability(&row)
+                } else {
+                    1.0
+                };
+                Some((tandem_core::sampling::argmax(&row), p))
+            }
+            ExitRows::Device(b) => b.get(i).map(|b| (b.token, b.prob)),
+        }
+    }
+}
+
+/// Receives an exit layer's output during a forward.
+pub type ExitSink = Box<dyn FnMut(ExitRows) + Send>;
+
+/// A session's sequence: a KV cache of the CPU engine, or a sequence on a device.
+pub enum Seq {
+    /// On the CPU engine.
+    Cpu(KvCache),
+    /// On a device.
+    Device(Box<dyn VerifySequence>),
+}
+
+impl Seq {
+    /// Drops every position at or after `len`.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Seq::Cpu(c) => c.truncate(len),
+            Seq::Device(s) => s.truncate(len),
+        }
+    }
+
+    /// Bytes its KV cache holds.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Seq::Cpu(c) => c.size_bytes(),
+            Seq::Device(s) => s.cache_bytes(),
+        }
+    }
+}
 
 /// A target's scheduler: started by the first forward that asks for batching, stopped when
 /// the target is dropped.
@@ -41,7 +107,7 @@ struct Job {
     cache: KvCache,
     rows: Rows,
     exits: Vec<usize>,
-    on_exit: ExitSink,
+    on_exit: Box<dyn FnMut(ExitLogits) + Send>,
     queued: Instant,
     /// Forwards started before this job was queued.
     ticket: u64,
@@ -58,18 +124,66 @@ pub struct Work<'a> {
     pub pos: usize,
     /// Which positions produce logits.
     pub rows: Rows,
+    /// With `Rows::All`: whether the whole rows are needed (sampling, log-probabilities),
+    /// not just each position's best token. A device reads back only what is needed; the
+    /// CPU engine always has the rows.
+    pub logits: bool,
     /// Exit layer handed to `on_exit` (0: none).
     pub exit: usize,
-    /// Receives the exit's logits.
+    /// Receives the exit's output.
     pub on_exit: Option<ExitSink>,
     /// A chunk of a prompt (queued apart from rounds, see the module docs).
     pub prompt: bool,
 }
 
 impl Target {
-    /// Runs `work` over `cache`: through this target's scheduler, batched with other
-    /// sessions' work, or — with batching off — on the calling thread.
+    /// A new, empty sequence on this target's device.
+    pub fn sequence(&self, limits: &Limits) -> tandem_models::Result<Seq> {
+        match &self.backend {
+            None => Ok(Seq::Cpu(self.model.new_cache_with(limits.kv_cache))),
+            Some(b) => Ok(Seq::Device(b.clone().sequence()?)),
+        }
+    }
+
+    /// Runs `work` over `seq`: on its device, through this target's scheduler (batched
+    /// with other sessions' work), or — with batching off — on the calling thread.
     pub fn forward(
+        self: &Arc<Self>,
+        seq: &mut Seq,
+        work: Work,
+        limits: &Limits,
+        metrics: &Arc<Metrics>,
+    ) -> tandem_models::Result<Block> {
+        let cache = match seq {
+            Seq::Cpu(cache) => cache,
+            Seq::Device(s) => {
+                let want = match (work.rows, work.logits) {
+                    (Rows::None, _) => Readback::Nothing,
+                    (Rows::Last, _) => Readback::Last,
+                    (Rows::All, false) => Readback::Rows,
+                    (Rows::All, true) => Readback::RowsAndLogits,
+                };
+                let mut on_exit = work.on_exit;
+                let mut sink = |rows: &[Best]| {
+                    if let Some(f) = on_exit.as_mut() {
+                        f(ExitRows::Device(rows))
+                    }
+                };
+                let exit = (work.exit > 0).then_some(ExitTo {
+                    layer: work.exit,
+                    sink: &mut sink,
+                });
+                return s.forward(work.tokens, work.pos, want, exit);
+            }
+        };
+        let logits = self.forward_cpu(cache, work, limits, metrics)?;
+        Ok(Block {
+            rows: Vec::new(),
+            logits: Some(logits),
+        })
+    }
+
+    fn forward_cpu(
         self: &Arc<Self>,
         cache: &mut KvCache,
         work: Work,
@@ -87,7 +201,7 @@ impl Target {
                 &exits,
                 &mut |e| {
                     if let Some(s) = sink.as_mut() {
-                        s(e)
+                        s(ExitRows::Cpu(e))
                     }
                 },
             );
@@ -109,7 +223,10 @@ impl Target {
             cache: std::mem::replace(cache, KvCache::new(0, 0)),
             rows: work.rows,
             exits,
-            on_exit: work.on_exit.unwrap_or_else(|| Box::new(|_| {})),
+            on_exit: match work.on_exit {
+                Some(mut f) => Box::new(move |e| f(ExitRows::Cpu(e))),
+                None => Box::new(|_| {}),
+            },
             queued: Instant::now(),
             ticket: self.batcher.forwards.load(Ordering::SeqCst),
             prefill: work.prompt,
@@ -122,11 +239,11 @@ impl Target {
         result
     }
 
-    /// Runs a prompt over `cache` from position 0 in chunks of `--prefill-chunk` tokens and
+    /// Runs a prompt over `seq` from position 0 in chunks of `--prefill-chunk` tokens and
     /// returns the last position's logits.
     pub fn prefill(
         self: &Arc<Self>,
-        cache: &mut KvCache,
+        seq: &mut Seq,
         tokens: &[u32],
         limits: &Limits,
         metrics: &Arc<Metrics>,
@@ -139,13 +256,15 @@ impl Target {
                 tokens: part,
                 pos: i * chunk,
                 rows: if end { Rows::Last } else { Rows::None },
+                logits: true,
                 exit: 0,
                 on_exit: None,
                 prompt: true,
             };
-            last = Some(self.forward(cache, work, limits, metrics)?);
+            last = Some(self.forward(seq, work, limits, metrics)?);
         }
-        last.ok_or_else(|| Error::InvalidArgument("a prompt needs at least one token".into()))
+        last.and_then(|b| b.logits)
+            .ok_or_else(|| Error::InvalidArgument("a prompt needs at least one token".into()))
     }
 }
 

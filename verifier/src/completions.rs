@@ -95,7 +95,7 @@ fn decode(
     let failed = |e: tandem_models::Error| format!("model failed: {e}");
     let mut rng = Rng::new(params.seed);
     let mut draft_rng = Rng::new(params.seed ^ 0xc10d_5d00_0000_0001);
-    let mut cache = target.model.new_cache_with(limits.kv_cache);
+    let mut cache = target.sequence(limits).map_err(failed)?;
     let logits = target
         .prefill(&mut cache, prompt, limits, metrics)
         .map_err(failed)?;
@@ -143,13 +143,16 @@ fn decode(
             tokens: &input,
             pos: pos0 - 1,
             rows: Rows::All,
+            logits: true,
             exit: 0,
             on_exit: None,
             prompt: false,
         };
         let rows = target
             .forward(&mut cache, work, limits, metrics)
-            .map_err(failed)?;
+            .map_err(failed)?
+            .logits
+            .ok_or_else(|| "model failed: the forward returned no logits".to_string())?;
         let verdict = judge(&drafts, &qs, |i| rows.row(i), params, &mut rng, usize::MAX);
         let n = verdict.accepted;
         let next = match verdict.outcome {

@@ -36,6 +36,12 @@ struct Serve {
     /// baseline: draft and target both here, tokens streamed to the client).
     #[arg(long)]
     draft: Option<String>,
+    /// Where targets run: cpu (the CPU engine, batching sessions' forwards), gpu (the first
+    /// hardware GPU adapter, through wgpu: Vulkan, Metal, DX12) or gpu:NAME (the first
+    /// adapter whose name contains NAME, software ones included, e.g. gpu:llvmpipe; see
+    /// `tandem gpu list`). `POST /admin/targets` may name another per target.
+    #[arg(long, default_value = "cpu")]
+    device: tandem_verifier::Device,
     /// Layer whose predictions are streamed as hints before verification finishes
     /// (default: the layer of an exit adapter in the target file, else no hints).
     #[arg(long)]
@@ -219,6 +225,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             ..Limits::default()
         },
         early_exit_layer: args.early_exit_layer,
+        device: args.device.clone(),
         tokens: match &args.token_file {
             Some(p) => read_token_file(p)?,
             None => Vec::new(),
@@ -285,6 +292,8 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { tandem_gpu::skip_device_select_layer() };
     tandem_models::init_threads();
     tracing_subscriber::fmt()
         .with_env_filter(

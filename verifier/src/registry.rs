@@ -10,7 +10,75 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Context, bail};
 use tandem_core::protocol::Hello;
 use tandem_models::backbone::tokenizer_fingerprint_of;
+use tandem_models::backend::TargetBackend;
 use tandem_models::{BackboneFingerprint, Model, Tokenizer, TokenizerFingerprint};
+
+/// Where a target runs: `cpu`, `gpu` (the first hardware adapter) or `gpu:NAME` (the
+/// first adapter whose name contains NAME, software ones included).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The CPU engine, through the batch scheduler.
+    #[default]
+    Cpu,
+    /// A wgpu adapter; `None`: the first hardware one.
+    Gpu(Option<String>),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Ok(Device::Gpu(None)),
+            other => match other.strip_prefix("gpu:").map(str::trim) {
+                Some(name) if !name.is_empty() => Ok(Device::Gpu(Some(name.to_string()))),
+                _ => Err(format!(
+                    "bad device `{s}`: expected cpu, gpu or gpu:NAME (part of an adapter's \
+                     name, as `tandem gpu list` prints it)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Gpu(None) => f.write_str("gpu"),
+            Device::Gpu(Some(n)) => write!(f, "gpu:{n}"),
+        }
+    }
+}
+
+impl Device {
+    /// Opens the device and loads `path` on it; `None` for the CPU engine.
+    fn open(&self, path: &std::path::Path) -> anyhow::Result<Option<Arc<dyn TargetBackend>>> {
+        let choice = match self {
+            Device::Cpu => return Ok(None),
+            Device::Gpu(None) => tandem_gpu::GpuChoice::Auto,
+            Device::Gpu(Some(n)) => tandem_gpu::GpuChoice::Named(n.clone()),
+        };
+        let Some(gpu) = tandem_gpu::Gpu::open(&choice)? else {
+            let found: Vec<String> = tandem_gpu::list_adapters()
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect();
+            bail!(
+                "--device gpu: this machine has no hardware GPU adapter (found: {}); name a \
+                 software one to use it anyway (--device gpu:llvmpipe) or use --device cpu",
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.join(", ")
+                }
+            );
+        };
+        let model = tandem_gpu::GpuModel::load(gpu, path)?;
+        Ok(Some(model as Arc<dyn TargetBackend>))
+    }
+}
 
 /// What to load: `[FAMILY[@VERSION]=]NAME|PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +91,8 @@ pub struct TargetSpec {
     pub model: String,
     /// Layer whose predictions are sent as hints (`None`: the server default).
     pub early_exit_layer: Option<usize>,
+    /// Where it runs (`None`: the server's `--device`).
+    pub device: Option<Device>,
 }
 
 /// Whether `s` can name a family or a version: 1–64 of `A-Z a-z 0-9 . _ -`, not starting
@@ -62,6 +132,7 @@ impl std::str::FromStr for TargetSpec {
             version,
             model: model.to_string(),
             early_exit_layer: None,
+            device: None,
         })
     }
 }
@@ -118,8 +189,11 @@ pub struct Target {
     pub family: String,
     /// Version within the family.
     pub version: String,
-    /// The model.
+    /// The model on the CPU engine: what CPU targets run, and every target's configuration.
     pub model: Model,
+    /// The device a GPU target runs on (`None`: the CPU engine, through the batch
+    /// scheduler).
+    pub backend: Option<Arc<dyn TargetBackend>>,
     /// Its tokenizer (for the completions endpoint).
     pub tokenizer: Tokenizer,
     /// Its tokenizer fingerprint.
@@ -139,13 +213,14 @@ pub struct Target {
 }
 
 impl Target {
-    /// Loads a target (slow: reads the whole model). `default_exit` is the server's
-    /// `--early-exit-layer`.
+    /// Loads a target (slow: reads the whole model). `default_exit` and `default_device` are
+    /// the server's `--early-exit-layer` and `--device`.
     pub fn load(
         spec: &TargetSpec,
         family: String,
         version: String,
         default_exit: Option<usize>,
+        default_device: &Device,
     ) -> anyhow::Result<Target> {
         let path = tandem_models::fetch::resolve(&spec.model)
             .with_context(|| format!("target `{}`", spec.model))?;
@@ -163,10 +238,24 @@ impl Target {
             // No flag: the layer of an exit adapter stored in the file, if any.
             None => model.exit_adapters().map(|(k, _)| k).min().unwrap_or(0),
         };
+        let device = spec.device.as_ref().unwrap_or(default_device);
+        if *device != Device::Cpu
+            && let Some((k, _)) = model.exit_adapters().find(|(k, _)| *k == early_exit_layer)
+        {
+            bail!(
+                "{} carries a trained exit adapter at block {k}, which the GPU kernels do not \
+                 implement: load it with --device cpu, or choose another --early-exit-layer",
+                path.display()
+            );
+        }
+        let backend = device
+            .open(&path)
+            .with_context(|| format!("loading {} on {device}", path.display()))?;
         Ok(Target {
             family,
             version,
             model,
+            backend,
             tokenizer,
             tokenizer_fp,
             early_exit_layer,
@@ -180,6 +269,13 @@ impl Target {
             active: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
         })
+    }
+
+    /// Where it runs: `cpu` or `gpu: ADAPTER`.
+    pub fn device(&self) -> String {
+        self.backend
+            .as_ref()
+            .map_or_else(|| "cpu".to_string(), |b| b.device())
     }
 
     /// `family@version`.
@@ -224,6 +320,7 @@ impl Target {
             "layers": c.n_layer,
             "context_length": c.context_length,
             "early_exit_layer": self.early_exit_layer,
+            "device": self.device(),
             "tokenizer_fingerprint": self.tokenizer_fp.to_string(),
             "active_sessions": self.active_sessions(),
             "retired": self.is_retired(),

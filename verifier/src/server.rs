@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Default early-exit layer for targets that do not name one.
     pub early_exit_layer: Option<usize>,
+    /// Where targets that do not name a device run.
+    pub device: crate::registry::Device,
     /// Bearer tokens accepted for sessions and completions; empty means no authentication.
     pub tokens: Vec<String>,
     /// Bearer tokens accepted for `/admin`. Empty: the admin API is open when `tokens` is
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             limits: Limits::default(),
             early_exit_layer: None,
+            device: Default::default(),
             tokens: Vec::new(),
             admin_tokens: Vec::new(),
             model_dir: None,
@@ -201,9 +204,15 @@ impl State {
                 return Err(LoadError::BadName { name: name.clone() });
             }
         }
-        let target = Target::load(spec, family, version, self.config.early_exit_layer)?;
+        let target = Target::load(
+            spec,
+            family,
+            version,
+            self.config.early_exit_layer,
+            &self.config.device,
+        )?;
         let target = self.registry.add(target, self.config.max_targets)?;
-        info!(target = %target.id(), path = %target.path.display(),
+        info!(target = %target.id(), path = %target.path.display(), device = %target.device(),
               early_exit_layer = target.early_exit_layer, "target loaded");
         Ok(target)
     }
@@ -620,6 +629,7 @@ struct LoadRequest {
     family: Option<String>,
     version: Option<String>,
     early_exit_layer: Option<usize>,
+    device: Option<String>,
 }
 
 async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -633,7 +643,7 @@ async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
             return error(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "bad JSON ({e}); expected {{\"model\": NAME|PATH, \"family\"?, \"version\"?, \"early_exit_layer\"?}}"
+                    "bad JSON ({e}); expected {{\"model\": NAME|PATH, \"family\"?, \"version\"?, \"early_exit_layer\"?, \"device\"?}}"
                 ),
             );
         }
@@ -642,11 +652,16 @@ async fn admin_load(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         Ok(m) => m,
         Err((status, message)) => return error(status, message),
     };
+    let device = match load.device.as_deref().map(str::parse).transpose() {
+        Ok(d) => d,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
     let spec = TargetSpec {
         family: load.family,
         version: load.version,
         model,
         early_exit_layer: load.early_exit_layer,
+        device,
     };
     let st = state.clone();
     let requested = load.model;

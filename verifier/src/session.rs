@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_core::accept::judge;
+use tandem_core::accept::{judge, judge_argmax};
 use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult};
-use tandem_core::sampling::{Rng, SamplingParams, argmax, sample, top_probability};
-use tandem_models::{KvCache, KvPrecision, Rows};
+use tandem_core::sampling::{Rng, SamplingParams, sample};
+use tandem_models::{KvPrecision, Rows};
 
-use crate::batch::Work;
+use crate::batch::{Seq, Work};
 
 use crate::metrics::Metrics;
 use crate::registry::{Target, TargetUse};
@@ -127,7 +127,8 @@ fn model_error(e: tandem_models::Error) -> SessionError {
 /// The verifier's state for one session.
 pub struct Session {
     target: TargetUse,
-    cache: KvCache,
+    /// Made at the prompt (a device's allocation can fail, and that is the prompt's error).
+    cache: Option<Seq>,
     /// Committed tokens; when `pending` is set the last one is a placeholder for the
     /// correction the client samples.
     history: Vec<u32>,
@@ -154,11 +155,10 @@ impl Session {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let cache = target.model.new_cache_with(limits.kv_cache);
         let max_context = limits.max_context.min(target.model.config().context_length);
         Session {
             target: target.enter(),
-            cache,
+            cache: None,
             history: Vec::new(),
             pending: None,
             rng: Rng::new(params.seed),
@@ -174,9 +174,11 @@ impl Session {
     }
 
     /// KV cache bytes a session of `max_context` positions on `target` can reach.
+    /// (A device keeps keys and values in f32 whatever `precision` says.)
     pub fn kv_bytes_for(target: &Target, max_context: usize, precision: KvPrecision) -> usize {
         let c = target.model.config();
         let per_value = match precision {
+            _ if target.backend.is_some() => 4,
             KvPrecision::F32 => 4,
             KvPrecision::F16 => 2,
         };
@@ -185,7 +187,7 @@ impl Session {
 
     /// Brings the metrics' KV memory in use up to date with this session's cache.
     fn count_kv(&mut self) {
-        let now = self.cache.size_bytes();
+        let now = self.cache.as_ref().map_or(0, Seq::size_bytes);
         self.metrics
             .add_kv_bytes(now as i64 - self.kv_counted as i64);
         self.kv_counted = now;
@@ -233,7 +235,13 @@ impl Session {
             ));
         }
         let target = self.target.0.clone();
-        let logits = target.prefill(&mut self.cache, tokens, &self.limits, &self.metrics);
+        let cache = match &mut self.cache {
+            Some(c) => c,
+            None => self
+                .cache
+                .insert(target.sequence(&self.limits).map_err(model_error)?),
+        };
+        let logits = target.prefill(cache, tokens, &self.limits, &self.metrics);
         self.count_kv();
         let logits = logits.map_err(model_error)?;
         let first = sample(logits.last(), &self.params, &mut self.rng);
@@ -327,16 +335,17 @@ impl Session {
         let drafts = v.tokens.clone();
         let on_exit: crate::batch::ExitSink = Box::new(move |e| {
             // The exit's prediction up to its first disagreement with the drafts (or
-            // through the bonus position): all the client uses, and each row costs an
-            // output-head product. With a confidence threshold the hint is sent only when
-            // the exit is sure of every token in it.
+            // through the bonus position): all the client uses, and on the CPU each row
+            // costs an output-head product. With a confidence threshold the hint is sent
+            // only when the exit is sure of every token in it.
             let mut tokens = Vec::with_capacity(drafts.len() + 1);
             for i in 0..e.rows() {
-                let Ok(row) = e.row_logits(i) else { return };
-                if confidence > 0.0 && top_probability(&row) <= confidence {
+                let Some((t, p)) = e.best(i, confidence > 0.0) else {
+                    return;
+                };
+                if confidence > 0.0 && p <= confidence {
                     return;
                 }
-                let t = argmax(&row);
                 tokens.push(t);
                 if drafts.get(i) != Some(&t) {
                     break;
@@ -348,23 +357,29 @@ impl Session {
             tokens: &input,
             pos: pos - 1,
             rows: Rows::All,
+            logits: !self.params.is_greedy(),
             exit,
             on_exit: Some(on_exit),
             prompt: false,
         };
-        let logits = target.forward(&mut self.cache, work, &self.limits, &self.metrics);
-        let logits = logits.map_err(|e| {
+        let cache = self.cache.as_mut().expect("made at the prompt");
+        let block = target.forward(cache, work, &self.limits, &self.metrics);
+        let block = block.map_err(|e| {
             self.count_kv();
             model_error(e)
         })?;
-        let verdict = judge(
-            &v.tokens,
-            &v.q,
-            |i| logits.row(i),
-            &self.params,
-            &mut self.rng,
-            self.limits.top_k,
-        );
+        let verdict = match &block.logits {
+            Some(logits) => judge(
+                &v.tokens,
+                &v.q,
+                |i| logits.row(i),
+                &self.params,
+                &mut self.rng,
+                self.limits.top_k,
+            ),
+            // A device read back each position's best token only (greedy).
+            None => judge_argmax(&v.tokens, |i| block.rows[i].token),
+        };
         let n = verdict.accepted;
         self.history.truncate(pos);
         self.history[pos - 1] = v.prev;
@@ -379,7 +394,9 @@ impl Session {
                 self.pending = Some(top.iter().map(|e| e.0).collect());
             }
         }
-        self.cache.truncate(pos + n);
+        if let Some(c) = self.cache.as_mut() {
+            c.truncate(pos + n);
+        }
         self.count_kv();
         self.generated += n + 1;
         let took = started.elapsed();
@@ -394,7 +411,7 @@ impl Session {
 
     /// Bytes held by this session's KV cache.
     pub fn cache_bytes(&self) -> usize {
-        self.cache.size_bytes()
+        self.cache.as_ref().map_or(0, Seq::size_bytes)
     }
 }
 

@@ -308,6 +308,16 @@ fn binary_reports_bad_arguments_clearly() {
     assert!(err.contains("early-exit layer 30"), "{err}");
     let err = refused(&["--target", SMOL, "--hint-confidence", "1.5"]);
     assert!(err.contains("--hint-confidence must be in [0, 1)"), "{err}");
+    let err = refused(&["--target", SMOL, "--device", "tpu"]);
+    assert!(
+        err.contains("bad device `tpu`: expected cpu, gpu or gpu:NAME"),
+        "{err}"
+    );
+    let err = refused(&["--target", SMOL, "--device", "gpu:no-such-adapter"]);
+    assert!(
+        err.contains("on gpu:no-such-adapter") && err.contains("no-such-adapter"),
+        "{err}"
+    );
     // Off loopback without a token is refused before any model is read or port bound.
     let err = refused(&["--listen", "0.0.0.0:0", "--target", "no-such-model"]);
     assert!(
