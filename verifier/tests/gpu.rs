@@ -6,27 +6,14 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use tandem_client::Endpoint;
 use tandem_core::sampling::SamplingParams;
-use tandem_gpu::{GpuChoice, GpuModel, GpuSession, Want};
 use tandem_verifier::{Device, ServerConfig, TargetSpec};
 
 /// Largest CPU top-2 gap at which a different greedy token counts as a near-tie (the edge
 /// parity tests' rule).
 const TIE_TOL: f32 = 0.5;
-
-/// The adapter the tests run on: `TANDEM_TEST_GPU` (part of a name), else the first found.
-fn adapter() -> String {
-    let found = tandem_gpu::list_adapters();
-    assert!(
-        !found.is_empty(),
-        "wgpu finds no adapter: install Mesa's Vulkan driver (`ci/setup` does)"
-    );
-    std::env::var("TANDEM_TEST_GPU").unwrap_or_else(|_| found[0].name.clone())
-}
 
 fn gpu_config(exit: Option<usize>) -> ServerConfig {
     ServerConfig {
@@ -34,27 +21,6 @@ fn gpu_config(exit: Option<usize>) -> ServerConfig {
         early_exit_layer: exit,
         ..ServerConfig::default()
     }
-}
-
-/// Greedy decoding of the target on the GPU alone, one step at a time.
-fn gpu_target_only(prompt: &[u32], n: usize) -> Vec<u32> {
-    static M: std::sync::OnceLock<Arc<GpuModel>> = std::sync::OnceLock::new();
-    let m = M.get_or_init(|| {
-        let gpu = tandem_gpu::Gpu::open(&GpuChoice::Named(adapter()))
-            .unwrap()
-            .unwrap();
-        GpuModel::load(gpu, &smol()).unwrap()
-    });
-    let mut s = GpuSession::new(Arc::clone(m)).unwrap();
-    let mut o = s.forward(prompt, 0, Want::Argmax).unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        out.push(o.argmax);
-        o = s
-            .forward(&[o.argmax], prompt.len() + out.len() - 1, Want::Argmax)
-            .unwrap();
-    }
-    out
 }
 
 /// Greedy speculative sessions (γ = 0 and 4, hints from block 15) on the GPU verifier give

@@ -362,3 +362,33 @@ async fn sessions_run_over_tls() {
         "cleartext to a TLS server must fail"
     );
 }
+
+/// `tandem-verifier serve --device gpu:NAME`: the target is on the GPU (so says
+/// `/admin/targets`), and a greedy completion there — whole rows read back for the shared
+/// acceptance rule and log-probabilities — gives the GPU target's own greedy text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_targets_on_a_gpu() {
+    let device = format!("gpu:{}", adapter());
+    let v = spawn_verifier(&["--target", SMOL, "--device", &device]);
+    let a = v.addr.as_str();
+    let (s, body) = http(a, "GET", "/admin/targets", None, "").await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains(r#""device":"gpu: "#), "{body}");
+    let prompt_ids = tokenizer().encode("The capital of France is").unwrap();
+    let want_ids = tokio::task::block_in_place(|| gpu_target_only(&prompt_ids, 8));
+    let eos = tokenizer().eos_tokens();
+    let end = want_ids
+        .iter()
+        .position(|t| eos.contains(t))
+        .unwrap_or(want_ids.len());
+    let want = tokenizer().decode(&want_ids[..end]).unwrap();
+    let req = r#"{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 2}"#;
+    let (s, body) = http(a, "POST", "/v1/completions", None, req).await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["text"], want.as_str(), "{body}");
+    assert!(
+        v["choices"][0]["logprobs"]["top_logprobs"].is_array(),
+        "{body}"
+    );
+}

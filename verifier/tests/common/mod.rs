@@ -83,6 +83,41 @@ pub fn target_only(prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
+/// The adapter the tests run on: `TANDEM_TEST_GPU` (part of a name), else the first found.
+pub fn adapter() -> String {
+    let found = tandem_gpu::list_adapters();
+    assert!(
+        !found.is_empty(),
+        "wgpu finds no adapter: install Mesa's Vulkan driver (`ci/setup` does)"
+    );
+    std::env::var("TANDEM_TEST_GPU").unwrap_or_else(|_| found[0].name.clone())
+}
+
+/// Greedy decoding of the target on the GPU alone, one step at a time.
+pub fn gpu_target_only(prompt: &[u32], n: usize) -> Vec<u32> {
+    static M: OnceLock<Arc<tandem_gpu::GpuModel>> = OnceLock::new();
+    let m = M.get_or_init(|| {
+        let gpu = tandem_gpu::Gpu::open(&tandem_gpu::GpuChoice::Named(adapter()))
+            .unwrap()
+            .unwrap();
+        tandem_gpu::GpuModel::load(gpu, &smol()).unwrap()
+    });
+    let mut s = tandem_gpu::GpuSession::new(Arc::clone(m)).unwrap();
+    let mut o = s.forward(prompt, 0, tandem_gpu::Want::Argmax).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(o.argmax);
+        o = s
+            .forward(
+                &[o.argmax],
+                prompt.len() + out.len() - 1,
+                tandem_gpu::Want::Argmax,
+            )
+            .unwrap();
+    }
+    out
+}
+
 /// Starts a server on 127.0.0.1 with the given targets.
 pub async fn server(config: ServerConfig, targets: &[&str]) -> RunningServer {
     let state = State::new(config);
