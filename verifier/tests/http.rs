@@ -50,6 +50,17 @@ fn spawn_verifier(args: &[&str]) -> Verifier {
     Verifier { child, addr }
 }
 
+/// The text of generated tokens up to the first end-of-sequence token (what a completion
+/// returns).
+fn text_before_eos(ids: &[u32]) -> String {
+    let eos = tokenizer().eos_tokens();
+    let end = ids
+        .iter()
+        .position(|t| eos.contains(t))
+        .unwrap_or(ids.len());
+    tokenizer().decode(&ids[..end]).unwrap()
+}
+
 /// One HTTP/1.1 request; returns status and body.
 async fn http(
     addr: &str,
@@ -146,13 +157,7 @@ async fn binary_serves_completions_admin_and_metrics_behind_a_token() {
 
     // Completions: JSON and SSE give the target-only greedy text.
     let prompt_ids = tokenizer().encode("The capital of France is").unwrap();
-    let want_ids = target_only(&prompt_ids, 12);
-    let eos = tokenizer().eos_tokens();
-    let end = want_ids
-        .iter()
-        .position(|t| eos.contains(t))
-        .unwrap_or(want_ids.len());
-    let want = tokenizer().decode(&want_ids[..end]).unwrap();
+    let want = text_before_eos(&target_only(&prompt_ids, 12));
     let (s, body) = http(a, "POST", "/v1/completions", Some("s3cret"), req).await;
     assert_eq!(s, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -375,13 +380,9 @@ async fn binary_runs_targets_on_a_gpu() {
     assert_eq!(s, 200, "{body}");
     assert!(body.contains(r#""device":"gpu: "#), "{body}");
     let prompt_ids = tokenizer().encode("The capital of France is").unwrap();
-    let want_ids = tokio::task::block_in_place(|| gpu_target_only(&prompt_ids, 8));
-    let eos = tokenizer().eos_tokens();
-    let end = want_ids
-        .iter()
-        .position(|t| eos.contains(t))
-        .unwrap_or(want_ids.len());
-    let want = tokenizer().decode(&want_ids[..end]).unwrap();
+    let want = text_before_eos(&tokio::task::block_in_place(|| {
+        gpu_target_only(&prompt_ids, 8)
+    }));
     let req = r#"{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 2}"#;
     let (s, body) = http(a, "POST", "/v1/completions", None, req).await;
     assert_eq!(s, 200, "{body}");
