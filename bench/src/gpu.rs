@@ -1,7 +1,9 @@
 //! `tandem-bench gpu`: draft-model decode speed on every wgpu adapter found and on the CPU
 //! engine, with the GPU's traffic per token (submissions, bytes read back and written);
 //! and the verifier's side: the cost of a verify block of n tokens, t(n)/t(1) for
-//! n = 1..16, and how early a round's early-exit hint is read back.
+//! n = 1..16, how early a round's early-exit hint is read back, what a sampling round's top
+//! rows cost against whole rows, and what batching several sessions' blocks into one
+//! forward saves over running them one after another.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,6 +55,28 @@ struct Curve {
     hint_layer: usize,
     hint_ms: f64,
     round_with_hint_ms: f64,
+    /// A sampling round's block of 5: reading each position's top row (T = 1) against
+    /// reading the whole rows — ms (medians) and bytes read back.
+    top_rows_ms: f64,
+    top_rows_bytes: u64,
+    whole_rows_ms: f64,
+    whole_rows_bytes: u64,
+}
+
+/// Verify blocks of 5 of k sessions: one batch forward against the k sessions' own
+/// forwards one after another (run alternately, medians).
+#[derive(serde::Serialize)]
+struct Batching {
+    model: String,
+    backend: String,
+    /// Sessions k.
+    sessions: Vec<usize>,
+    /// One batch forward of the k blocks, ms.
+    batched_ms: Vec<f64>,
+    /// The k blocks one forward each, ms.
+    one_by_one_ms: Vec<f64>,
+    /// batched / one by one.
+    ratio: Vec<f64>,
 }
 
 #[derive(serde::Serialize)]
@@ -80,6 +104,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     let mut curves = Vec::new();
+    let mut batches = Vec::new();
     for name in &args.models {
         let path = tandem_models::fetch::resolve(name).with_context(|| format!("model {name}"))?;
         let tok = Tokenizer::from_gguf(&path)?;
@@ -149,6 +174,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 curves.push(curve(&mut s, name, &backend, &prompt, layers, args, |s| {
                     s.stats().bytes_read
                 })?);
+                batches.push(batching(&m, name, &backend, &prompt, args.reps)?);
             }
         }
     }
@@ -160,6 +186,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "adapters": adapters.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "rows": rows,
             "verify_curves": curves,
+            "batching": batches,
         }))?,
     )?;
     eprintln!("wrote {}", path.display());
@@ -222,7 +249,27 @@ fn curve<S: VerifySequence>(
         rounds.push(t.elapsed().as_secs_f64() * 1000.0);
         hints.push(at.context("the exit sink was not called")?.as_secs_f64() * 1000.0);
     }
+    // A sampling round: top rows against whole rows, alternately.
+    let (mut top, mut whole) = (Vec::new(), Vec::new());
+    let (mut top_bytes, mut whole_bytes) = (0, 0);
+    for _ in 0..reps {
+        for (want, times, read) in [
+            (Readback::Top(1.0), &mut top, &mut top_bytes),
+            (Readback::RowsAndLogits, &mut whole, &mut whole_bytes),
+        ] {
+            s.truncate(p);
+            let before = bytes_read(s);
+            let t = Instant::now();
+            s.forward(&block[..5], p, want, None)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            *read = bytes_read(s) - before;
+        }
+    }
     let c = Curve {
+        top_rows_ms: median(top),
+        top_rows_bytes: top_bytes,
+        whole_rows_ms: median(whole),
+        whole_rows_bytes: whole_bytes,
         model: model.into(),
         backend: backend.into(),
         ratio: ms.iter().map(|t| t / ms[0]).collect(),
@@ -239,7 +286,7 @@ fn curve<S: VerifySequence>(
             .map(|(n, r)| format!("{n}:{r:.2}"))
             .collect();
     println!(
-        "{:<20} {:<45} verify t(1) {:.1} ms, t(n)/t(1) {} | bytes read per round {:?} | block of 5 with exit at {}: hint at {:.1} ms, results at {:.1} ms",
+        "{:<20} {:<45} verify t(1) {:.1} ms, t(n)/t(1) {} | bytes read per round {:?} | block of 5 with exit at {}: hint at {:.1} ms, results at {:.1} ms | sampling block of 5: top rows {:.1} ms {} B, whole rows {:.1} ms {} B",
         c.model,
         c.backend,
         c.ms[0],
@@ -247,9 +294,88 @@ fn curve<S: VerifySequence>(
         c.bytes_read,
         c.hint_layer,
         c.hint_ms,
-        c.round_with_hint_ms
+        c.round_with_hint_ms,
+        c.top_rows_ms,
+        c.top_rows_bytes,
+        c.whole_rows_ms,
+        c.whole_rows_bytes
     );
     Ok(c)
+}
+
+/// [`Batching`] for k = 1, 2, 4 sessions of `m`, each after `prompt`.
+fn batching(
+    m: &Arc<GpuModel>,
+    model: &str,
+    backend: &str,
+    prompt: &[u32],
+    reps: usize,
+) -> anyhow::Result<Batching> {
+    let p = prompt.len();
+    let block: Vec<u32> = prompt.iter().copied().cycle().take(5).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut out = Batching {
+        model: model.into(),
+        backend: backend.into(),
+        sessions: Vec::new(),
+        batched_ms: Vec::new(),
+        one_by_one_ms: Vec::new(),
+        ratio: Vec::new(),
+    };
+    for k in [1, 2, 4] {
+        let mut sessions = Vec::new();
+        for _ in 0..k {
+            let mut s = GpuSession::new(Arc::clone(m))?;
+            s.forward(prompt, 0, tandem_gpu::Want::Argmax)?;
+            sessions.push(s);
+        }
+        let (mut batched, mut alone) = (Vec::new(), Vec::new());
+        for _ in 0..reps.max(1) {
+            let t = Instant::now();
+            let mut steps: Vec<tandem_gpu::BatchStep> = sessions
+                .iter_mut()
+                .map(|session| tandem_gpu::BatchStep {
+                    session,
+                    tokens: &block,
+                    pos: p,
+                    want: tandem_gpu::Want::Rows,
+                    exit: None,
+                })
+                .collect();
+            for r in m.forward_batch(&mut steps) {
+                r?;
+            }
+            batched.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            for s in &mut sessions {
+                s.forward(&block, p, tandem_gpu::Want::Rows)?;
+            }
+            alone.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let (b, a) = (median(batched), median(alone));
+        out.sessions.push(k);
+        out.batched_ms.push(b);
+        out.one_by_one_ms.push(a);
+        out.ratio.push(b / a);
+    }
+    let show: Vec<String> = (0..out.sessions.len())
+        .map(|i| {
+            format!(
+                "{}: {:.1} vs {:.1} ms ({:.2})",
+                out.sessions[i], out.batched_ms[i], out.one_by_one_ms[i], out.ratio[i]
+            )
+        })
+        .collect();
+    println!(
+        "{:<20} {:<45} blocks of 5 of k sessions, one batch vs one by one: {}",
+        out.model,
+        out.backend,
+        show.join(", ")
+    );
+    Ok(out)
 }
 
 /// Times of a greedy decode, and the tokens it produced.

@@ -80,6 +80,143 @@ pub fn judge_argmax(drafts: &[u32], best: impl Fn(usize) -> u32) -> Verdict {
     }
 }
 
+/// What a sampling round needs of one row of logits, computed where the logits are (a
+/// device reads these back instead of the row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopRow {
+    /// The largest logit.
+    pub max: f32,
+    /// The softmax normalizer: the sum of exp((l − max) / T) over the row at the session's
+    /// temperature T.
+    pub z: f32,
+    /// The logit of the row's next input token (the draft the row judges).
+    pub next: f32,
+    /// The largest logits with their ids, larger first (lower id first among equals).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TopRow {
+    /// A row's [`TopRow`] computed here (the sum in f64, as [`distribution`] sums), with
+    /// `entries` top entries; `next` is the row's next input token.
+    pub fn of(row: &[f32], next: Option<u32>, temperature: f32, entries: usize) -> TopRow {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = row
+            .iter()
+            .map(|&l| ((l - max) / temperature).exp() as f64)
+            .sum();
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        let k = entries.min(row.len());
+        if k < ids.len() {
+            ids.select_nth_unstable_by(k, by);
+            ids.truncate(k);
+        }
+        ids.sort_by(by);
+        TopRow {
+            max,
+            z: z as f32,
+            next: next.map_or(0.0, |t| row[t as usize]),
+            top: ids.into_iter().map(|i| (i, row[i as usize])).collect(),
+        }
+    }
+
+    /// The probability of a logit `l` in this row at `temperature`, as
+    /// [`distribution`] computes it with `z` as the sum.
+    fn p(&self, l: f32, temperature: f32) -> f32 {
+        (((l - self.max) / temperature).exp() as f64 / self.z as f64) as f32
+    }
+
+    /// The top entries' probabilities, sorted as [`top_k`] sorts.
+    fn entries(&self, params: &SamplingParams) -> Vec<(u32, f32)> {
+        let e: Vec<(u32, f32)> = self
+            .top
+            .iter()
+            .map(|&(id, l)| (id, self.p(l, params.temperature)))
+            .collect();
+        top_k(&e, e.len())
+    }
+
+    /// The row's distribution after top-p, sorted by id as [`distribution`] returns it,
+    /// when the nucleus closes within the top entries (`None`: top-p is off, or the nucleus
+    /// reaches past them).
+    fn nucleus(&self, params: &SamplingParams) -> Option<Vec<(u32, f32)>> {
+        if params.top_p >= 1.0 {
+            return None;
+        }
+        let mut probs = self.entries(params);
+        let mut mass = 0f64;
+        let keep = probs.iter().position(|p| {
+            mass += p.1 as f64;
+            mass >= params.top_p as f64
+        })?;
+        // Entries past the top ones could tie the last kept one's probability.
+        if keep + 1 >= self.top.len() {
+            return None;
+        }
+        probs.truncate(keep + 1);
+        let sum: f64 = probs.iter().map(|p| p.1 as f64).sum();
+        for p in probs.iter_mut() {
+            p.1 = (p.1 as f64 / sum) as f32;
+        }
+        probs.sort_by_key(|p| p.0);
+        Some(probs)
+    }
+}
+
+/// [`judge`] for sampling parameters from each row's [`TopRow`] instead of its logits: p(x)
+/// from the row's normalizer and the draft's logit, the nucleus, the residual's top-K
+/// (`k` below the rows' top entries) from the top entries. `row(i)` fetches row `i`'s
+/// logits where those do not suffice: a nucleus that reaches past the top entries, and the
+/// bonus token without top-p (drawn over the whole vocabulary in id order, as [`judge`]
+/// draws it). The same rule as [`judge`], with the normalizer summed where the logits are.
+pub fn judge_top<E>(
+    drafts: &[u32],
+    q: &[f32],
+    rows: &[TopRow],
+    params: &SamplingParams,
+    rng: &mut Rng,
+    k: usize,
+    mut row: impl FnMut(usize) -> Result<Vec<f32>, E>,
+) -> Result<Verdict, E> {
+    for (i, &x) in drafts.iter().enumerate() {
+        let r = &rows[i];
+        let nucleus = r.nucleus(params);
+        let whole = match (&nucleus, params.top_p < 1.0) {
+            (None, true) => Some(distribution(&row(i)?, params)),
+            _ => None,
+        };
+        let p_x = match (&nucleus, &whole) {
+            (Some(d), _) | (None, Some(d)) => prob_of(d, x),
+            (None, None) => r.p(r.next, params.temperature),
+        };
+        let u = rng.uniform();
+        if u >= acceptance_probability(p_x, q.get(i).copied().unwrap_or(1.0)) {
+            let top = match (&nucleus, &whole) {
+                (Some(d), _) | (None, Some(d)) => top_k(d, k),
+                (None, None) => {
+                    let mut e = r.entries(params);
+                    e.retain(|p| p.1 > 0.0);
+                    e.truncate(k.max(1));
+                    e
+                }
+            };
+            return Ok(Verdict {
+                accepted: i,
+                outcome: Outcome::Residual(top),
+            });
+        }
+    }
+    let g = drafts.len();
+    let bonus = match rows[g].nucleus(params) {
+        Some(d) => sample_from(&d, rng),
+        None => sample_from(&distribution(&row(g)?, params), rng),
+    };
+    Ok(Verdict {
+        accepted: g,
+        outcome: Outcome::Token(bonus),
+    })
+}
+
 /// Judges a draft block against the target's logits: `logits(i)` is the target's row that
 /// predicts the token at draft position `i` (there are `drafts.len() + 1` rows; the last one
 /// gives the bonus token). `rng` is the session's acceptance RNG; `k` the top-K size sent on
@@ -124,6 +261,75 @@ mod tests {
             top_p,
             seed: 0,
         }
+    }
+
+    /// Verdicts from top rows (the normalizer rounded to f32, as a device returns it) are
+    /// [`judge`]'s on the rows themselves: acceptances, bonus tokens and the residual's
+    /// ids the same, its probabilities within f32 rounding — with top-p off (p(x) from the
+    /// normalizer, the bonus from the whole row), on (the nucleus within the top entries)
+    /// and wide (a nucleus past them: the whole row fetched).
+    #[test]
+    fn top_rows_give_the_verdicts_of_whole_rows() {
+        let mut draw = Rng::new(7);
+        // Peaked rows (a few likely tokens over a long tail), as a model's are.
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|_| {
+                (0..3000)
+                    .map(|i| {
+                        let boost = if i % 997 == 3 { 11.0 } else { 0.0 };
+                        (draw.uniform() as f32 - 0.5) * 6.0 + boost
+                    })
+                    .collect()
+            })
+            .collect();
+        let (mut rejected, mut fetched, mut tokens) = (0, 0, 0);
+        for p in [
+            params(1.0, 1.0),
+            params(0.7, 0.9),
+            params(1.3, 0.5),
+            params(2.0, 0.99),
+        ] {
+            for seed in 0..200u64 {
+                // Drafts among each row's three likeliest tokens, q in (0.02, 0.22].
+                let drafts: Vec<u32> = (0..5)
+                    .map(|i| {
+                        let e = TopRow::of(&rows[i], None, p.temperature, 8);
+                        e.top[(draw.uniform() * 3.0) as usize].0
+                    })
+                    .collect();
+                let q: Vec<f32> = (0..5).map(|_| 0.02 + 0.2 * draw.uniform() as f32).collect();
+                let tops: Vec<TopRow> = (0..6)
+                    .map(|i| TopRow::of(&rows[i], drafts.get(i).copied(), p.temperature, 64))
+                    .collect();
+                let want = judge(&drafts, &q, |i| &rows[i], &p, &mut Rng::new(seed), 32);
+                let mut calls = 0;
+                let got = judge_top(&drafts, &q, &tops, &p, &mut Rng::new(seed), 32, |i| {
+                    calls += 1;
+                    Ok::<_, ()>(rows[i].clone())
+                })
+                .unwrap();
+                fetched += calls;
+                assert_eq!(got.accepted, want.accepted, "{p:?} seed {seed}");
+                match (&got.outcome, &want.outcome) {
+                    (Outcome::Token(a), Outcome::Token(b)) => {
+                        assert_eq!(a, b, "{p:?} seed {seed}");
+                        tokens += 1;
+                    }
+                    (Outcome::Residual(a), Outcome::Residual(b)) => {
+                        assert_eq!(a.len(), b.len(), "{p:?} seed {seed}");
+                        for (x, y) in a.iter().zip(b) {
+                            assert_eq!(x.0, y.0, "{p:?} seed {seed}");
+                            assert!((x.1 / y.1 - 1.0).abs() < 1e-5, "{p:?} seed {seed}");
+                        }
+                        rejected += 1;
+                    }
+                    other => panic!("{p:?} seed {seed}: {other:?}"),
+                }
+            }
+        }
+        // Every path was taken.
+        assert!(rejected > 100 && tokens > 20, "{rejected} {tokens}");
+        assert!(fetched > 0, "no whole row was ever needed");
     }
 
     #[test]

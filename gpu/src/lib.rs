@@ -13,7 +13,7 @@
 
 mod engine;
 
-pub use engine::{GpuModel, GpuSession, Output, Stats, Want};
+pub use engine::{BatchStep, GpuModel, GpuSession, Output, Stats, Want};
 pub use tandem_models::GpuChoice;
 pub use tandem_models::backend::{Best, ExitTo};
 

@@ -1,6 +1,8 @@
 // tandem-gpu: the draft-model forward as WGSL compute kernels. Every kernel binds the
 // dispatch's static parameters (binding 0: `P`, a 64-byte slot chosen by dynamic offset),
-// the step's (binding 1: n tokens, first position) and its storage buffers (from binding 2
+// the step's (binding 1: n tokens, first position, and — for the per-session kernels of a
+// batch of sessions — the session's first row in the batch's activations) and its storage
+// buffers (from binding 2
 // on). `P`'s struct and the storage declarations are not written here: engine.rs generates
 // them from its `#[repr(C)]` params struct and named binding list of each kernel and puts
 // them before the kernel's section. Weights are GGUF blocks padded to whole
@@ -8,7 +10,7 @@
 // quantizes them (8-bit blocks of 32 or 256), so the integer parts of every dot product are
 // the CPU's exactly.
 
-struct Step { n: u32, pos: u32, last: u32, pad: u32 }
+struct Step { n: u32, pos: u32, last: u32, row0: u32 }
 
 @group(0) @binding(1) var<uniform> S: Step;
 
@@ -299,7 +301,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
 //!KERNEL rope
 // Rotary embedding in place on n rows of `heads` heads, from a cos/sin table computed on
-// the CPU with the engine's formula (table[pos][i] = (cos, sin)).
+// the CPU with the engine's formula (table[pos][i] = (cos, sin)). Rows of a KV cache
+// (pos_stride ≠ 0) are placed by position; rows of activations (pos_stride 0) start at the
+// step's row0.
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     let heads = P.heads;
@@ -314,7 +318,8 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
     let p = S.pos + t;
     let c = TAB[2u * (p * half + i)];
     let s = TAB[2u * (p * half + i) + 1u];
-    let o = P.offset + S.pos * P.pos_stride + t * stride + h * hd;
+    let r = t + select(S.row0, 0u, P.pos_stride != 0u);
+    let o = P.offset + S.pos * P.pos_stride + r * stride + h * hd;
     var a = 2u * i;
     var b = 2u * i + 1u;
     if (neox) { a = i; b = i + half; }
@@ -326,7 +331,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
 
 //!KERNEL attention
 // Causal grouped-query attention, one workgroup per (head, query): keys in tiles of 64 with
-// a running (online) softmax.
+// a running (online) softmax. Query t is row row0 + t of Q and O, at position pos + t.
 var<workgroup> sc: array<f32, 64>;
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -338,7 +343,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let t = wg.y;
     let kvh = h / (nh / nkv);
     let kvd = nkv * hd;
-    let qo = t * nh * hd + h * hd;
+    let qo = (S.row0 + t) * nh * hd + h * hd;
     let len = S.pos + t + 1u;
     var m = -3.0e38;
     var l = 0.0;
@@ -438,5 +443,125 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         R[out] = top_i;
         R[out + 1u] = bitcast<u32>(top);
         R[out + 2u] = bitcast<u32>(1.0 / bv[0]);
+    }
+}
+
+//!KERNEL top
+// Per row t of logits, what a sampling verifier needs of it: the largest logit m, the sum z
+// of exp((l − m) / T) over the row (T: the row's temperature, TEMP[t]), the logit of the
+// row's next input token (the draft the row judges; meaningless for the last row), and the
+// k largest logits with their ids, larger first and lower id first among equals (the order
+// of f32::total_cmp, through order-preserving keys). The k-th largest key is found by a
+// radix select, 8 bits a pass from the top with a histogram in workgroup memory; the keys
+// above it are gathered, then the lowest ids of those equal to it, one pass each (usually
+// one); a rank sort orders the k. Writes 3 + 2k words at R[(3 + 2k)·t]. k ≤ 64 ≤ vocab.
+var<workgroup> hist: array<atomic<u32>, 256>;
+var<workgroup> pick: u32;
+var<workgroup> left: u32;
+var<workgroup> count: atomic<u32>;
+var<workgroup> low: atomic<u32>;
+var<workgroup> ev: array<f32, 64>;
+var<workgroup> ei: array<u32, 64>;
+var<workgroup> top: f32;
+var<workgroup> zs: array<f32, 256>;
+
+fn okey(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x80000000u) != 0u) { return ~b; }
+    return b | 0x80000000u;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let vocab = P.vocab;
+    let k = P.k;
+    let row = wg.y;
+    let o = row * vocab;
+    let out = row * (3u + 2u * k);
+    // The k-th largest key, `prefix` once all four digits are chosen; `need` of the keys
+    // equal to it belong to the k.
+    var prefix = 0u;
+    var mask = 0u;
+    var need = k;
+    for (var r = 0u; r < 4u; r++) {
+        let shift = 24u - 8u * r;
+        atomicStore(&hist[li], 0u);
+        workgroupBarrier();
+        for (var i = li; i < vocab; i += 256u) {
+            let key = okey(L[o + i]);
+            if ((key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
+        }
+        workgroupBarrier();
+        if (li == 0u) {
+            var cum = 0u;
+            var d = 255u;
+            loop {
+                let h = atomicLoad(&hist[d]);
+                if (cum + h >= need || d == 0u) { break; }
+                cum += h;
+                d -= 1u;
+            }
+            pick = d;
+            left = need - cum;
+        }
+        let d = workgroupUniformLoad(&pick);
+        need = workgroupUniformLoad(&left);
+        prefix |= d << shift;
+        mask |= 255u << shift;
+    }
+    if (li == 0u) { atomicStore(&count, 0u); }
+    workgroupBarrier();
+    for (var i = li; i < vocab; i += 256u) {
+        let v = L[o + i];
+        if (okey(v) > prefix) {
+            let at = atomicAdd(&count, 1u);
+            ev[at] = v;
+            ei[at] = i;
+        }
+    }
+    workgroupBarrier();
+    var last = 0u;
+    for (var j = 0u; j < need; j++) {
+        if (li == 0u) { atomicStore(&low, 0xffffffffu); }
+        workgroupBarrier();
+        for (var i = li; i < vocab; i += 256u) {
+            if (okey(L[o + i]) == prefix && (j == 0u || i > last)) { atomicMin(&low, i); }
+        }
+        workgroupBarrier();
+        last = atomicLoad(&low);
+        if (li == 0u) {
+            ev[k - need + j] = L[o + last];
+            ei[k - need + j] = last;
+        }
+        workgroupBarrier();
+    }
+    if (li < k) {
+        let v = okey(ev[li]);
+        let id = ei[li];
+        var rank = 0u;
+        for (var j = 0u; j < k; j++) {
+            let w = okey(ev[j]);
+            if (w > v || (w == v && ei[j] < id)) { rank += 1u; }
+        }
+        R[out + 3u + 2u * rank] = id;
+        R[out + 4u + 2u * rank] = bitcast<u32>(ev[li]);
+        if (rank == 0u) { top = ev[li]; }
+    }
+    let m = workgroupUniformLoad(&top);
+    let temp = TEMP[row];
+    var s = 0.0;
+    for (var i = li; i < vocab; i += 256u) { s += exp((L[o + i] - m) / temp); }
+    zs[li] = s;
+    workgroupBarrier();
+    for (var w = 128u; w > 0u; w >>= 1u) {
+        if (li < w) { zs[li] += zs[li + w]; }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        R[out] = bitcast<u32>(m);
+        R[out + 1u] = bitcast<u32>(zs[0]);
+        var next = 0.0;
+        if (row + 1u < S.n) { next = L[o + TOK[row + 1u]]; }
+        R[out + 2u] = bitcast<u32>(next);
     }
 }

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tandem_gpu::{Gpu, GpuChoice, GpuModel, GpuSession, Want};
+use tandem_models::backend::TopRow;
 use tandem_models::{Model, Tokenizer};
 
 use common::{PROMPTS, model, top2};
@@ -494,4 +495,169 @@ fn early_exit_is_the_first_blocks_forward() {
         .forward_with_exit(block, prompt_len, Want::Rows, Some(bad))
         .unwrap_err();
     assert!(e.to_string().contains("must lie in 1..30"), "{e}");
+}
+
+/// Each position's best token as bits (token, logit, probability).
+fn bits(rows: &[tandem_gpu::Best]) -> Vec<(u32, u32, u32)> {
+    rows.iter()
+        .map(|b| (b.token, b.logit.to_bits(), b.prob.to_bits()))
+        .collect()
+}
+
+/// Several sessions' rounds as batch forwards (the weights read once for all, rope and
+/// attention per session): every session's rows, logits and exit rows bitwise those of its
+/// twin running the same rounds alone — blocks of different sizes, a rolled-back session,
+/// sessions with and without the rows of logits, more positions than one batch holds (two
+/// batches) and a step longer than a batch (run alone).
+#[test]
+fn batched_sessions_are_bitwise_their_own_forwards() {
+    const K: usize = 15;
+    let name = "smollm2-135m";
+    let g = GpuModel::load(gpu(), &model(name)).unwrap();
+    let tok = Tokenizer::from_gguf(model(name)).unwrap();
+    let vocab = g.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = PROMPTS[..3]
+        .iter()
+        .map(|p| tok.encode(p).unwrap())
+        .collect();
+    let open = || -> Vec<GpuSession> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut s = GpuSession::new(Arc::clone(&g)).unwrap();
+                s.forward(p, 0, Want::Argmax).unwrap();
+                s
+            })
+            .collect()
+    };
+    let (mut alone, mut batched) = (open(), open());
+    // Rounds: per session (tokens, position, what it reads), all with or all without an
+    // exit.
+    type Round = (Vec<(Vec<u32>, usize, Want)>, bool);
+    let (rows, logits, top) = (Want::Rows, Want::RowsAndLogits, Want::Top(0.8));
+    let ids = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 37 + salt * 101) % 5000 + 17)
+            .collect()
+    };
+    let len = |i: usize| prompts[i].len();
+    let rounds: Vec<Round> = vec![
+        (
+            vec![
+                (ids(5, 1), len(0), logits),
+                (ids(1, 2), len(1), rows),
+                (ids(3, 3), len(2), top),
+            ],
+            true,
+        ),
+        (
+            // Session 0's block was rejected after 2 tokens: it goes again from there.
+            vec![
+                (ids(4, 4), len(0) + 2, rows),
+                (ids(5, 5), len(1) + 1, top),
+                (ids(2, 6), len(2) + 3, logits),
+            ],
+            false,
+        ),
+        (
+            // 14 + 12 + 7 positions: more than one batch of 32.
+            vec![
+                (ids(14, 7), len(0) + 6, logits),
+                (ids(12, 8), len(1) + 6, rows),
+                (ids(7, 9), len(2) + 5, top),
+            ],
+            true,
+        ),
+        (
+            // A step longer than a batch runs alone.
+            vec![
+                (ids(33, 10), len(0) + 20, rows),
+                (ids(2, 11), len(1) + 18, top),
+                (ids(1, 12), len(2) + 12, logits),
+            ],
+            false,
+        ),
+    ];
+    for (r, (steps, with_exit)) in rounds.iter().enumerate() {
+        let mut want_exit: Vec<Vec<tandem_gpu::Best>> = vec![Vec::new(); 3];
+        let mut want = Vec::new();
+        for (i, (tokens, pos, w)) in steps.iter().enumerate() {
+            let mut sink = |rows: &[tandem_gpu::Best]| want_exit[i].extend_from_slice(rows);
+            let exit = with_exit.then_some(tandem_gpu::ExitTo {
+                layer: K,
+                sink: &mut sink,
+            });
+            want.push(alone[i].forward_with_exit(tokens, *pos, *w, exit).unwrap());
+        }
+        let before: Vec<_> = batched.iter().map(GpuSession::stats).collect();
+        let mut got_exit: Vec<Vec<tandem_gpu::Best>> = vec![Vec::new(); 3];
+        let mut sinks: Vec<_> = got_exit
+            .iter_mut()
+            .map(|g| move |rows: &[tandem_gpu::Best]| g.extend_from_slice(rows))
+            .collect();
+        let mut batch: Vec<tandem_gpu::BatchStep> = batched
+            .iter_mut()
+            .zip(steps)
+            .zip(sinks.iter_mut())
+            .map(
+                |((session, (tokens, pos, want)), sink)| tandem_gpu::BatchStep {
+                    session,
+                    tokens,
+                    pos: *pos,
+                    want: *want,
+                    exit: with_exit.then_some(tandem_gpu::ExitTo { layer: K, sink }),
+                },
+            )
+            .collect();
+        let got = g.forward_batch(&mut batch);
+        drop(batch);
+        drop(sinks);
+        if r < 2 {
+            // (Before reading rows back, which takes submissions of its own.)
+            // One batch: each session took part in its one (with an exit, two) submissions.
+            for (s, b) in batched.iter().zip(&before) {
+                let subs = s.stats().submissions - b.submissions;
+                assert_eq!(subs, 1 + *with_exit as u64, "round {r}: submissions");
+            }
+        }
+        for (i, (got, want)) in got.into_iter().zip(&want).enumerate() {
+            let got = got.unwrap();
+            let what = format!("round {r}, session {i}");
+            let n = if matches!(steps[i].2, Want::Top(_)) {
+                0
+            } else {
+                steps[i].0.len()
+            };
+            assert_eq!(got.rows.len(), n, "{what}: rows");
+            assert_eq!(bits(&got.rows), bits(&want.rows), "{what}: best tokens");
+            assert_eq!(got.logits.len(), want.logits.len(), "{what}: logits");
+            let same = got
+                .logits
+                .iter()
+                .zip(&want.logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{what}: logits differ from its own forward's");
+            if steps[i].2 == Want::RowsAndLogits {
+                assert_eq!(got.logits.len(), steps[i].0.len() * vocab);
+            }
+            assert_eq!(got.top, want.top, "{what}: top rows");
+            if let Want::Top(t) = steps[i].2 {
+                // Against the rows themselves, kept on the device: the entries exactly, the
+                // normalizer as the CPU sums it (to f32 rounding of a different order).
+                assert_eq!(got.top.len(), steps[i].0.len());
+                for (j, r) in got.top.iter().enumerate() {
+                    let row = batched[i].row(j).unwrap();
+                    let next = steps[i].0.get(j + 1).copied();
+                    let cpu = TopRow::of(&row, next, t, tandem_models::backend::TOP_ENTRIES);
+                    assert_eq!(r.top, cpu.top, "{what}, row {j}: top entries");
+                    assert_eq!((r.max, r.next), (cpu.max, cpu.next), "{what}, row {j}");
+                    assert!((r.z / cpu.z - 1.0).abs() < 1e-5, "{what}, row {j}: z");
+                }
+                assert!(batched[i].row(steps[i].0.len()).is_err());
+            }
+            assert_eq!(bits(&got_exit[i]), bits(&want_exit[i]), "{what}: exit rows");
+            assert_eq!(got_exit[i].len(), *with_exit as usize * steps[i].0.len());
+            assert_eq!(batched[i].len(), alone[i].len(), "{what}: cached positions");
+        }
+    }
 }

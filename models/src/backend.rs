@@ -6,10 +6,13 @@
 //! implement the same two traits.
 //!
 //! The verifier runs CPU targets through its batch scheduler (`Model::forward_batch` over
-//! several sessions' caches) and every other backend through these traits.
+//! several sessions' caches) and every other backend through these traits, batching rounds
+//! with [`TargetBackend::forward_batch`].
 
+use std::any::Any;
 use std::sync::Arc;
 
+pub use tandem_core::accept::TopRow;
 use tandem_core::sampling::{argmax, top_probability};
 
 use crate::{CpuSequence, Logits, Result, Rows};
@@ -39,7 +42,7 @@ impl Best {
 }
 
 /// What a forward reads back from the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Readback {
     /// Nothing (a prompt chunk before the last): the forward only extends the KV cache.
     Nothing,
@@ -49,6 +52,9 @@ pub enum Readback {
     Rows,
     /// Every position's best token and logits (sampling, log-probabilities).
     RowsAndLogits,
+    /// Every position's [`TopRow`] at a temperature: what a sampling round needs, with
+    /// [`VerifySequence::row`] for a whole row where it does not suffice.
+    Top(f32),
 }
 
 /// What a forward returned.
@@ -58,6 +64,8 @@ pub struct Block {
     pub rows: Vec<Best>,
     /// Logits as asked: the last row ([`Readback::Last`]) or every row.
     pub logits: Option<Logits>,
+    /// Every position's [`TopRow`] ([`Readback::Top`]).
+    pub top: Vec<TopRow>,
 }
 
 /// An early exit: after block `layer` (1 ≤ layer < n_layer), `sink` gets every position's
@@ -96,6 +104,31 @@ pub trait VerifySequence: Send {
 
     /// Bytes its KV cache holds on the backend.
     fn cache_bytes(&self) -> usize;
+
+    /// Itself, for its backend to find its own sequences in a batch.
+    fn as_any(&mut self) -> &mut dyn Any;
+
+    /// Row `i` of the last forward's logits, where the backend keeps them (after a
+    /// [`Readback::Top`] forward).
+    fn row(&mut self, i: usize) -> Result<Vec<f32>> {
+        Err(crate::Error::InvalidArgument(format!(
+            "this backend keeps no rows of logits (row {i} asked for)"
+        )))
+    }
+}
+
+/// One sequence's forward in a [`TargetBackend::forward_batch`].
+pub struct BatchItem<'a> {
+    /// A sequence this backend opened.
+    pub seq: &'a mut dyn VerifySequence,
+    /// Its tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first.
+    pub pos: usize,
+    /// What to read back.
+    pub want: Readback,
+    /// An early exit.
+    pub exit: Option<ExitTo<'a>>,
 }
 
 /// A target model loaded on a backend.
@@ -105,6 +138,17 @@ pub trait TargetBackend: Send + Sync {
 
     /// A new, empty sequence.
     fn sequence(self: Arc<Self>) -> Result<Box<dyn VerifySequence>>;
+
+    /// Runs several sequences' forwards, sharing what the backend can share among them
+    /// (each weight read once for all); each item's result is bitwise what its own
+    /// [`VerifySequence::forward`] gives. Results in the items' order. By default, one
+    /// forward after another.
+    fn forward_batch(self: Arc<Self>, items: &mut [BatchItem]) -> Vec<Result<Block>> {
+        items
+            .iter_mut()
+            .map(|it| it.seq.forward(it.tokens, it.pos, it.want, it.exit.take()))
+            .collect()
+    }
 }
 
 impl VerifySequence for CpuSequence {
@@ -119,7 +163,7 @@ impl VerifySequence for CpuSequence {
         let rows = match want {
             Readback::Nothing => Rows::None,
             Readback::Last => Rows::Last,
-            Readback::Rows | Readback::RowsAndLogits => Rows::All,
+            Readback::Rows | Readback::RowsAndLogits | Readback::Top(_) => Rows::All,
         };
         let exits: Vec<usize> = exit.as_ref().map(|e| e.layer).into_iter().collect();
         let mut sink = exit.map(|e| e.sink);
@@ -135,9 +179,20 @@ impl VerifySequence for CpuSequence {
                 .collect(),
             _ => Vec::new(),
         };
+        let top = match want {
+            Readback::Top(t) => (0..logits.rows())
+                .map(|i| TopRow::of(logits.row(i), tokens.get(i + 1).copied(), t, TOP_ENTRIES))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let keep = matches!(
+            want,
+            Readback::Last | Readback::RowsAndLogits | Readback::Top(_)
+        );
         Ok(Block {
             rows: best,
-            logits: matches!(want, Readback::Last | Readback::RowsAndLogits).then_some(logits),
+            logits: keep.then_some(logits),
+            top,
         })
     }
 
@@ -152,7 +207,15 @@ impl VerifySequence for CpuSequence {
     fn cache_bytes(&self) -> usize {
         self.parts_ref().1.size_bytes()
     }
+
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
 }
+
+/// Entries of a [`TopRow`]: a device computes this many; a sampling round may use them for
+/// a residual's top-K of at most `TOP_ENTRIES - 8` (the rest is margin for ties).
+pub const TOP_ENTRIES: usize = 64;
 
 /// A target on the CPU engine, behind the backend traits (the verifier's scheduler uses the
 /// [`Model`](crate::Model) directly; this serves comparisons through one interface).

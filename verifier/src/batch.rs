@@ -12,9 +12,12 @@
 //! a chunk at most one forward per chunk ahead of it. The bits do not depend on any of this:
 //! the engine's forwards are batch-invariant.
 //!
-//! Targets on a GPU (`--device gpu`) do not go through the scheduler: each session's
-//! forward is one (or, with a hint, two) submissions of its own on the device's queue,
-//! through the [`VerifySequence`] backend trait.
+//! Targets on a GPU (`--device gpu`) batch their rounds the same way, through the backend
+//! trait's [`forward_batch`](tandem_models::backend::TargetBackend::forward_batch): the
+//! weight-reading kernels run once over every session's positions (up to 32 a batch), rope
+//! and attention per session over its own cache, in one (with a hint, two) submissions. A
+//! device's prompt chunks run on the session's own thread, outside the scheduler: they would
+//! only add rows the whole batch computes the head for.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
-use tandem_models::backend::{Best, Block, ExitTo, Readback, VerifySequence};
+use tandem_models::backend::{BatchItem, Best, Block, ExitTo, Readback, VerifySequence};
 use tandem_models::{Error, ExitLogits, KvCache, Logits, Rows, Step};
 
 use crate::metrics::Metrics;
@@ -84,6 +87,17 @@ impl Seq {
         }
     }
 
+    /// Row `i` of the last forward's logits, where a device keeps them (after a forward
+    /// that read top rows).
+    pub fn row(&mut self, i: usize) -> tandem_models::Result<Vec<f32>> {
+        match self {
+            Seq::Cpu(_) => Err(Error::InvalidArgument(
+                "a CPU sequence keeps no rows: its forwards return them".into(),
+            )),
+            Seq::Device(s) => s.row(i),
+        }
+    }
+
     /// Bytes its KV cache holds.
     pub fn size_bytes(&self) -> usize {
         match self {
@@ -104,16 +118,18 @@ pub struct Batcher {
 struct Job {
     tokens: Vec<u32>,
     pos: usize,
-    cache: KvCache,
+    seq: Seq,
     rows: Rows,
+    logits: bool,
+    top: Option<f32>,
     exits: Vec<usize>,
-    on_exit: Box<dyn FnMut(ExitLogits) + Send>,
+    on_exit: ExitSink,
     queued: Instant,
     /// Forwards started before this job was queued.
     ticket: u64,
     /// A prompt chunk (the second queue).
     prefill: bool,
-    reply: SyncSender<(KvCache, tandem_models::Result<Logits>)>,
+    reply: SyncSender<(Seq, tandem_models::Result<Block>)>,
 }
 
 /// One forward a session waits for.
@@ -128,6 +144,10 @@ pub struct Work<'a> {
     /// not just each position's best token. A device reads back only what is needed; the
     /// CPU engine always has the rows.
     pub logits: bool,
+    /// With `Rows::All`: read each position's [`TopRow`](tandem_models::backend::TopRow)
+    /// at this temperature instead of the rows (a device's sampling round; the CPU engine
+    /// has the rows and ignores it).
+    pub top: Option<f32>,
     /// Exit layer handed to `on_exit` (0: none).
     pub exit: usize,
     /// Receives the exit's output.
@@ -145,8 +165,9 @@ impl Target {
         }
     }
 
-    /// Runs `work` over `seq`: on its device, through this target's scheduler (batched
-    /// with other sessions' work), or — with batching off — on the calling thread.
+    /// Runs `work` over `seq` through this target's scheduler (batched with other sessions'
+    /// work) or — with batching off, and for a device's prompt chunks — on the calling
+    /// thread.
     pub fn forward(
         self: &Arc<Self>,
         seq: &mut Seq,
@@ -154,57 +175,48 @@ impl Target {
         limits: &Limits,
         metrics: &Arc<Metrics>,
     ) -> tandem_models::Result<Block> {
-        let cache = match seq {
-            Seq::Cpu(cache) => cache,
-            Seq::Device(s) => {
-                let want = match (work.rows, work.logits) {
-                    (Rows::None, _) => Readback::Nothing,
-                    (Rows::Last, _) => Readback::Last,
-                    (Rows::All, false) => Readback::Rows,
-                    (Rows::All, true) => Readback::RowsAndLogits,
-                };
-                let mut on_exit = work.on_exit;
-                let mut sink = |rows: &[Best]| {
-                    if let Some(f) = on_exit.as_mut() {
-                        f(ExitRows::Device(rows))
-                    }
-                };
-                let exit = (work.exit > 0).then_some(ExitTo {
-                    layer: work.exit,
-                    sink: &mut sink,
-                });
-                return s.forward(work.tokens, work.pos, want, exit);
-            }
-        };
-        let logits = self.forward_cpu(cache, work, limits, metrics)?;
-        Ok(Block {
-            rows: Vec::new(),
-            logits: Some(logits),
-        })
-    }
-
-    fn forward_cpu(
-        self: &Arc<Self>,
-        cache: &mut KvCache,
-        work: Work,
-        limits: &Limits,
-        metrics: &Arc<Metrics>,
-    ) -> tandem_models::Result<Logits> {
         let exits: Vec<usize> = (work.exit > 0).then_some(work.exit).into_iter().collect();
-        if !limits.batching {
+        let alone = !limits.batching || (matches!(seq, Seq::Device(_)) && work.prompt);
+        if alone {
             let mut sink = work.on_exit;
-            return self.model.forward_with_exits(
-                work.tokens,
-                work.pos,
-                cache,
-                work.rows,
-                &exits,
-                &mut |e| {
-                    if let Some(s) = sink.as_mut() {
-                        s(ExitRows::Cpu(e))
-                    }
-                },
-            );
+            return match seq {
+                Seq::Cpu(cache) => {
+                    let logits = self.model.forward_with_exits(
+                        work.tokens,
+                        work.pos,
+                        cache,
+                        work.rows,
+                        &exits,
+                        &mut |e| {
+                            if let Some(s) = sink.as_mut() {
+                                s(ExitRows::Cpu(e))
+                            }
+                        },
+                    )?;
+                    Ok(Block {
+                        rows: Vec::new(),
+                        logits: Some(logits),
+                        top: Vec::new(),
+                    })
+                }
+                Seq::Device(s) => {
+                    let mut to = |rows: &[Best]| {
+                        if let Some(f) = sink.as_mut() {
+                            f(ExitRows::Device(rows))
+                        }
+                    };
+                    let exit = exits.first().map(|&layer| ExitTo {
+                        layer,
+                        sink: &mut to,
+                    });
+                    s.forward(
+                        work.tokens,
+                        work.pos,
+                        readback(work.rows, work.logits, work.top),
+                        exit,
+                    )
+                }
+            };
         }
         let queue = self.batcher.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel();
@@ -220,11 +232,13 @@ impl Target {
         let job = Job {
             tokens: work.tokens.to_vec(),
             pos: work.pos,
-            cache: std::mem::replace(cache, KvCache::new(0, 0)),
+            seq: std::mem::replace(seq, Seq::Cpu(KvCache::new(0, 0))),
             rows: work.rows,
+            logits: work.logits,
+            top: work.top,
             exits,
             on_exit: match work.on_exit {
-                Some(mut f) => Box::new(move |e| f(ExitRows::Cpu(e))),
+                Some(f) => f,
                 None => Box::new(|_| {}),
             },
             queued: Instant::now(),
@@ -235,7 +249,7 @@ impl Target {
         let stopped = || Error::InvalidArgument("the target's batch scheduler stopped".into());
         queue.send(job).map_err(|_| stopped())?;
         let (back, result) = answer.recv().map_err(|_| stopped())?;
-        *cache = back;
+        *seq = back;
         result
     }
 
@@ -257,6 +271,7 @@ impl Target {
                 pos: i * chunk,
                 rows: if end { Rows::Last } else { Rows::None },
                 logits: true,
+                top: None,
                 exit: 0,
                 on_exit: None,
                 prompt: true,
@@ -317,22 +332,114 @@ fn schedule(target: Weak<Target>, rx: Receiver<Job>, budget: usize, metrics: Arc
             })
             .collect();
         metrics.record_batch(jobs.len(), rows, &waits);
-        let results = {
-            let mut steps: Vec<Step> = jobs
-                .iter_mut()
-                .map(|j| Step {
-                    tokens: &j.tokens,
-                    pos: j.pos,
-                    cache: &mut j.cache,
-                    rows: j.rows,
-                    exits: &j.exits,
-                    on_exit: &mut *j.on_exit,
-                })
-                .collect();
-            target.model.forward_batch(&mut steps)
-        };
+        let results = run(&target, &mut jobs);
         for (job, result) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send((job.cache, result));
+            let _ = job.reply.send((job.seq, result));
         }
     }
+}
+
+/// What a device reads back for `rows` (with the whole rows when `logits`, top rows at a
+/// temperature instead when `top`).
+fn readback(rows: Rows, logits: bool, top: Option<f32>) -> Readback {
+    match (rows, logits, top) {
+        (Rows::None, ..) => Readback::Nothing,
+        (Rows::Last, ..) => Readback::Last,
+        (Rows::All, _, Some(t)) => Readback::Top(t),
+        (Rows::All, false, None) => Readback::Rows,
+        (Rows::All, true, None) => Readback::RowsAndLogits,
+    }
+}
+
+/// One forward of `jobs`: those on the CPU engine as one `Model::forward_batch`, those on
+/// a device as one [`TargetBackend::forward_batch`](tandem_models::backend::TargetBackend).
+fn run(target: &Target, jobs: &mut [Job]) -> Vec<tandem_models::Result<Block>> {
+    let mut results: Vec<Option<tandem_models::Result<Block>>> =
+        jobs.iter().map(|_| None).collect();
+    let (mut cpu_at, mut parts, mut cpu_sinks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dev_at, mut seqs, mut sinks) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, j) in jobs.iter_mut().enumerate() {
+        let Job {
+            seq,
+            tokens,
+            pos,
+            rows,
+            logits,
+            top,
+            exits,
+            on_exit,
+            ..
+        } = j;
+        match seq {
+            Seq::Cpu(cache) => {
+                cpu_at.push(i);
+                parts.push((cache, &tokens[..], *pos, *rows, &exits[..]));
+                cpu_sinks.push(move |e: ExitLogits| on_exit(ExitRows::Cpu(e)));
+            }
+            Seq::Device(s) => {
+                dev_at.push(i);
+                seqs.push((
+                    s,
+                    &tokens[..],
+                    *pos,
+                    readback(*rows, *logits, *top),
+                    exits.first(),
+                ));
+                sinks.push(move |r: &[Best]| on_exit(ExitRows::Device(r)));
+            }
+        }
+    }
+    let mut steps: Vec<Step> = parts
+        .into_iter()
+        .zip(cpu_sinks.iter_mut())
+        .map(|((cache, tokens, pos, rows, exits), sink)| Step {
+            tokens,
+            pos,
+            cache,
+            rows,
+            exits,
+            on_exit: sink,
+        })
+        .collect();
+    for (i, out) in cpu_at
+        .into_iter()
+        .zip(target.model.forward_batch(&mut steps))
+    {
+        results[i] = Some(out.map(|logits| Block {
+            rows: Vec::new(),
+            logits: Some(logits),
+            top: Vec::new(),
+        }));
+    }
+    if !dev_at.is_empty() {
+        let mut items: Vec<BatchItem> = seqs
+            .into_iter()
+            .zip(sinks.iter_mut())
+            .map(|((seq, tokens, pos, want, exit), sink)| BatchItem {
+                seq: &mut **seq,
+                tokens,
+                pos,
+                want,
+                exit: exit.map(|&layer| ExitTo { layer, sink }),
+            })
+            .collect();
+        let outs = match &target.backend {
+            Some(b) => b.clone().forward_batch(&mut items),
+            None => items
+                .iter()
+                .map(|_| {
+                    Err(Error::InvalidArgument(
+                        "a device sequence on a CPU target".into(),
+                    ))
+                })
+                .collect(),
+        };
+        for (i, out) in dev_at.into_iter().zip(outs) {
+            results[i] = Some(out);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every job answered"))
+        .collect()
 }

@@ -144,6 +144,7 @@ fn decode(
             pos: pos0 - 1,
             rows: Rows::All,
             logits: true,
+            top: None,
             exit: 0,
             on_exit: None,
             prompt: false,

@@ -97,6 +97,11 @@ struct Serve {
     /// comparison; batching gives the same bits).
     #[arg(long)]
     no_batching: bool,
+    /// Sampling rounds on a GPU read back whole rows of logits (vocabulary × 4 bytes a
+    /// position), not each position's top entries and normalizer computed on the device
+    /// (for comparison: the same verdicts).
+    #[arg(long)]
+    whole_rows: bool,
     /// Tokens (of all sessions together) one batched forward takes at most.
     #[arg(long, default_value_t = 256)]
     max_batch_tokens: usize,
@@ -216,6 +221,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             queue_timeout: Duration::from_secs(args.queue_timeout),
             kv_memory: args.kv_memory_mb.map(|mb| mb << 20),
             batching: !args.no_batching,
+            top_rows: !args.whole_rows,
             max_batch_tokens: args.max_batch_tokens,
             prefill_chunk: args.prefill_chunk,
             kv_cache: match args.kv_cache {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_core::accept::{judge, judge_argmax};
+use tandem_core::accept::{judge, judge_argmax, judge_top};
 use tandem_core::protocol::{ErrorCode, Outcome, ServerMsg, Verify, VerifyResult};
 use tandem_core::sampling::{Rng, SamplingParams, sample};
 use tandem_models::{KvPrecision, Rows};
@@ -59,6 +59,10 @@ pub struct Limits {
     /// Bytes the KV caches of all sessions may reserve together (each session reserves its
     /// whole context at Hello); `None`: no cap.
     pub kv_memory: Option<usize>,
+    /// Whether a device's sampling rounds read back each position's top entries and
+    /// normalizer (computed there) rather than whole rows of logits; off, whole rows (for
+    /// comparison: the same verdicts).
+    pub top_rows: bool,
 }
 
 impl Default for Limits {
@@ -81,6 +85,7 @@ impl Default for Limits {
             queue: 64,
             queue_timeout: std::time::Duration::from_secs(30),
             kv_memory: None,
+            top_rows: true,
         }
     }
 }
@@ -353,11 +358,19 @@ impl Session {
             }
             hint(ServerMsg::Hint { round, tokens });
         });
+        // A device computes what a sampling round needs of each row (p's normalizer and top
+        // entries) where the logits are, when the residual's top-K fits in them.
+        let top = (!self.params.is_greedy()
+            && self.limits.top_rows
+            && self.limits.top_k + 8 <= tandem_models::backend::TOP_ENTRIES
+            && input.len() <= 32)
+            .then_some(self.params.temperature);
         let work = Work {
             tokens: &input,
             pos: pos - 1,
             rows: Rows::All,
             logits: !self.params.is_greedy(),
+            top,
             exit,
             on_exit: Some(on_exit),
             prompt: false,
@@ -369,6 +382,25 @@ impl Session {
             model_error(e)
         })?;
         let verdict = match &block.logits {
+            _ if !block.top.is_empty() => {
+                let seq = self.cache.as_mut().expect("made at the prompt");
+                judge_top(
+                    &v.tokens,
+                    &v.q,
+                    &block.top,
+                    &self.params,
+                    &mut self.rng,
+                    self.limits.top_k,
+                    |i| match &block.logits {
+                        Some(l) => Ok(l.row(i).to_vec()),
+                        None => seq.row(i),
+                    },
+                )
+                .map_err(|e| {
+                    self.count_kv();
+                    model_error(e)
+                })?
+            }
             Some(logits) => judge(
                 &v.tokens,
                 &v.q,

@@ -24,8 +24,10 @@ fn gpu_config(exit: Option<usize>) -> ServerConfig {
 }
 
 /// Greedy speculative sessions (γ = 0 and 4, hints from block 15) on the GPU verifier give
-/// exactly the GPU target's own greedy output; every round with drafts gets one
-/// well-formed hint, computed on the device and read back before the round's result.
+/// exactly the GPU target's own greedy output, one at a time and three at once (their
+/// rounds batched on the device: some forward carried several sessions); every round with
+/// drafts gets one well-formed hint, computed on the device and read back before the
+/// round's result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_speculative_greedy_output_equals_gpu_target_only() {
     let srv = server(gpu_config(Some(15)), &[SMOL]).await;
@@ -34,9 +36,11 @@ async fn gpu_speculative_greedy_output_equals_gpu_target_only() {
     let ep = Endpoint::plain(srv.addr.to_string());
     let n = 20;
     let mut accepted = 0;
+    let mut wants = Vec::new();
     for (i, prompt) in PROMPTS.iter().enumerate() {
         let ids = tokenizer().encode(prompt).unwrap();
         let want = tokio::task::block_in_place(|| gpu_target_only(&ids, n));
+        wants.push((ids.clone(), want.clone()));
         for gamma in [0, 4] {
             let run = speculative(
                 &ep,
@@ -62,6 +66,31 @@ async fn gpu_speculative_greedy_output_equals_gpu_target_only() {
         }
     }
     assert!(accepted > 0, "the drafter never had a token accepted");
+    // Shorter runs at once: llvmpipe gains nothing from the batch, so this only adds time.
+    let m = 8;
+    let together: Vec<_> = wants
+        .iter()
+        .map(|(ids, _)| {
+            let (ep, ids) = (ep.clone(), ids.clone());
+            tokio::spawn(async move {
+                speculative(&ep, hello(SamplingParams::default(), 64), &ids, m, 4, None)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for (i, (run, (_, want))) in together.into_iter().zip(&wants).enumerate() {
+        let run = run.await.unwrap();
+        assert_eq!(run.tokens, want[..m], "prompt {i}, three sessions at once");
+        assert_eq!(run.hints, run.rounds, "prompt {i}, three at once");
+        assert_eq!(run.bad_hints, 0, "prompt {i}, three at once");
+    }
+    let forwards = metric(&srv, "tandem_batch_sessions_count");
+    let pieces = metric(&srv, "tandem_batch_sessions_sum");
+    assert!(
+        pieces > forwards,
+        "no forward on the GPU carried more than one session ({pieces} pieces in {forwards})"
+    );
 }
 
 /// The GPU verifier against the CPU verifier, greedy γ = 4 on the test prompts: the outputs
@@ -112,8 +141,9 @@ async fn gpu_and_cpu_verifiers_differ_only_at_near_ties() {
     eprintln!("{agreed} prompts agree on all {n} tokens, {near_ties} part at a near-tie");
 }
 
-/// Sampled sessions on the GPU (whole rows read back for the acceptance rule) are
-/// reproducible for a seed; a device that does not exist is refused at load, naming the
+/// Sampled sessions on the GPU are reproducible for a seed, and the verdicts from the top
+/// entries and normalizers computed on the device are those from whole rows read back
+/// (`--whole-rows`): the same tokens, with top-p and without, for γ = 1 and 4; a device that does not exist is refused at load, naming the
 /// adapters there are; a second version loaded on the GPU beside the first (its own device
 /// buffers) serves new sessions, as a hot-swap does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,6 +163,33 @@ async fn gpu_sampling_is_reproducible_and_bad_devices_are_refused() {
         .await
         .unwrap();
     assert_eq!(a.tokens, b.tokens);
+    let mut whole = gpu_config(None);
+    whole.limits.top_rows = false;
+    let whole = server(whole, &[SMOL]).await;
+    let whole_ep = Endpoint::plain(whole.addr.to_string());
+    let mut rounds = 0;
+    for (i, prompt) in PROMPTS[1..2].iter().enumerate() {
+        let ids = tokenizer().encode(prompt).unwrap();
+        for (gamma, top_p) in [(4, 1.0), (1, 0.9)] {
+            let params = SamplingParams {
+                temperature: 0.9,
+                top_p,
+                seed: 20 + i as u64,
+            };
+            let top = speculative(&ep, hello(params, 64), &ids, 10, gamma, None)
+                .await
+                .unwrap();
+            let rows = speculative(&whole_ep, hello(params, 64), &ids, 10, gamma, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                top.tokens, rows.tokens,
+                "prompt {i}, γ = {gamma}, top-p {top_p}: top rows against whole rows"
+            );
+            rounds += top.rounds;
+        }
+    }
+    assert!(rounds > 0);
     let spec = TargetSpec {
         family: Some("other".into()),
         version: None,
