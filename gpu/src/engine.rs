@@ -978,9 +978,10 @@ impl GpuSession {
     ) -> Result<Output> {
         let c = self.model.config.clone();
         let n = tokens.len();
-        if matches!(want, Want::Top(_)) && n > MAX_CHUNK {
+        let most = tandem_models::backend::TOP_ROWS_MAX_TOKENS.min(MAX_CHUNK);
+        if matches!(want, Want::Top(_)) && n > most {
             return Err(Error::InvalidArgument(format!(
-                "a forward that reads back top rows takes at most {MAX_CHUNK} tokens, not {n}"
+                "a forward that reads back top rows takes at most {most} tokens, not {n}"
             )));
         }
         self.prepare(tokens, pos, exit.as_ref().map(|e| e.layer))?;

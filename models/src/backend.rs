@@ -213,9 +213,16 @@ impl VerifySequence for CpuSequence {
     }
 }
 
-/// Entries of a [`TopRow`]: a device computes this many; a sampling round may use them for
-/// a residual's top-K of at most `TOP_ENTRIES - 8` (the rest is margin for ties).
+/// Entries of a [`TopRow`]: a device computes this many.
 pub const TOP_ENTRIES: usize = 64;
+
+/// The largest residual top-K a sampling round takes from [`TopRow`]s (the other entries
+/// are margin for ties at the boundary); a larger `--top-k` reads whole rows.
+pub const TOP_ROWS_MAX_K: usize = TOP_ENTRIES - 8;
+
+/// The most tokens a [`Readback::Top`] forward takes (a backend keeps that many rows of
+/// logits for [`VerifySequence::row`]).
+pub const TOP_ROWS_MAX_TOKENS: usize = 32;
 
 /// A target on the CPU engine, behind the backend traits (the verifier's scheduler uses the
 /// [`Model`](crate::Model) directly; this serves comparisons through one interface).

@@ -360,10 +360,11 @@ impl Session {
         });
         // A device computes what a sampling round needs of each row (p's normalizer and top
         // entries) where the logits are, when the residual's top-K fits in them.
+        use tandem_models::backend::{TOP_ROWS_MAX_K, TOP_ROWS_MAX_TOKENS};
         let top = (!self.params.is_greedy()
             && self.limits.top_rows
-            && self.limits.top_k + 8 <= tandem_models::backend::TOP_ENTRIES
-            && input.len() <= 32)
+            && self.limits.top_k <= TOP_ROWS_MAX_K
+            && input.len() <= TOP_ROWS_MAX_TOKENS)
             .then_some(self.params.temperature);
         let work = Work {
             tokens: &input,
