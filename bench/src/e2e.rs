@@ -124,6 +124,8 @@ pub struct HostStats {
     pub drafted_in_flight: u32,
     #[serde(default)]
     pub t16_s: f64,
+    #[serde(default)]
+    pub target: String,
 }
 
 /// The verifier's time for blocks of one draft length (from the host's stats).

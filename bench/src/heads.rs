@@ -12,7 +12,7 @@ use tandem_core::sampling::argmax;
 use tandem_models::draft::decode;
 use tandem_models::{CpuSequence, Model, Rows, Tokenizer};
 use tandem_train::head::Metrics;
-use tandem_train::{Kind, Options, Report};
+use tandem_train::{HeadForm, Kind, Options, Report};
 
 /// Options of `tandem-bench heads`.
 #[derive(clap::Args)]
@@ -47,9 +47,9 @@ pub struct Args {
     /// Held-out positions.
     #[arg(long, default_value_t = 8192)]
     heldout_tokens: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
+    /// Peak learning rate (default 2e-3 for MLP adapters, 1e-3 for block heads).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Where the report and the trained files go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -65,6 +65,7 @@ struct Spec {
     heldout: usize,
     generate: usize,
     seq_len: usize,
+    block: bool,
 }
 
 fn parse_spec(s: &str, a: &Args) -> Result<Spec> {
@@ -84,6 +85,7 @@ fn parse_spec(s: &str, a: &Args) -> Result<Spec> {
         heldout: a.heldout_tokens,
         generate: 0,
         seq_len: 256,
+        block: false,
     };
     for p in parts {
         match p.split_once('=') {
@@ -96,7 +98,12 @@ fn parse_spec(s: &str, a: &Args) -> Result<Spec> {
             }
             Some(("gen", v)) => spec.generate = v.parse().with_context(|| format!("`{s}`: gen"))?,
             Some(("seq", v)) => spec.seq_len = v.parse().with_context(|| format!("`{s}`: seq"))?,
-            _ => bail!("`{s}`: unknown suffix `{p}` (rank=R, tokens=N, heldout=N, gen=N or seq=N)"),
+            Some(("head", "block")) => spec.block = true,
+            Some(("head", "mlp")) => spec.block = false,
+            _ => bail!(
+                "`{s}`: unknown suffix `{p}` (rank=R, tokens=N, heldout=N, gen=N, seq=N or \
+                 head=mlp|block)"
+            ),
         }
     }
     Ok(spec)
@@ -265,21 +272,36 @@ fn train_one(spec: &Spec, kind: Kind, a: &Args) -> Result<(Report, PathBuf)> {
     let dir = a.out.join("heads");
     std::fs::create_dir_all(&dir)?;
     let out = dir.join(format!(
-        "{}-{tag}{}-r{}-t{}-g{}.gguf",
+        "{}-{tag}{}-{}-t{}-g{}-s{}.gguf",
         spec.model.replace('/', "_"),
         spec.layer,
-        spec.rank,
+        if spec.block {
+            "block".to_string()
+        } else {
+            format!("r{}", spec.rank)
+        },
         spec.tokens,
-        spec.generate
+        spec.generate,
+        spec.seq_len
     ));
     let mut o = Options::new(kind, model.clone(), spec.layer, out.clone());
+    if spec.block {
+        if kind != Kind::Drafter {
+            bail!("head=block is for drafters (--drafter), not exits");
+        }
+        o.head = HeadForm::Block;
+    }
     o.steps = a.steps;
     o.rank = spec.rank;
     o.train_tokens = spec.tokens;
     o.heldout_tokens = spec.heldout;
     o.generate = spec.generate;
     o.seq_len = spec.seq_len;
-    o.lr = a.lr;
+    o.lr = match (spec.block, a.lr) {
+        (_, Some(lr)) => lr,
+        (false, None) => 2e-3,
+        (true, None) => 1e-3,
+    };
     eprintln!(
         "== {} {tag} at {}: rank {}, {} training positions, {} steps",
         spec.model, spec.layer, spec.rank, spec.tokens, a.steps
@@ -406,7 +428,7 @@ fn write_report(a: &Args, prompts: &[String], rows: &[Row]) -> Result<()> {
 fn markdown(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
-        "| model | kind | layer | rank | train positions (generated per window) | held-out top-1 lens → trained | held-out top-5 | HumanEval generated top-1 | HumanEval generated top-5 | HumanEval prompt top-1 | γ=4 acceptance lens → trained | train s | data s | adapter KiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| model | kind | layer | rank (or block head) | train positions (generated per window) | held-out top-1 lens → trained | held-out top-5 | HumanEval generated top-1 | HumanEval generated top-5 | HumanEval prompt top-1 | γ=4 acceptance lens → trained | train s | data s | adapter KiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let pair = |a: f64, b: f64| format!("{a:.3} → {b:.3}");
     for r in rows {
@@ -427,7 +449,11 @@ fn markdown(rows: &[Row]) -> String {
             },
             r.layer,
             r.n_layer,
-            r.rank,
+            if r.rank == 0 {
+                "block".to_string()
+            } else {
+                r.rank.to_string()
+            },
             r.train_positions,
             r.generate,
             pair(r.heldout_lens.top1, r.heldout_trained.top1),
@@ -463,7 +489,7 @@ mod tests {
             rank: 256,
             train_tokens: 100,
             heldout_tokens: 10,
-            lr: 1e-3,
+            lr: Some(1e-3),
             out: PathBuf::new(),
         };
         let s = parse_spec("smollm2-135m@15/rank=64/tokens=500", &a).unwrap();

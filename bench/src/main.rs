@@ -2,6 +2,7 @@
 //! `target/bench/`.
 
 mod e2e;
+mod evolve;
 mod gpu;
 mod heads;
 mod link;
@@ -31,6 +32,10 @@ enum Command {
     /// plain logit lens: held-out and HumanEval agreement, drafter acceptance at γ = 4;
     /// writes heads.json and heads.md.
     Heads(heads::Args),
+    /// A target upgraded on a frozen backbone while devices keep their drafter: trains v2
+    /// (`train target`), serves v1, hot-loads v2 with sessions in flight, measures the
+    /// drafter's acceptance and speedup against both; writes evolve.json and evolve.md.
+    Evolve(evolve::Args),
     /// Draft-model decode speed on every wgpu adapter found and on the CPU engine, with
     /// GPU submissions and bytes moved per token; writes gpu.json.
     Gpu(gpu::Args),
@@ -53,6 +58,7 @@ fn main() {
     let result = match cli.command {
         Command::E2e(args) => e2e::run(&args),
         Command::Heads(args) => heads::run(&args),
+        Command::Evolve(args) => evolve::run(&args),
         Command::Gpu(args) => gpu::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Verifier(args) => verifier::run(&args),

@@ -45,7 +45,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     #[cfg(feature = "train")]
     /// Train exit adapters and shared-backbone drafter heads (CPU, distillation from the
-    /// model's own final layer).
+    /// model's own final layer), and new versions of a target on its frozen backbone.
     Train {
         #[command(subcommand)]
         command: train_cmd::TrainCommand,

@@ -276,5 +276,271 @@ fn bad_training_input_is_explained() {
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("no-such-model"), "{}", text(&o));
+    let o = train_target("30", &out, d, &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("outside 1..30"), "{}", text(&o));
+    let o = train_target("15", &out, d, &["--corpus", "/nonexistent/rust"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot be read"), "{}", text(&o));
+    let o = train_target("15", &out, d, &["--seq-len", "100000"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("longer than the model's context"),
+        "{}",
+        text(&o)
+    );
     assert!(!out.exists());
+}
+
+/// A tiny `train target` run's options (SmolLM2, blocks from `layer` up, rank 4, 16
+/// windows of 64 tokens of the default corpus: the cargo registry's Rust sources); `extra`
+/// adds options or replaces these.
+fn train_target(layer: &str, out: &Path, dir: &Path, extra: &[&str]) -> Output {
+    let model = smol();
+    let mut args = vec![
+        "train",
+        "target",
+        "--model",
+        model.to_str().unwrap(),
+        "--layer",
+        layer,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let defaults = [
+        ("--steps", "6"),
+        ("--eval-every", "3"),
+        ("--rank", "4"),
+        ("--batch", "2"),
+        ("--seq-len", "64"),
+        ("--lr", "1e-3"),
+        ("--seed", "1"),
+        ("--train-tokens", "1024"),
+        ("--heldout-tokens", "256"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    tandem(&args, dir)
+}
+
+/// The hidden states after block `layer` and the final logits of `model` over `tokens`.
+fn hidden_and_final(model: &Model, tokens: &[u32], layer: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut cache = model.new_cache();
+    let mut hidden = Vec::new();
+    let fin = model
+        .forward_with_exits(tokens, 0, &mut cache, Rows::All, &[layer], &mut |e| {
+            hidden = e.hidden().to_vec();
+        })
+        .unwrap();
+    (hidden, fin.data)
+}
+
+#[test]
+fn a_new_target_version_keeps_the_backbone_serves_the_same_drafter_and_a_drifted_one_is_refused() {
+    use tandem_models::backbone::{fingerprints, split_backbone};
+    use tandem_verifier::{Device, Registry, Target, TargetSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // 1. v2: blocks 15..30 trained on Rust sources; the held-out loss there falls.
+    let v2 = d.join("v2.gguf");
+    let o = train_target(
+        "15",
+        &v2,
+        d,
+        &["--report-json", d.join("v2.json").to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Rust sources of the cargo registry"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("fingerprints at 15 unchanged"),
+        "{}",
+        text(&o)
+    );
+    let r = report(&d.join("v2.json"));
+    assert_eq!(r["fingerprints_equal"], true);
+    assert_eq!(r["history"].as_array().unwrap().len(), 2);
+    let (v1_loss, v2_loss) = (
+        r["v1_new"]["loss"].as_f64().unwrap(),
+        r["v2_new"]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        v2_loss < v1_loss,
+        "held-out loss did not fall: v1 {v1_loss}, v2 {v2_loss}"
+    );
+    assert!(r["v1_old"]["positions"].as_u64().unwrap() > 0, "{r}");
+
+    // 2. Reloaded: same tokenizer and backbone at 15 (embedding and blocks 0..15 bit for
+    //    bit), block 15 changed; the engine's state after block 15 is bitwise v1's and the
+    //    output is not.
+    let (a, b) = (
+        fingerprints(smol(), Some(15)).unwrap(),
+        fingerprints(&v2, Some(15)).unwrap(),
+    );
+    assert_eq!(a, b);
+    assert_ne!(
+        fingerprints(smol(), Some(16)).unwrap().backbone,
+        fingerprints(&v2, Some(16)).unwrap().backbone
+    );
+    let tok = tandem_models::Tokenizer::from_gguf(smol()).unwrap();
+    let prompt = tok
+        .encode("impl<T: Clone> Stack<T> {\n    pub fn push(&mut self, item: T) {\n")
+        .unwrap();
+    let (h1, f1) = hidden_and_final(&Model::load(smol()).unwrap(), &prompt, 15);
+    let (h2, f2) = hidden_and_final(&Model::load(&v2).unwrap(), &prompt, 15);
+    assert_eq!(h1, h2);
+    assert_ne!(f1, f2);
+
+    // 3. Paused after 4 steps and resumed: the same file, byte for byte (cached data).
+    let p = d.join("p.gguf");
+    let o = train_target("15", &p, d, &["--pause-after", "4"]);
+    assert!(
+        o.status.success() && text(&o).contains("paused at step 4"),
+        "{}",
+        text(&o)
+    );
+    assert!(!p.exists());
+    let o = train_target("15", &p, d, &["--resume"]);
+    assert!(
+        o.status.success() && text(&o).contains("(cached)"),
+        "{}",
+        text(&o)
+    );
+    assert!(std::fs::read(&p).unwrap() == std::fs::read(&v2).unwrap());
+    let o = train_target("15", &p, d, &["--resume", "--lr", "2e-3"]);
+    assert!(
+        !o.status.success() && text(&o).contains("other options"),
+        "{}",
+        text(&o)
+    );
+
+    // 4. A version whose backbone drifted: block 14 trained for one step.
+    let drift = d.join("drift.gguf");
+    let o = train_target("14", &drift, d, &["--steps", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_ne!(fingerprints(&drift, Some(15)).unwrap().backbone, a.backbone);
+
+    // The registry: a drafter split from v1 at 15 gets v2 (the newest that fits), never the
+    // drifted version, and asking for that one by name says what differs.
+    let drafter = d.join("drafter.gguf");
+    split_backbone(smol(), 15, &drafter).unwrap();
+    let fp = fingerprints(&drafter, None).unwrap();
+    let reg = Registry::default();
+    for (v, path) in [("1", smol()), ("2", v2.clone()), ("3", drift.clone())] {
+        let spec: TargetSpec = format!("smol@{v}={}", path.display()).parse().unwrap();
+        let t = Target::load(&spec, "smol".into(), v.into(), None, &Device::Cpu).unwrap();
+        reg.add(t, 8).unwrap();
+    }
+    let mut hello = tandem_core::protocol::Hello {
+        tokenizer: fp.tokenizer.0,
+        backbone: Some(tandem_core::protocol::BackboneClaim {
+            layers: 15,
+            fingerprint: fp.backbone.0,
+        }),
+        family: Some("smol".into()),
+        sampling: Default::default(),
+        max_tokens: 8,
+        token: None,
+    };
+    assert_eq!(reg.pick(&hello).unwrap().id(), "smol@2");
+    hello.family = Some("smol@3".into());
+    let e = reg
+        .pick(&hello)
+        .err()
+        .expect("the drifted version is refused");
+    assert!(
+        e.contains("smol@3: backbone fingerprint over 15 blocks") && e.contains("differs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_block_head_drafter_keeps_the_backbone_learns_and_rolls_back_like_any_model() {
+    use tandem_models::backbone::{declared_split, fingerprints};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("block.gguf");
+    let model = smol();
+    let o = tandem(
+        &[
+            "train",
+            "drafter",
+            "--head",
+            "block",
+            "--model",
+            model.to_str().unwrap(),
+            "--layers",
+            "15",
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--eval-every",
+            "4",
+            "--batch",
+            "96",
+            "--seq-len",
+            "32",
+            "--generate",
+            "16",
+            "--train-tokens",
+            "768",
+            "--heldout-tokens",
+            "256",
+            "--seed",
+            "1",
+            "--report-json",
+            d.join("r.json").to_str().unwrap(),
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("a trained block"), "{}", text(&o));
+    let r = report(&d.join("r.json"));
+    assert_eq!(r["head"], "block");
+    assert_eq!(r["train_positions"], 768);
+    let (lens, trained) = (
+        r["lens"]["loss"].as_f64().unwrap(),
+        r["trained"]["loss"].as_f64().unwrap(),
+    );
+    assert!(trained < lens, "block head {trained} vs plain lens {lens}");
+
+    // 16 blocks, a backbone of 15: the source's fingerprint at 15, its state after block 15
+    // bitwise the full model's.
+    let drafter = Model::load(&out).unwrap();
+    assert_eq!(drafter.config().n_layer, 16);
+    assert_eq!(declared_split(&out).unwrap(), Some(15));
+    assert_eq!(
+        fingerprints(&out, None).unwrap(),
+        fingerprints(&model, Some(15)).unwrap()
+    );
+    let tok = tandem_models::Tokenizer::from_gguf(&model).unwrap();
+    let prompt = tok
+        .encode("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n")
+        .unwrap();
+    let (h_full, _) = hidden_and_final(&Model::load(&model).unwrap(), &prompt, 15);
+    let (h_drafter, all) = hidden_and_final(&drafter, &prompt, 15);
+    assert_eq!(h_full, h_drafter);
+
+    // The head's KV cache rolls back with the rest: truncate and feed the last tokens again.
+    let n = prompt.len();
+    let vocab = drafter.config().vocab_size;
+    let mut cache = drafter.new_cache();
+    drafter.forward(&prompt[..n - 3], 0, &mut cache).unwrap();
+    drafter.forward(&[1, 2, 3, 4], n - 3, &mut cache).unwrap();
+    cache.truncate(n - 3);
+    let again = drafter
+        .forward(&prompt[n - 3..], n - 3, &mut cache)
+        .unwrap();
+    assert_eq!(again.data, all[(n - 3) * vocab..]);
 }

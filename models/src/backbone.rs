@@ -212,7 +212,8 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
 /// Writes a copy of the model at `src` to `out` with `extra` tensors added (replacing
 /// tensors of the same name) and `metadata` entries added or replaced. With `layers` the
 /// copy is the backbone split at that depth, as [`split_backbone`] writes it (extra
-/// `exit.{k}.*` tensors are kept whatever `k`). The file is written beside `out` and renamed
+/// `exit.{k}.*` tensors are kept whatever `k`); a `tandem.backbone.layers` entry in
+/// `metadata` then declares a shorter backbone than the blocks kept. The file is written beside `out` and renamed
 /// into place, so an interrupted write leaves no half file under the final name.
 pub fn write_model(
     src: impl AsRef<Path>,
@@ -283,7 +284,10 @@ pub fn write_model(
                 *v = Value::U32(layers as u32);
             }
         }
-        md.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(layers as u32)));
+        // A drafter with blocks of its own after the backbone declares fewer (`metadata`).
+        if !metadata.iter().any(|(k, _)| k == BACKBONE_LAYERS_KEY) {
+            md.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(layers as u32)));
+        }
         md.push((
             "tandem.backbone.source_blocks".to_string(),
             Value::U32(config.n_layer as u32),

@@ -35,7 +35,9 @@ pub use backbone::{BackboneFingerprint, Fingerprints, TokenizerFingerprint};
 pub use config::{Architecture, Config};
 pub use draft::{CpuSequence, DraftForward, Forwarded, GpuChoice};
 pub use error::{Error, Result};
-pub use model::{ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, Step, load_tensors};
+pub use model::{
+    BLOCK_MATRICES, ExitLogits, KvCache, KvPrecision, Logits, Model, Rows, Step, load_tensors,
+};
 #[cfg(not(target_arch = "wasm32"))]
 pub use team::single_threaded;
 #[cfg(not(target_arch = "wasm32"))]

@@ -700,23 +700,25 @@ pub fn load_tensors(path: &Path) -> Result<(Config, BTreeMap<String, Arc<QTensor
     Ok((config, tensors))
 }
 
+/// The seven weight matrices of a block, as GGUF names them (`blk.{i}.{name}.weight`).
+pub const BLOCK_MATRICES: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
 /// Whether a tensor is one of the weight matrices a forward streams through (mapped rather
 /// than read at load).
 fn is_layer_matrix(name: &str) -> bool {
-    const BLOCK: [&str; 7] = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
     match name.strip_prefix("blk.") {
         Some(rest) => rest
             .split_once('.')
             .and_then(|(_, t)| t.strip_suffix(".weight"))
-            .is_some_and(|t| BLOCK.contains(&t)),
+            .is_some_and(|t| BLOCK_MATRICES.contains(&t)),
         None => name == "token_embd.weight" || name == "output.weight",
     }
 }

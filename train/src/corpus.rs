@@ -35,7 +35,8 @@ pub struct CorpusFile {
     /// Its path relative to the root it was found under (the file name for a file given
     /// directly).
     pub key: String,
-    /// sha256 of `key`: decides the split and the order files are read in.
+    /// sha256 of `key` (or of the file's bytes, [`Split::Content`]): decides the split and
+    /// the order files are read in.
     pub hash: [u8; 32],
 }
 
@@ -82,8 +83,42 @@ fn is_benchmark_data(path: &Path) -> bool {
     s.contains("human_eval") || s.contains("human-eval") || s.contains("humaneval")
 }
 
-/// Finds the files under `roots` (files or directories) and splits them.
+/// The default corpus of `tandem train target` (the "new domain"): the Rust sources in the
+/// cargo registry's source cache (`$CARGO_HOME/registry/src`, `~/.cargo` by default).
+pub fn rust_sources() -> Result<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set; pass --corpus PATH")?;
+    let dir = home.join("registry").join("src");
+    if !dir.is_dir() {
+        bail!(
+            "no cargo registry source cache at {} (the default corpus of Rust sources); \
+             build any Rust project once, or pass --corpus PATH",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// How files are split into train and held-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// By the sha256 of the path relative to its root.
+    Path,
+    /// By the sha256 of the file's bytes; files with the same bytes are kept once (the
+    /// same source in two versions of a crate is never on both sides).
+    Content,
+}
+
+/// Finds the files under `roots` (files or directories) and splits them by path.
 pub fn collect(roots: &[PathBuf]) -> Result<Corpus> {
+    collect_with(roots, Split::Path, None)
+}
+
+/// Finds the files under `roots` and splits them as `split` says; with `only`, only files
+/// with those extensions are kept (for the default corpora, which are directories).
+pub fn collect_with(roots: &[PathBuf], split: Split, only: Option<&[&str]>) -> Result<Corpus> {
     let mut files = Vec::new();
     for root in roots {
         let meta = std::fs::metadata(root)
@@ -105,8 +140,23 @@ pub fn collect(roots: &[PathBuf]) -> Result<Corpus> {
             walk(root, root, &mut files)?;
         }
     }
+    if let Some(exts) = only {
+        files.retain(|f| {
+            f.path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| exts.contains(&x))
+        });
+    }
+    if split == Split::Content {
+        for f in &mut files {
+            let bytes = std::fs::read(&f.path)
+                .with_context(|| format!("reading corpus file {}", f.path.display()))?;
+            f.hash = Sha256::digest(&bytes).into();
+        }
+    }
     files.sort_by(|a, b| a.hash.cmp(&b.hash).then(a.path.cmp(&b.path)));
-    files.dedup_by(|a, b| a.path == b.path);
+    files.dedup_by(|a, b| a.path == b.path || (split == Split::Content && a.hash == b.hash));
     let (mut heldout, mut train): (Vec<_>, Vec<_>) =
         files.into_iter().partition(|f| f.hash[0] % 10 == 0);
     if heldout.is_empty() && train.len() >= 2 {
@@ -195,6 +245,35 @@ mod tests {
         // Same split again.
         let again = collect(&[root.to_owned()]).unwrap();
         assert_eq!(again.heldout, c.heldout);
+    }
+
+    #[test]
+    fn content_split_keeps_identical_files_once_and_filters_extensions() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for v in ["a-1.0", "a-1.1"] {
+            std::fs::create_dir_all(root.join(v)).unwrap();
+            // The same file in two versions of a crate, and one that changed.
+            std::fs::write(root.join(v).join("lib.rs"), "pub fn f() {}\n").unwrap();
+            std::fs::write(root.join(v).join("new.rs"), format!("// {v}\n")).unwrap();
+            std::fs::write(root.join(v).join("README.md"), "# a\n").unwrap();
+        }
+        for i in 0..30 {
+            std::fs::write(
+                root.join(format!("m{i}.rs")),
+                format!("const X: u32 = {i};\n"),
+            )
+            .unwrap();
+        }
+        let c = collect_with(&[root.to_owned()], Split::Content, Some(&["rs"])).unwrap();
+        let all: Vec<_> = c.train.iter().chain(&c.heldout).collect();
+        assert_eq!(all.len(), 33, "{all:?}");
+        assert!(all.iter().all(|f| f.key.ends_with(".rs")));
+        for f in &all {
+            let h: [u8; 32] = Sha256::digest(std::fs::read(&f.path).unwrap()).into();
+            assert_eq!(f.hash, h);
+        }
+        assert!(c.heldout.iter().all(|f| f.hash[0] % 10 == 0));
     }
 
     #[test]

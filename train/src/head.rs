@@ -82,14 +82,16 @@ impl Head {
     }
 }
 
-/// Loss and agreement of a head (or of the plain lens) on some positions.
+/// Loss and agreement of a head (or of the plain lens, or of a model) on some positions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Metrics {
-    /// Cross-entropy to the teacher's top-K distribution (renormalised), nats per position.
+    /// Cross-entropy to the targets — the teacher's top-K distribution (renormalised), or
+    /// the text's next token for `train target` — nats per position.
     pub loss: f64,
-    /// Share of positions where the exit's top token is the teacher's.
+    /// Share of positions where the top token is the target's (the teacher's top token, or
+    /// the next token).
     pub top1: f64,
-    /// Share of positions where the teacher's top token is among the exit's five best.
+    /// Share of positions where the target's token is among the five best.
     pub top5: f64,
     /// Positions measured.
     pub positions: usize,
@@ -197,7 +199,8 @@ pub fn evaluate(head: Option<&Head>, frozen: &Frozen, data: &Dataset) -> Result<
     Ok(m)
 }
 
-/// Adam (Kingma and Ba 2015) over the head's parameters.
+/// Adam (Kingma and Ba 2015) over a list of parameters (the same list, in the same order,
+/// at every step).
 pub struct Adam {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -210,34 +213,29 @@ const BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
 
 impl Adam {
-    /// Zero moments for `head`.
-    pub fn new(head: &Head) -> Result<Self> {
-        let zeros = |v: &Var| v.zeros_like();
+    /// Zero moments for `vars`.
+    pub fn new(vars: &[&Var]) -> Result<Self> {
+        let zeros = || -> candle_core::Result<Vec<Tensor>> {
+            vars.iter().map(|v| v.zeros_like()).collect()
+        };
         Ok(Adam {
-            m: head
-                .vars()
-                .iter()
-                .map(|v| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
-            v: head
-                .vars()
-                .iter()
-                .map(|v| zeros(v))
-                .collect::<candle_core::Result<_>>()?,
+            m: zeros()?,
+            v: zeros()?,
             t: 0,
         })
     }
 
-    fn step(
+    /// One update of `vars` (those with a gradient in `grads`) at learning rate `lr`.
+    pub fn step(
         &mut self,
-        head: &Head,
+        vars: &[&Var],
         grads: &candle_core::backprop::GradStore,
         lr: f64,
     ) -> Result<()> {
         self.t += 1;
         let c1 = 1.0 - BETA1.powi(self.t as i32);
         let c2 = 1.0 - BETA2.powi(self.t as i32);
-        for (i, var) in head.vars().into_iter().enumerate() {
+        for (i, var) in vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
@@ -285,7 +283,7 @@ pub fn train_step(
     lr: f64,
 ) -> Result<f64> {
     let (loss, grads) = loss_and_grads(head, frozen, data, idx)?;
-    adam.step(head, &grads, lr)?;
+    adam.step(&head.vars(), &grads, lr)?;
     Ok(loss)
 }
 
@@ -325,10 +323,11 @@ pub fn batch_indices(
         .collect()
 }
 
-/// Saves the head, Adam's state and the step reached.
-pub fn save_checkpoint(path: &Path, head: &Head, adam: &Adam, meta: &str) -> Result<()> {
+/// Saves named parameters, Adam's state over them and the step reached (safetensors, with
+/// the run's options in `meta` beside it).
+pub fn save_checkpoint(path: &Path, vars: &[(&str, &Var)], adam: &Adam, meta: &str) -> Result<()> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    for (i, (name, v)) in ["norm", "down", "up"].iter().zip(head.vars()).enumerate() {
+    for (i, (name, v)) in vars.iter().enumerate() {
         t.insert(format!("head.{name}"), v.as_tensor().clone());
         t.insert(format!("adam.m.{name}"), adam.m[i].clone());
         t.insert(format!("adam.v.{name}"), adam.v[i].clone());
@@ -347,8 +346,9 @@ pub fn save_checkpoint(path: &Path, head: &Head, adam: &Adam, meta: &str) -> Res
     Ok(())
 }
 
-/// Loads a checkpoint written by [`save_checkpoint`] if its options match `meta`.
-pub fn load_checkpoint(path: &Path, meta: &str) -> Result<(Head, Adam)> {
+/// Loads a checkpoint written by [`save_checkpoint`] if its options match `meta`: the
+/// parameters named `names` (in that order) and Adam's state over them.
+pub fn load_checkpoint(path: &Path, names: &[&str], meta: &str) -> Result<(Vec<Var>, Adam)> {
     let saved = std::fs::read_to_string(path.with_extension("ckpt.json")).unwrap_or_default();
     if saved != meta {
         bail!(
@@ -365,12 +365,10 @@ pub fn load_checkpoint(path: &Path, meta: &str) -> Result<(Head, Adam)> {
             .cloned()
             .with_context(|| format!("checkpoint {} has no `{name}`", path.display()))
     };
-    let head = Head {
-        norm: Var::from_tensor(&get("head.norm")?)?,
-        down: Var::from_tensor(&get("head.down")?)?,
-        up: Var::from_tensor(&get("head.up")?)?,
-    };
-    let names = ["norm", "down", "up"];
+    let vars = names
+        .iter()
+        .map(|n| Ok(Var::from_tensor(&get(&format!("head.{n}"))?)?))
+        .collect::<Result<_>>()?;
     let adam = Adam {
         m: names
             .iter()
@@ -382,7 +380,25 @@ pub fn load_checkpoint(path: &Path, meta: &str) -> Result<(Head, Adam)> {
             .collect::<Result<_>>()?,
         t: get("adam.t")?.to_vec1::<u32>()?[0] as usize,
     };
-    Ok((head, adam))
+    Ok((vars, adam))
+}
+
+/// Names of the head's parameters in a checkpoint, in [`Head::vars`] order.
+pub const HEAD_NAMES: [&str; 3] = ["norm", "down", "up"];
+
+impl Head {
+    /// The head's parameters with their checkpoint names.
+    pub fn named(&self) -> Vec<(&'static str, &Var)> {
+        HEAD_NAMES.into_iter().zip(self.vars()).collect()
+    }
+
+    /// A head from parameters in [`HEAD_NAMES`] order (a loaded checkpoint).
+    pub fn from_vars(vars: Vec<Var>) -> Result<Self> {
+        let [norm, down, up]: [Var; 3] = vars
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("a head has three parameters"))?;
+        Ok(Head { norm, down, up })
+    }
 }
 
 #[cfg(test)]

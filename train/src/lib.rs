@@ -1,17 +1,23 @@
-//! tandem-train: exit adapters and shared-backbone drafter heads, trained on the CPU.
+//! tandem-train: exit adapters, shared-backbone drafter heads and new target versions,
+//! trained on the CPU.
 //!
-//! Every weight of the model stays frozen. The adapter at block `K` (the engine's low-rank
-//! residual MLP, see `docs/gguf-extensions.md`) is fitted by distillation: the cross-entropy
-//! from the model's own final-layer distribution (its top-K, renormalised) to the
-//! distribution the final norm and output head give the adapted hidden state. The backbone's
-//! hidden states and the teacher's targets are computed once and cached, so epochs do not
-//! rerun the model. Training checkpoints, resumes, and is deterministic for a seed.
-//! Method and measurements: `docs/training.md`.
+//! For heads every weight of the model stays frozen. The adapter at block `K` (the engine's
+//! low-rank residual MLP, see `docs/gguf-extensions.md`) is fitted by distillation: the
+//! cross-entropy from the model's own final-layer distribution (its top-K, renormalised) to
+//! the distribution the final norm and output head give the adapted hidden state; a block
+//! head ([`block`]) is a transformer block trained the same way. [`target`] fine-tunes the
+//! blocks above `K` on new text, leaving the backbone below `K` as it is. The backbone's
+//! hidden states and the targets are computed once and cached, so epochs do not rerun the
+//! model. Training checkpoints, resumes, and is deterministic for a seed. Method and
+//! measurements: `docs/training.md`.
 
+pub mod block;
 pub mod corpus;
 pub mod data;
 pub mod head;
 mod rng;
+pub mod target;
+pub mod upper;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,6 +44,16 @@ pub enum Kind {
     Drafter,
 }
 
+/// The form of a drafter's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadForm {
+    /// The engine's low-rank residual MLP adapter at block K (stateless, per position).
+    Mlp,
+    /// One transformer block after block K, with its own KV cache (drafters only).
+    Block,
+}
+
 /// Options of a training run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -47,6 +63,8 @@ pub struct Options {
     pub model: PathBuf,
     /// Exit layer (blocks computed before the head), `1..n_layer`.
     pub layer: usize,
+    /// The head's form.
+    pub head: HeadForm,
     /// Corpus files or directories; empty means the Python standard library.
     pub corpus: Vec<PathBuf>,
     /// The GGUF to write.
@@ -88,6 +106,7 @@ impl Options {
             kind,
             model,
             layer,
+            head: HeadForm::Mlp,
             corpus: Vec::new(),
             out,
             steps: 1000,
@@ -130,17 +149,20 @@ pub struct EvalPoint {
 pub struct Report {
     /// What was written.
     pub kind: Kind,
+    /// The head's form.
+    pub head: HeadForm,
     /// The model file.
     pub model: PathBuf,
     /// Exit layer.
     pub layer: usize,
     /// Blocks of the model.
     pub n_layer: usize,
-    /// Adapter rank.
+    /// Adapter rank (0 for a block head).
     pub rank: usize,
-    /// Adapter parameters.
+    /// Trained parameters.
     pub params: usize,
-    /// Bytes of the adapter's tensors in the written file (f32).
+    /// Bytes of the trained tensors in the written file (f32 adapters; a block head's
+    /// matrices are Q8_0).
     pub adapter_bytes: usize,
     /// Optimizer steps.
     pub steps: usize,
@@ -180,7 +202,7 @@ pub struct Report {
     pub step: usize,
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     b.set_style(
         ProgressStyle::with_template("{prefix:14} [{bar:30}] {pos}/{len} eta {eta} {msg}")
@@ -192,7 +214,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Prints a line above the bar, or on stderr when the bar is hidden (not a terminal).
-fn say(b: &ProgressBar, line: String) {
+pub(crate) fn say(b: &ProgressBar, line: String) {
     if b.is_hidden() {
         eprintln!("{line}");
     } else {
@@ -299,6 +321,15 @@ pub fn train(opts: &Options) -> Result<Report> {
     if opts.seq_len < 16 {
         bail!("--seq-len must be at least 16 tokens");
     }
+    if opts.head == HeadForm::Block {
+        if opts.kind != Kind::Drafter {
+            bail!(
+                "a block head is for drafters (`tandem train drafter --head block`): the \
+                 engine's exits inside a model keep no KV cache of their own"
+            );
+        }
+        return block::train(opts);
+    }
     let mut model =
         Model::load(&opts.model).with_context(|| format!("loading {}", opts.model.display()))?;
     let n_layer = model.config().n_layer;
@@ -371,7 +402,8 @@ pub fn train(opts: &Options) -> Result<Report> {
     })
     .to_string();
     let (head, mut adam, resumed_from) = if opts.resume && ckpt.exists() {
-        let (h, a) = head::load_checkpoint(&ckpt, &meta)?;
+        let (vars, a) = head::load_checkpoint(&ckpt, &head::HEAD_NAMES, &meta)?;
+        let h = Head::from_vars(vars)?;
         eprintln!("resuming from {} at step {}", ckpt.display(), a.t);
         let t = a.t;
         (h, a, Some(t))
@@ -380,7 +412,7 @@ pub fn train(opts: &Options) -> Result<Report> {
             eprintln!("no checkpoint at {}: starting from step 0", ckpt.display());
         }
         let h = Head::init(d, opts.rank, opts.seed)?;
-        let a = Adam::new(&h)?;
+        let a = Adam::new(&h.vars())?;
         (h, a, None)
     };
 
@@ -441,14 +473,14 @@ pub fn train(opts: &Options) -> Result<Report> {
             );
             history.push(point);
             (sum, count) = (0.0, 0);
-            head::save_checkpoint(&ckpt, &head, &adam, &meta)?;
+            head::save_checkpoint(&ckpt, &head.named(), &adam, &meta)?;
         }
     }
     b.finish_and_clear();
     let train_seconds = started.elapsed().as_secs_f64();
     let paused = adam.t < opts.steps;
     if paused {
-        head::save_checkpoint(&ckpt, &head, &adam, &meta)?;
+        head::save_checkpoint(&ckpt, &head.named(), &adam, &meta)?;
     }
     let trained = match history.last() {
         Some(p) => p.heldout,
@@ -464,6 +496,7 @@ pub fn train(opts: &Options) -> Result<Report> {
     };
     Ok(Report {
         kind: opts.kind,
+        head: opts.head,
         model: opts.model.clone(),
         layer: opts.layer,
         n_layer,
@@ -535,8 +568,8 @@ fn write_head(opts: &Options, head: &Head, trained: &Metrics, lens: &Metrics) ->
     Ok(())
 }
 
-/// Writes `report` as pretty JSON to `path` (`--report-json`).
-pub fn write_report(report: &Report, path: &Path) -> Result<()> {
+/// Writes a report (of any trainer) as pretty JSON to `path` (`--report-json`).
+pub fn write_report(report: &impl Serialize, path: &Path) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -1,0 +1,310 @@
+//! `tandem train drafter --head block`: a drafter whose head is one transformer block with
+//! attention over the context (Kangaroo's adapter, Liu et al. 2024), on top of the frozen
+//! backbone's hidden state at block `K`.
+//!
+//! The written drafter is an ordinary model of `K + 1` blocks: the embedding and blocks
+//! `0..K` of the source, bit for bit, then the trained block, the output norm (trained) and
+//! the output head (frozen; tied to the embedding in SmolLM2). It declares a backbone of `K`
+//! blocks, so its fingerprint is the source's at `K` and it fits every target version that
+//! keeps those blocks. Its head keeps a KV cache like any block: truncating and rolling back
+//! the drafter's cache covers it, with no engine change.
+//!
+//! The block starts as the source's block `K` (step 0 is the model's own lens after `K + 1`
+//! blocks) and is trained in full, with the output norm, by distillation from the model's
+//! final layer (its top-K, as the MLP heads) on windows of the corpus continued by the model's
+//! own greedy tokens.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{Device, Tensor};
+use tandem_models::backbone::{BACKBONE_LAYERS_KEY, fingerprints, write_model};
+use tandem_models::{Model, Tokenizer};
+
+use crate::corpus::{self, CorpusFile};
+use crate::data::{self, Dataset, Windows};
+use crate::head::{self, Frozen};
+use crate::target::full_windows;
+use crate::upper::{Fit, SeqData, Targets, Upper, evaluate, fit};
+use crate::{Options, Report, bar, say};
+
+/// Windows of `opts.seq_len` tokens of `files`, each continued by `generate` greedy tokens,
+/// with the hidden states at `opts.layer` and the final layer's top-K at every position
+/// (cached on disk).
+fn build(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    opts: &Options,
+    files: &[CorpusFile],
+    budget: usize,
+    generate: usize,
+    what: &str,
+) -> Result<(SeqData, usize, bool)> {
+    let len = opts.seq_len + generate;
+    let (wins, used) = full_windows(tokenizer, files, opts.seq_len, budget * opts.seq_len / len)?;
+    if wins.is_empty() {
+        bail!(
+            "the {what} files gave no window of {} tokens (are they UTF-8 text, and long \
+             enough for --seq-len?)",
+            opts.seq_len
+        );
+    }
+    let w = Windows {
+        seq_len: opts.seq_len,
+        per_file: 2,
+        budget,
+        generate,
+    };
+    let path = data::cache_path(
+        &opts.model,
+        opts.layer,
+        opts.top_k,
+        w,
+        &used,
+        &format!("block-{what}"),
+    )?;
+    if let Ok(ds) = SeqData::load(&path)
+        && ds.sequences() == wins.len()
+        && ds.seq_len == len
+    {
+        eprintln!(
+            "{what}: {} sequences from the cache {}",
+            ds.sequences(),
+            path.display()
+        );
+        return Ok((ds, used.len(), true));
+    }
+    let total = wins.len() * len;
+    let b = bar(total as u64, what);
+    say(
+        &b,
+        format!(
+            "{what}: running the model over {total} positions of {} files ({} of text and {} \
+             generated per window; hidden states at block {} and the final layer's top-{})",
+            used.len(),
+            opts.seq_len,
+            generate,
+            opts.layer,
+            opts.top_k
+        ),
+    );
+    let mut ds = Dataset::new(model.config().n_embd, opts.top_k);
+    let started = Instant::now();
+    let mut next_line = total / 10;
+    for tokens in &wins {
+        let before = ds.len();
+        ds.push_sequence(model, opts.layer, tokens, generate)?;
+        if ds.len() - before != len {
+            bail!(
+                "internal: a window gave {} positions, not {len}",
+                ds.len() - before
+            );
+        }
+        b.inc(len as u64);
+        let rate = ds.len() as f64 / started.elapsed().as_secs_f64();
+        b.set_message(format!("{rate:.0} tok/s"));
+        if b.is_hidden() && ds.len() >= next_line && ds.len() < total {
+            eprintln!("{what}: {}/{total} tokens ({rate:.0} tok/s)", ds.len());
+            next_line += total / 10;
+        }
+    }
+    b.finish_and_clear();
+    let seq = SeqData {
+        d: ds.d,
+        seq_len: len,
+        hidden: ds.hidden,
+        targets: Targets::Teacher {
+            k: ds.top_k,
+            ids: ds.ids,
+            probs: ds.probs,
+        },
+    };
+    seq.save(&path)?;
+    Ok((seq, used.len(), false))
+}
+
+/// Trains the block head as `opts` says and writes the drafter; returns the report.
+pub fn train(opts: &Options) -> Result<Report> {
+    let mut model =
+        Model::load(&opts.model).with_context(|| format!("loading {}", opts.model.display()))?;
+    let n_layer = model.config().n_layer;
+    if opts.layer == 0 || opts.layer >= n_layer {
+        bail!(
+            "--layers {} is outside 1..{n_layer} for {} ({n_layer} blocks; the block head \
+             starts from block {} of the model, so the backbone must leave one)",
+            opts.layer,
+            opts.model.display(),
+            opts.layer
+        );
+    }
+    if opts.seq_len + opts.generate > model.config().context_length {
+        bail!(
+            "--seq-len plus --generate ({}) is longer than the model's context ({})",
+            opts.seq_len + opts.generate,
+            model.config().context_length
+        );
+    }
+    model.remove_exit_adapter(opts.layer);
+    let tokenizer = Tokenizer::from_gguf(&opts.model)?;
+    let roots = if opts.corpus.is_empty() {
+        let lib = corpus::python_stdlib()?;
+        eprintln!("corpus: the Python standard library at {}", lib.display());
+        vec![lib]
+    } else {
+        opts.corpus.clone()
+    };
+    let corpus = corpus::collect(&roots)?;
+    let t0 = Instant::now();
+    let (train_data, train_files, c1) = build(
+        &model,
+        &tokenizer,
+        opts,
+        &corpus.train,
+        opts.train_tokens,
+        opts.generate,
+        "train",
+    )?;
+    // Held-out positions stay teacher-forced text, comparable between runs and heads.
+    let (held, heldout_files, c2) = build(
+        &model,
+        &tokenizer,
+        opts,
+        &corpus.heldout,
+        opts.heldout_tokens,
+        0,
+        "held-out",
+    )?;
+    let data_seconds = t0.elapsed().as_secs_f64();
+
+    // The plain logit lens at K, measured as the MLP heads measure it.
+    let (norm, w) = model.head_weights()?;
+    let d = model.config().n_embd;
+    let frozen = Frozen {
+        norm: Tensor::from_vec(norm, d, &Device::Cpu)?,
+        w,
+        eps: model.config().rms_eps as f64,
+    };
+    drop(model);
+    let Targets::Teacher { k, ids, probs } = &held.targets else {
+        bail!("internal: held-out data without a teacher");
+    };
+    let lens = head::evaluate(
+        None,
+        &frozen,
+        &Dataset {
+            d,
+            top_k: *k,
+            hidden: held.hidden.clone(),
+            ids: ids.clone(),
+            probs: probs.clone(),
+        },
+    )?;
+    drop(frozen);
+
+    let upper = Upper::load(&opts.model, opts.layer, 1, None, opts.seed)?;
+    upper.zero_residual_outputs()?;
+    let before = evaluate(&upper, &held)?;
+    let batch = opts.batch.div_ceil(train_data.seq_len);
+    eprintln!(
+        "block head at {} ({} parameters, from block {} of the model): {} training sequences \
+         of {} positions, {} a step; held-out: plain lens top-1 {:.3}, the block as it starts \
+         {:.3} (loss {:.3})",
+        opts.layer,
+        upper.params(),
+        opts.layer,
+        train_data.sequences(),
+        train_data.seq_len,
+        batch,
+        lens.top1,
+        before.top1,
+        before.loss
+    );
+    let meta = serde_json::json!({
+        "model": std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone()),
+        "kind": opts.kind, "head": "block", "layer": opts.layer, "steps": opts.steps,
+        "lr": opts.lr, "seed": opts.seed, "batch": opts.batch, "top_k": opts.top_k,
+        "seq_len": opts.seq_len, "train_tokens": opts.train_tokens, "generate": opts.generate,
+        "train_positions": train_data.positions(),
+    })
+    .to_string();
+    let fitted = fit(
+        &upper,
+        &train_data,
+        &held,
+        &Fit {
+            steps: opts.steps,
+            batch,
+            lr: opts.lr,
+            seed: opts.seed,
+            eval_every: opts.eval_every,
+            pause_after: opts.pause_after,
+            resume: opts.resume,
+            checkpoint: opts.checkpoint_path(),
+            meta,
+        },
+        before,
+    )?;
+    let tensors = upper.tensors()?;
+    let adapter_bytes = tensors.iter().map(|(_, t)| t.storage_size_in_bytes()).sum();
+    let out = if fitted.paused {
+        None
+    } else {
+        let k = opts.layer;
+        let metadata = vec![
+            (BACKBONE_LAYERS_KEY.to_string(), Value::U32(k as u32)),
+            (
+                "tandem.drafter.head".into(),
+                Value::String("transformer block".into()),
+            ),
+            ("tandem.drafter.steps".into(), Value::U32(opts.steps as u32)),
+            (
+                "tandem.drafter.heldout_top1".into(),
+                Value::F32(fitted.last.top1 as f32),
+            ),
+            (
+                "tandem.drafter.lens_heldout_top1".into(),
+                Value::F32(lens.top1 as f32),
+            ),
+        ];
+        write_model(&opts.model, &opts.out, Some(k + 1), tensors, metadata)?;
+        Model::load(&opts.out)
+            .with_context(|| format!("the written file {} does not load", opts.out.display()))?;
+        if fingerprints(&opts.out, None)? != fingerprints(&opts.model, Some(k))? {
+            bail!(
+                "internal: {} does not carry the backbone fingerprint of {} at {k}",
+                opts.out.display(),
+                opts.model.display()
+            );
+        }
+        Some(opts.out.clone())
+    };
+    Ok(Report {
+        kind: opts.kind,
+        head: opts.head,
+        model: opts.model.clone(),
+        layer: opts.layer,
+        n_layer,
+        rank: 0,
+        params: upper.params(),
+        adapter_bytes,
+        steps: opts.steps,
+        batch: opts.batch,
+        lr: opts.lr,
+        seed: opts.seed,
+        top_k: opts.top_k,
+        train_positions: train_data.positions(),
+        train_files,
+        heldout_positions: held.positions(),
+        heldout_files,
+        data_seconds,
+        data_cached: c1 && c2,
+        train_seconds: fitted.seconds,
+        resumed_from: fitted.resumed_from,
+        lens,
+        trained: fitted.last,
+        history: fitted.history,
+        out,
+        step: fitted.step,
+    })
+}
