@@ -1,5 +1,5 @@
 //! `tandem-bench evolve`: a target upgraded on a frozen backbone while devices keep their
-//! drafter (docs/training.md, "Evolving targets").
+//! drafter (docs/benchmarks.md, "Evolving targets on a frozen backbone").
 //!
 //! Trains v2 from v1 on the new domain (`tandem train target`, blocks from K up), and a
 //! shared-backbone drafter at K against v1 (`tandem train drafter`) unless given. Then one
@@ -222,7 +222,8 @@ struct Host<'a> {
 }
 
 impl Host<'_> {
-    /// Starts `tandem generate`; `spec` is `None` for cloud-ar.
+    /// Starts `tandem generate` against `target`: with the drafter at a fixed γ when `spec`,
+    /// else cloud-ar; its statistics go to `WORK/{name}.json`.
     fn spawn(
         &self,
         prompt: &str,
