@@ -9,8 +9,8 @@
 //! keeps those blocks. Its head keeps a KV cache like any block: truncating and rolling back
 //! the drafter's cache covers it, with no engine change.
 //!
-//! The block starts as the source's block `K` (step 0 is the model's own lens after `K + 1`
-//! blocks) and is trained in full, with the output norm, by distillation from the model's
+//! The block starts as the source's block `K` with its attention-output and down projections
+//! zeroed, so that step 0 is the identity (the plain logit lens at `K`), and is trained in full, with the output norm, by distillation from the model's
 //! final layer (its top-K, as the MLP heads) on windows of the corpus continued by the model's
 //! own greedy tokens.
 
@@ -18,16 +18,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{Device, Tensor};
 use tandem_models::backbone::{BACKBONE_LAYERS_KEY, fingerprints, write_model};
 use tandem_models::{Model, Tokenizer};
 
 use crate::corpus::{self, CorpusFile};
-use crate::data::{self, Dataset, Windows};
-use crate::head::{self, Frozen};
-use crate::target::full_windows;
+use crate::data::{Dataset, Sequences, build_sequences};
 use crate::upper::{Fit, SeqData, Targets, Upper, evaluate, fit};
-use crate::{Options, Report, bar, say};
+use crate::{Options, Report};
 
 /// Windows of `opts.seq_len` tokens of `files`, each continued by `generate` greedy tokens,
 /// with the hidden states at `opts.layer` and the final layer's top-K at every position
@@ -41,87 +38,30 @@ fn build(
     generate: usize,
     what: &str,
 ) -> Result<(SeqData, usize, bool)> {
-    let len = opts.seq_len + generate;
-    let (wins, used) = full_windows(tokenizer, files, opts.seq_len, budget * opts.seq_len / len)?;
-    if wins.is_empty() {
-        bail!(
-            "the {what} files gave no window of {} tokens (are they UTF-8 text, and long \
-             enough for --seq-len?)",
-            opts.seq_len
-        );
-    }
-    let w = Windows {
+    let src = Sequences {
+        model_path: &opts.model,
+        model,
+        tokenizer,
+        layer: opts.layer,
         seq_len: opts.seq_len,
-        per_file: 2,
-        budget,
         generate,
+        top_k: opts.top_k,
+        tag: "block",
     };
-    let path = data::cache_path(
-        &opts.model,
-        opts.layer,
-        opts.top_k,
-        w,
-        &used,
-        &format!("block-{what}"),
-    )?;
-    if let Ok(ds) = SeqData::load(&path)
-        && ds.sequences() == wins.len()
-        && ds.seq_len == len
-    {
-        eprintln!(
-            "{what}: {} sequences from the cache {}",
-            ds.sequences(),
-            path.display()
-        );
-        return Ok((ds, used.len(), true));
-    }
-    let total = wins.len() * len;
-    let b = bar(total as u64, what);
-    say(
-        &b,
-        format!(
-            "{what}: running the model over {total} positions of {} files ({} of text and {} \
-             generated per window; hidden states at block {} and the final layer's top-{})",
-            used.len(),
-            opts.seq_len,
-            generate,
-            opts.layer,
-            opts.top_k
-        ),
+    let about = format!(
+        "hidden states at block {} and the final layer's top-{}",
+        opts.layer, opts.top_k
     );
-    let mut ds = Dataset::new(model.config().n_embd, opts.top_k);
-    let started = Instant::now();
-    let mut next_line = total / 10;
-    for tokens in &wins {
-        let before = ds.len();
+    build_sequences(&src, files, budget, what, &about, |tokens, out| {
+        let mut ds = Dataset::new(out.d, opts.top_k);
         ds.push_sequence(model, opts.layer, tokens, generate)?;
-        if ds.len() - before != len {
-            bail!(
-                "internal: a window gave {} positions, not {len}",
-                ds.len() - before
-            );
+        out.hidden.extend(ds.hidden);
+        if let Targets::Teacher { ids, probs, .. } = &mut out.targets {
+            ids.extend(ds.ids);
+            probs.extend(ds.probs);
         }
-        b.inc(len as u64);
-        let rate = ds.len() as f64 / started.elapsed().as_secs_f64();
-        b.set_message(format!("{rate:.0} tok/s"));
-        if b.is_hidden() && ds.len() >= next_line && ds.len() < total {
-            eprintln!("{what}: {}/{total} tokens ({rate:.0} tok/s)", ds.len());
-            next_line += total / 10;
-        }
-    }
-    b.finish_and_clear();
-    let seq = SeqData {
-        d: ds.d,
-        seq_len: len,
-        hidden: ds.hidden,
-        targets: Targets::Teacher {
-            k: ds.top_k,
-            ids: ds.ids,
-            probs: ds.probs,
-        },
-    };
-    seq.save(&path)?;
-    Ok((seq, used.len(), false))
+        Ok(())
+    })
 }
 
 /// Trains the block head as `opts` says and writes the drafter; returns the report.
@@ -147,14 +87,7 @@ pub fn train(opts: &Options) -> Result<Report> {
     }
     model.remove_exit_adapter(opts.layer);
     let tokenizer = Tokenizer::from_gguf(&opts.model)?;
-    let roots = if opts.corpus.is_empty() {
-        let lib = corpus::python_stdlib()?;
-        eprintln!("corpus: the Python standard library at {}", lib.display());
-        vec![lib]
-    } else {
-        opts.corpus.clone()
-    };
-    let corpus = corpus::collect(&roots)?;
+    let corpus = corpus::for_heads(&opts.corpus)?;
     let t0 = Instant::now();
     let (train_data, train_files, c1) = build(
         &model,
@@ -177,39 +110,18 @@ pub fn train(opts: &Options) -> Result<Report> {
     )?;
     let data_seconds = t0.elapsed().as_secs_f64();
 
-    // The plain logit lens at K, measured as the MLP heads measure it.
-    let (norm, w) = model.head_weights()?;
-    let d = model.config().n_embd;
-    let frozen = Frozen {
-        norm: Tensor::from_vec(norm, d, &Device::Cpu)?,
-        w,
-        eps: model.config().rms_eps as f64,
-    };
     drop(model);
-    let Targets::Teacher { k, ids, probs } = &held.targets else {
-        bail!("internal: held-out data without a teacher");
-    };
-    let lens = head::evaluate(
-        None,
-        &frozen,
-        &Dataset {
-            d,
-            top_k: *k,
-            hidden: held.hidden.clone(),
-            ids: ids.clone(),
-            probs: probs.clone(),
-        },
-    )?;
-    drop(frozen);
 
+    // Its attention-output and down projections zeroed, the block starts as the identity:
+    // what it measures before training is the plain logit lens at K.
     let upper = Upper::load(&opts.model, opts.layer, 1, None, opts.seed)?;
     upper.zero_residual_outputs()?;
-    let before = evaluate(&upper, &held)?;
+    let lens = evaluate(&upper, &held)?;
     let batch = opts.batch.div_ceil(train_data.seq_len);
     eprintln!(
         "block head at {} ({} parameters, from block {} of the model): {} training sequences \
-         of {} positions, {} a step; held-out: plain lens top-1 {:.3}, the block as it starts \
-         {:.3} (loss {:.3})",
+         of {} positions, {} a step; held-out as it starts (the plain lens): top-1 {:.3}, \
+         loss {:.3}",
         opts.layer,
         upper.params(),
         opts.layer,
@@ -217,8 +129,7 @@ pub fn train(opts: &Options) -> Result<Report> {
         train_data.seq_len,
         batch,
         lens.top1,
-        before.top1,
-        before.loss
+        lens.loss
     );
     let meta = serde_json::json!({
         "model": std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone()),
@@ -243,7 +154,7 @@ pub fn train(opts: &Options) -> Result<Report> {
             checkpoint: opts.checkpoint_path(),
             meta,
         },
-        before,
+        lens,
     )?;
     let tensors = upper.tensors()?;
     let adapter_bytes = tensors.iter().map(|(_, t)| t.storage_size_in_bytes()).sum();

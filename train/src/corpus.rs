@@ -116,6 +116,26 @@ pub fn collect(roots: &[PathBuf]) -> Result<Corpus> {
     collect_with(roots, Split::Path, None)
 }
 
+/// The head trainers' corpus: `given`, or the Python standard library when empty, split by
+/// path; says on the console which and how many files.
+pub fn for_heads(given: &[PathBuf]) -> Result<Corpus> {
+    let roots = if given.is_empty() {
+        let lib = python_stdlib()?;
+        eprintln!("corpus: the Python standard library at {}", lib.display());
+        vec![lib]
+    } else {
+        given.to_vec()
+    };
+    let corpus = collect(&roots)?;
+    eprintln!(
+        "corpus: {} training and {} held-out files (held out: sha256 of the path, first byte \
+         divisible by 10)",
+        corpus.train.len(),
+        corpus.heldout.len()
+    );
+    Ok(corpus)
+}
+
 /// Finds the files under `roots` and splits them as `split` says; with `only`, only files
 /// with those extensions are kept (for the default corpora, which are directories).
 pub fn collect_with(roots: &[PathBuf], split: Split, only: Option<&[&str]>) -> Result<Corpus> {

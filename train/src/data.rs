@@ -7,12 +7,15 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use tandem_models::{Model, Rows, Tokenizer};
 
 use crate::corpus::CorpusFile;
+use crate::upper::{SeqData, Targets};
+use crate::{bar, say};
 
 const MAGIC: &[u8; 8] = b"TNDMDS01";
 
@@ -241,6 +244,157 @@ pub fn windows(
         }
     }
     Ok(out)
+}
+
+/// Full windows of `seq_len` tokens from `files` in order (up to two per file, spread over
+/// it) until `budget` tokens; with the files they came from.
+pub(crate) fn full_windows(
+    tokenizer: &Tokenizer,
+    files: &[CorpusFile],
+    seq_len: usize,
+    budget: usize,
+) -> Result<(Vec<Vec<u32>>, Vec<CorpusFile>)> {
+    let (mut out, mut used) = (Vec::new(), Vec::new());
+    for f in files {
+        if out.len() * seq_len >= budget {
+            break;
+        }
+        let Ok(text) = std::fs::read_to_string(&f.path) else {
+            continue;
+        };
+        let tokens = tokenizer
+            .encode(&text)
+            .with_context(|| format!("tokenizing {}", f.path.display()))?;
+        let chunks: Vec<&[u32]> = tokens.chunks_exact(seq_len).collect();
+        let picks = chunks.len().min(2);
+        for p in 0..picks {
+            if out.len() * seq_len < budget {
+                out.push(chunks[p * chunks.len() / picks].to_vec());
+            }
+        }
+        if picks > 0 {
+            used.push(f.clone());
+        }
+    }
+    Ok((out, used))
+}
+
+/// What [`build_sequences`] runs and how its result is keyed in the cache.
+pub(crate) struct Sequences<'a> {
+    /// The model file (part of the cache key).
+    pub model_path: &'a Path,
+    /// The model, with no adapter at `layer`.
+    pub model: &'a Model,
+    /// Its tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// The block whose hidden state is kept.
+    pub layer: usize,
+    /// Text tokens per window.
+    pub seq_len: usize,
+    /// Greedy tokens the window is continued by.
+    pub generate: usize,
+    /// Teacher entries kept per position (0 for next-token data).
+    pub top_k: usize,
+    /// The trainer's name in the cache file's name.
+    pub tag: &'a str,
+}
+
+/// Full windows of `src.seq_len` text tokens of `files` (up to `budget` positions counting
+/// their continuations), each turned by `window` into one sequence of `seq_len + generate`
+/// positions appended to the data; cached on disk. `about` says on the console what is kept.
+/// Returns the data, the number of files read and whether it came from the cache.
+pub(crate) fn build_sequences(
+    src: &Sequences,
+    files: &[CorpusFile],
+    budget: usize,
+    what: &str,
+    about: &str,
+    mut window: impl FnMut(&[u32], &mut SeqData) -> Result<()>,
+) -> Result<(SeqData, usize, bool)> {
+    let len = src.seq_len + src.generate;
+    let d = src.model.config().n_embd;
+    let (wins, used) = full_windows(
+        src.tokenizer,
+        files,
+        src.seq_len,
+        budget * src.seq_len / len,
+    )?;
+    if wins.is_empty() {
+        bail!(
+            "the {what} files gave no window of {} tokens (are they UTF-8 text, and long \
+             enough for --seq-len?)",
+            src.seq_len
+        );
+    }
+    let w = Windows {
+        seq_len: src.seq_len,
+        per_file: 2,
+        budget,
+        generate: src.generate,
+    };
+    let tag = format!("{}-{what}", src.tag);
+    let path = cache_path(src.model_path, src.layer, src.top_k, w, &used, &tag)?;
+    if let Ok(ds) = SeqData::load(&path)
+        && ds.sequences() == wins.len()
+        && ds.seq_len == len
+        && ds.d == d
+    {
+        eprintln!(
+            "{what}: {} sequences from the cache {}",
+            ds.sequences(),
+            path.display()
+        );
+        return Ok((ds, used.len(), true));
+    }
+    let total = wins.len() * len;
+    let b = bar(total as u64, what);
+    say(
+        &b,
+        format!(
+            "{what}: running the model over {total} positions of {} files ({} of text and {} \
+             generated per window; {about})",
+            used.len(),
+            src.seq_len,
+            src.generate,
+        ),
+    );
+    let mut out = SeqData {
+        d,
+        seq_len: len,
+        hidden: Vec::with_capacity(total * d),
+        targets: if src.top_k == 0 {
+            Targets::Next(Vec::with_capacity(total))
+        } else {
+            Targets::Teacher {
+                k: src.top_k,
+                ids: Vec::with_capacity(total * src.top_k),
+                probs: Vec::with_capacity(total * src.top_k),
+            }
+        },
+    };
+    let started = Instant::now();
+    let mut next_line = total / 10;
+    for tokens in &wins {
+        let before = out.hidden.len() / d;
+        window(tokens, &mut out)?;
+        let done = out.hidden.len() / d;
+        if done - before != len {
+            bail!(
+                "internal: a window gave {} positions, not {len}",
+                done - before
+            );
+        }
+        b.inc(len as u64);
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        b.set_message(format!("{rate:.0} tok/s"));
+        if b.is_hidden() && done >= next_line && done < total {
+            eprintln!("{what}: {done}/{total} tokens ({rate:.0} tok/s)");
+            next_line += total / 10;
+        }
+    }
+    b.finish_and_clear();
+    out.save(&path)?;
+    Ok((out, used.len(), false))
 }
 
 /// The cache file for a dataset built with these inputs: keyed by the model file (path,

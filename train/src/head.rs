@@ -12,10 +12,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
-use rayon::prelude::*;
 
 use crate::data::Dataset;
 use crate::rng::Rng;
+use crate::upper::{RowTarget, score_rows};
 
 /// The frozen final norm and output head of the model.
 pub struct Frozen {
@@ -25,6 +25,19 @@ pub struct Frozen {
     pub w: Tensor,
     /// RMSNorm epsilon.
     pub eps: f64,
+}
+
+impl Frozen {
+    /// The final norm and output head of `model`, as f32 tensors.
+    pub fn of(model: &tandem_models::Model) -> Result<Self> {
+        let (norm, w) = model.head_weights()?;
+        let d = model.config().n_embd;
+        Ok(Frozen {
+            norm: Tensor::from_vec(norm, d, &Device::Cpu)?,
+            w,
+            eps: model.config().rms_eps as f64,
+        })
+    }
 }
 
 /// The trainable adapter.
@@ -100,72 +113,27 @@ pub struct Metrics {
 /// A batch's input tensors.
 struct Batch {
     x: Tensor,
-    ids: Vec<u32>,
-    probs: Vec<f32>,
-    top1: Vec<u32>,
+    targets: Vec<RowTarget>,
 }
 
 fn batch(data: &Dataset, idx: &[u32]) -> Result<Batch> {
     let (d, k) = (data.d, data.top_k);
     let mut x = Vec::with_capacity(idx.len() * d);
-    let mut ids = Vec::with_capacity(idx.len() * k);
-    let mut probs = Vec::with_capacity(idx.len() * k);
-    let mut top1 = Vec::with_capacity(idx.len());
+    let mut targets = Vec::with_capacity(idx.len());
     for &i in idx {
         let i = i as usize;
         x.extend_from_slice(&data.hidden[i * d..(i + 1) * d]);
-        ids.extend_from_slice(&data.ids[i * k..(i + 1) * k]);
         let p = &data.probs[i * k..(i + 1) * k];
         let s: f32 = p.iter().sum();
-        probs.extend(p.iter().map(|v| v / s));
-        top1.push(data.teacher_top1(i));
+        targets.push(Some((
+            data.ids[i * k..(i + 1) * k].to_vec(),
+            p.iter().map(|v| v / s).collect(),
+        )));
     }
     Ok(Batch {
         x: Tensor::from_vec(x, (idx.len(), d), &Device::Cpu)?,
-        ids,
-        probs,
-        top1,
+        targets,
     })
-}
-
-/// Per row: the loss, whether the argmax is the teacher's, whether the teacher's top token
-/// is in the top five; and, when `grad`, the row replaced by `(softmax − p) / n`.
-fn score_rows(
-    z: &mut [f32],
-    vocab: usize,
-    b: &Batch,
-    k: usize,
-    grad: bool,
-) -> Vec<(f64, bool, bool)> {
-    let n = b.top1.len();
-    z.par_chunks_mut(vocab)
-        .enumerate()
-        .map(|(r, row)| {
-            let t = b.top1[r];
-            let tv = row[t as usize];
-            let above = row.iter().filter(|&&v| v > tv).count();
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let lse = max as f64 + sum.ln();
-            let ids = &b.ids[r * k..(r + 1) * k];
-            let ps = &b.probs[r * k..(r + 1) * k];
-            let loss: f64 = ids
-                .iter()
-                .zip(ps)
-                .map(|(&i, &p)| -(p as f64) * (row[i as usize] as f64 - lse))
-                .sum();
-            if grad {
-                let inv = 1.0 / n as f64;
-                for v in row.iter_mut() {
-                    *v = ((*v as f64 - lse).exp() * inv) as f32;
-                }
-                for (&i, &p) in ids.iter().zip(ps) {
-                    row[i as usize] -= (p as f64 * inv) as f32;
-                }
-            }
-            (loss, above == 0, above < 5)
-        })
-        .collect()
 }
 
 /// Logits of adapted (or raw) hidden states through the frozen head.
@@ -185,7 +153,7 @@ pub fn evaluate(head: Option<&Head>, frozen: &Frozen, data: &Dataset) -> Result<
             None => b.x.clone(),
         };
         let mut z = head_logits(frozen, &h)?.flatten_all()?.to_vec1::<f32>()?;
-        for (loss, t1, t5) in score_rows(&mut z, vocab, &b, data.top_k, false) {
+        for (loss, t1, t5) in score_rows(&mut z, vocab, &b.targets, None) {
             m.loss += loss;
             m.top1 += t1 as u8 as f64;
             m.top5 += t5 as u8 as f64;
@@ -264,7 +232,7 @@ fn loss_and_grads(
         .matmul(&frozen.w.t()?)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let rows = score_rows(&mut z, vocab, &b, data.top_k, true);
+    let rows = score_rows(&mut z, vocab, &b.targets, Some(idx.len()));
     let loss = rows.iter().map(|r| r.0).sum::<f64>() / idx.len() as f64;
     let dz = Tensor::from_vec(z, (idx.len(), vocab), &Device::Cpu)?;
     let dn2 = dz.matmul(&frozen.w)?;
@@ -446,7 +414,7 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            score_rows(&mut z, vocab, &b, k, false)
+            score_rows(&mut z, vocab, &b.targets, None)
                 .iter()
                 .map(|r| r.0)
                 .sum::<f64>()

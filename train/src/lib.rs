@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tandem_models::{Model, Tokenizer};
@@ -350,20 +350,7 @@ pub fn train(opts: &Options) -> Result<Report> {
         );
     }
     let tokenizer = Tokenizer::from_gguf(&opts.model)?;
-    let roots = if opts.corpus.is_empty() {
-        let lib = corpus::python_stdlib()?;
-        eprintln!("corpus: the Python standard library at {}", lib.display());
-        vec![lib]
-    } else {
-        opts.corpus.clone()
-    };
-    let corpus = corpus::collect(&roots)?;
-    eprintln!(
-        "corpus: {} training and {} held-out files (held out: sha256 of the path, first byte \
-         divisible by 10)",
-        corpus.train.len(),
-        corpus.heldout.len()
-    );
+    let corpus = corpus::for_heads(&opts.corpus)?;
     let t0 = Instant::now();
     let (train_data, train_files, c1) = build_data(
         &model,
@@ -383,13 +370,7 @@ pub fn train(opts: &Options) -> Result<Report> {
     )?;
     let data_seconds = t0.elapsed().as_secs_f64();
 
-    let (norm, w) = model.head_weights()?;
-    let d = model.config().n_embd;
-    let frozen = Frozen {
-        norm: Tensor::from_vec(norm, d, &Device::Cpu)?,
-        w,
-        eps: model.config().rms_eps as f64,
-    };
+    let frozen = Frozen::of(&model)?;
     drop(model);
 
     let ckpt = opts.checkpoint_path();
@@ -411,7 +392,7 @@ pub fn train(opts: &Options) -> Result<Report> {
         if opts.resume {
             eprintln!("no checkpoint at {}: starting from step 0", ckpt.display());
         }
-        let h = Head::init(d, opts.rank, opts.seed)?;
+        let h = Head::init(train_data.d, opts.rank, opts.seed)?;
         let a = Adam::new(&h.vars())?;
         (h, a, None)
     };

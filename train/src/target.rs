@@ -18,13 +18,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::Value;
 use serde::Serialize;
+use tandem_models::backbone::{Fingerprints, fingerprints, write_model};
 use tandem_models::{Model, Rows, Tokenizer};
 
+use crate::EvalPoint;
 use crate::corpus::{self, CorpusFile, Split};
-use crate::data::{self, Windows};
+use crate::data::{Sequences, build_sequences};
 use crate::head::Metrics;
 use crate::upper::{Fit, SeqData, Targets, Upper, evaluate, fit};
-use crate::{EvalPoint, bar, say};
 
 /// Options of `tandem train target`.
 #[derive(Debug, Clone)]
@@ -158,41 +159,8 @@ pub struct Report {
     pub backbone: String,
 }
 
-/// Full windows of `seq_len` tokens from `files` in order (up to two per file, spread over
-/// it) until `budget` tokens; with the files they came from.
-pub(crate) fn full_windows(
-    tokenizer: &Tokenizer,
-    files: &[CorpusFile],
-    seq_len: usize,
-    budget: usize,
-) -> Result<(Vec<Vec<u32>>, Vec<CorpusFile>)> {
-    let (mut out, mut used) = (Vec::new(), Vec::new());
-    for f in files {
-        if out.len() * seq_len >= budget {
-            break;
-        }
-        let Ok(text) = std::fs::read_to_string(&f.path) else {
-            continue;
-        };
-        let tokens = tokenizer
-            .encode(&text)
-            .with_context(|| format!("tokenizing {}", f.path.display()))?;
-        let chunks: Vec<&[u32]> = tokens.chunks_exact(seq_len).collect();
-        let picks = chunks.len().min(2);
-        for p in 0..picks {
-            if out.len() * seq_len < budget {
-                out.push(chunks[p * chunks.len() / picks].to_vec());
-            }
-        }
-        if picks > 0 {
-            used.push(f.clone());
-        }
-    }
-    Ok((out, used))
-}
-
 /// Runs the model over full windows of `files` and keeps the hidden states entering block
-/// `layer` (cached on disk, keyed like the other trainers' data).
+/// `layer` with the next token at each position (cached on disk).
 fn build(
     model: &Model,
     tokenizer: &Tokenizer,
@@ -201,80 +169,27 @@ fn build(
     budget: usize,
     what: &str,
 ) -> Result<(SeqData, usize, bool)> {
-    let (wins, used) = full_windows(tokenizer, files, opts.seq_len, budget)?;
-    if wins.is_empty() {
-        bail!(
-            "the {what} files gave no window of {} tokens (are they UTF-8 text, and long \
-             enough for --seq-len?)",
-            opts.seq_len
-        );
-    }
-    let w = Windows {
+    let src = Sequences {
+        model_path: &opts.model,
+        model,
+        tokenizer,
+        layer: opts.layer,
         seq_len: opts.seq_len,
-        per_file: 2,
-        budget,
         generate: 0,
+        top_k: 0,
+        tag: "target",
     };
-    let path = data::cache_path(
-        &opts.model,
-        opts.layer,
-        0,
-        w,
-        &used,
-        &format!("target-{what}"),
-    )?;
-    if let Ok(ds) = SeqData::load(&path)
-        && ds.sequences() == wins.len()
-        && ds.d == model.config().n_embd
-    {
-        eprintln!(
-            "{what}: {} windows from the cache {}",
-            ds.sequences(),
-            path.display()
-        );
-        return Ok((ds, used.len(), true));
-    }
-    let total = wins.len() * opts.seq_len;
-    let b = bar(total as u64, what);
-    say(
-        &b,
-        format!(
-            "{what}: running the model over {total} positions of {} files (hidden states \
-             entering block {})",
-            used.len(),
-            opts.layer
-        ),
-    );
-    let mut tokens_all = Vec::with_capacity(total);
-    let mut hidden_all = Vec::with_capacity(total * model.config().n_embd);
-    let started = Instant::now();
-    let mut next_line = total / 10;
-    for tokens in &wins {
+    let about = format!("hidden states entering block {}", opts.layer);
+    build_sequences(&src, files, budget, what, &about, |tokens, out| {
         let mut cache = model.new_cache();
-        let mut hidden = Vec::new();
         model.forward_with_exits(tokens, 0, &mut cache, Rows::All, &[opts.layer], &mut |e| {
-            hidden = e.hidden().to_vec();
+            out.hidden.extend_from_slice(e.hidden());
         })?;
-        tokens_all.extend_from_slice(tokens);
-        hidden_all.extend_from_slice(&hidden);
-        b.inc(tokens.len() as u64);
-        let done = tokens_all.len();
-        let rate = done as f64 / started.elapsed().as_secs_f64();
-        b.set_message(format!("{rate:.0} tok/s"));
-        if b.is_hidden() && done >= next_line && done < total {
-            eprintln!("{what}: {}/{total} tokens ({rate:.0} tok/s)", done);
-            next_line += total / 10;
+        if let Targets::Next(next) = &mut out.targets {
+            next.extend_from_slice(tokens);
         }
-    }
-    b.finish_and_clear();
-    let ds = SeqData {
-        d: model.config().n_embd,
-        seq_len: opts.seq_len,
-        hidden: hidden_all,
-        targets: Targets::Next(tokens_all),
-    };
-    ds.save(&path)?;
-    Ok((ds, used.len(), false))
+        Ok(())
+    })
 }
 
 /// Trains a new version of the target as `opts` says and writes it; returns the report.
@@ -430,11 +345,11 @@ pub fn train(opts: &Options) -> Result<Report> {
     )?;
     let v2_new = fitted.last;
     let v2_old = old_held.as_ref().map(|o| evaluate(&upper, o)).transpose()?;
-    let before = tandem_models::backbone::fingerprints(&opts.model, Some(opts.layer))?;
+    let before = fingerprints(&opts.model, Some(opts.layer))?;
     let (out, fingerprints_equal) = if fitted.paused {
         (None, None)
     } else {
-        let equal = write(opts, &upper, &v1_new, &v2_new)?;
+        let equal = write(opts, &upper, &v1_new, &v2_new)? == before;
         (Some(opts.out.clone()), Some(equal))
     };
     Ok(Report {
@@ -469,9 +384,9 @@ pub fn train(opts: &Options) -> Result<Report> {
     })
 }
 
-/// Writes v2 (the source with the trained tensors replaced), reloads it and compares its
-/// fingerprints with the source's; returns whether they are equal.
-fn write(opts: &Options, upper: &Upper, v1: &Metrics, v2: &Metrics) -> Result<bool> {
+/// Writes v2 (the source with the trained tensors replaced), reloads it and returns its
+/// fingerprints at `opts.layer`.
+fn write(opts: &Options, upper: &Upper, v1: &Metrics, v2: &Metrics) -> Result<Fingerprints> {
     let base = opts
         .model
         .file_name()
@@ -496,12 +411,10 @@ fn write(opts: &Options, upper: &Upper, v1: &Metrics, v2: &Metrics) -> Result<bo
             Value::F32(v2.loss as f32),
         ),
     ];
-    tandem_models::backbone::write_model(&opts.model, &opts.out, None, upper.tensors()?, metadata)?;
+    write_model(&opts.model, &opts.out, None, upper.tensors()?, metadata)?;
     Model::load(&opts.out)
         .with_context(|| format!("the written file {} does not load", opts.out.display()))?;
-    let a = tandem_models::backbone::fingerprints(&opts.model, Some(opts.layer))?;
-    let b = tandem_models::backbone::fingerprints(&opts.out, Some(opts.layer))?;
-    Ok(a == b)
+    Ok(fingerprints(&opts.out, Some(opts.layer))?)
 }
 
 #[cfg(test)]

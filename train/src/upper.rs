@@ -491,7 +491,11 @@ impl Upper {
 
 /// What one row is scored against: ids and probabilities summing to one (the first id is the
 /// one top-1 and top-5 count); `None` for a row that is not scored.
-type RowTarget = Option<(Vec<u32>, Vec<f32>)>;
+pub(crate) type RowTarget = Option<(Vec<u32>, Vec<f32>)>;
+
+/// A scored row: its loss, whether its argmax is the target's first id, whether that id is
+/// among its five best.
+pub(crate) type RowScore = (f64, bool, bool);
 
 /// Inputs of `seqs` (indices into `data`): the hidden states `[s·t, d]` and each row's
 /// target.
@@ -526,15 +530,14 @@ fn inputs(data: &SeqData, seqs: &[u32]) -> Result<(Tensor, Vec<RowTarget>)> {
 }
 
 /// Per scored row: the cross-entropy to its target, whether the argmax is the target's first
-/// id and whether that id is among the five best; with `grad`, every row replaced by
-/// `(softmax − p) / scored` (zero for unscored rows).
-fn score_rows(
+/// id and whether that id is among the five best; with `grad = Some(n)`, every row replaced
+/// by `(softmax − p) / n` (zero for unscored rows).
+pub(crate) fn score_rows(
     z: &mut [f32],
     vocab: usize,
     targets: &[RowTarget],
-    grad: bool,
-) -> Vec<(f64, bool, bool)> {
-    let scored = targets.iter().filter(|t| t.is_some()).count().max(1);
+    grad: Option<usize>,
+) -> Vec<RowScore> {
     z.par_chunks_mut(vocab)
         .zip(targets.par_iter())
         .filter_map(|(row, target)| {
@@ -552,8 +555,8 @@ fn score_rows(
                 .zip(ps)
                 .map(|(&i, &p)| -(p as f64) * (row[i as usize] as f64 - lse))
                 .sum();
-            if grad {
-                let inv = 1.0 / scored as f64;
+            if let Some(n) = grad {
+                let inv = 1.0 / n.max(1) as f64;
                 for v in row.iter_mut() {
                     *v = ((*v as f64 - lse).exp() * inv) as f32;
                 }
@@ -566,16 +569,54 @@ fn score_rows(
         .collect()
 }
 
+/// Rows of logits computed at a time: a chunk of `rows × vocab` f32 stays under 16 MiB,
+/// which glibc serves again from its heap instead of mapping and clearing fresh pages for
+/// every step's logits (14% of the trainer's time when they were one buffer).
+fn rows_per_chunk(vocab: usize) -> usize {
+    ((16 << 20) / (4 * vocab.max(1))).max(1)
+}
+
+/// Scores the output-normed rows `normed` against `targets` through the frozen head, a
+/// chunk of rows at a time; with `grad`, also the gradient of the mean loss over the scored
+/// rows with respect to `normed`.
+fn score(
+    upper: &Upper,
+    normed: &Tensor,
+    targets: &[RowTarget],
+    grad: bool,
+) -> Result<(Vec<RowScore>, Option<Tensor>)> {
+    let vocab = upper.head.dims()[0];
+    let scored = targets.iter().filter(|t| t.is_some()).count();
+    let chunk = rows_per_chunk(vocab);
+    let (mut rows, mut dn) = (Vec::with_capacity(scored), Vec::new());
+    for r0 in (0..targets.len()).step_by(chunk) {
+        let n = chunk.min(targets.len() - r0);
+        let mut z = upper
+            .logits(&normed.narrow(0, r0, n)?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let part = &targets[r0..r0 + n];
+        rows.extend(score_rows(&mut z, vocab, part, grad.then_some(scored)));
+        if grad {
+            dn.push(Tensor::from_vec(z, (n, vocab), &Device::Cpu)?.matmul(&upper.head)?);
+        }
+    }
+    let dn = if grad {
+        Some(Tensor::cat(&dn, 0)?)
+    } else {
+        None
+    };
+    Ok((rows, dn))
+}
+
 /// Loss, top-1 and top-5 of `upper` on every position of `data` that has a target.
 pub fn evaluate(upper: &Upper, data: &SeqData) -> Result<Metrics> {
-    let vocab = upper.head.dims()[0];
     let mut m = Metrics::default();
     let all: Vec<u32> = (0..data.sequences() as u32).collect();
     for idx in all.chunks(4) {
         let (x, targets) = inputs(data, idx)?;
         let normed = upper.forward(&x, idx.len(), data.seq_len)?;
-        let mut z = upper.logits(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-        for (loss, t1, t5) in score_rows(&mut z, vocab, &targets, false) {
+        for (loss, t1, t5) in score(upper, &normed, &targets, false)?.0 {
             m.loss += loss;
             m.top1 += t1 as u8 as f64;
             m.top5 += t5 as u8 as f64;
@@ -596,13 +637,10 @@ fn loss_and_grads(
     seqs: &[u32],
 ) -> Result<(f64, candle_core::backprop::GradStore)> {
     let (x, targets) = inputs(data, seqs)?;
-    let vocab = upper.head.dims()[0];
     let normed = upper.forward(&x, seqs.len(), data.seq_len)?;
-    let mut z = upper.logits(&normed)?.flatten_all()?.to_vec1::<f32>()?;
-    let rows = score_rows(&mut z, vocab, &targets, true);
+    let (rows, dn) = score(upper, &normed, &targets, true)?;
     let loss = rows.iter().map(|r| r.0).sum::<f64>() / rows.len().max(1) as f64;
-    let dz = Tensor::from_vec(z, (targets.len(), vocab), &Device::Cpu)?;
-    let dn = dz.matmul(&upper.head)?;
+    let dn = dn.expect("asked for the gradient");
     // d/dθ of Σ normed ⊙ dn (dn held constant) is exactly the loss gradient.
     let surrogate = (normed * dn)?.sum_all()?;
     Ok((loss, surrogate.backward()?))
@@ -756,7 +794,7 @@ mod tests {
             Some((vec![1, 0], vec![0.5, 0.5])),
             None,
         ];
-        let rows = score_rows(&mut z.clone(), vocab, &targets, false);
+        let rows = score_rows(&mut z.clone(), vocab, &targets, None);
         assert_eq!(rows.len(), 2);
         assert!(rows[0].1 && rows[0].2);
         assert!(!rows[1].1 && rows[1].2);
@@ -764,7 +802,7 @@ mod tests {
         assert!((rows[0].0 - (lse(&z[..4]) - 3.0)).abs() < 1e-9);
         let soft = lse(&z[4..8]) - 0.5 * (2.0 + 3.0);
         assert!((rows[1].0 - soft).abs() < 1e-9);
-        let _ = score_rows(&mut z, vocab, &targets, true);
+        let _ = score_rows(&mut z, vocab, &targets, Some(2));
         // Gradient rows sum to zero; the unscored row is zero.
         assert!(z[..4].iter().sum::<f32>().abs() < 1e-6);
         assert!(z[4..8].iter().sum::<f32>().abs() < 1e-6);
