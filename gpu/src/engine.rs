@@ -396,7 +396,7 @@ pub struct GpuModel {
 impl GpuModel {
     /// Uploads a `llama`/`qwen2` GGUF to `gpu`. Refused (with a reason, so the caller can use
     /// the CPU backend): matrices in formats the kernels do not read, heads wider than 256,
-    /// and a trained exit adapter at the last block.
+    /// a trained exit adapter at the last block, and exit blocks (`exit.{k}.blk.*`).
     /// An upload the device has no memory for fails with what the weights need.
     pub fn load(gpu: Gpu, path: &Path) -> Result<Arc<GpuModel>> {
         let device = gpu.device.clone();
@@ -427,6 +427,16 @@ impl GpuModel {
                 "it carries a trained exit adapter at its last block ({}), which the GPU \
                  kernels do not implement",
                 last_exit.trim_end_matches('.')
+            )));
+        }
+        let exit_block = tensors.keys().find_map(|n| {
+            let (k, rest) = n.strip_prefix("exit.")?.split_once('.')?;
+            rest.starts_with("blk.").then_some(k)
+        });
+        if let Some(k) = exit_block {
+            return Err(unsupported(format!(
+                "it carries an exit block at layer {k} (a transformer block with its own KV \
+                 cache), which the GPU engine does not run"
             )));
         }
         if c.head_dim > 256 || c.rope_dim > c.head_dim || !c.rope_dim.is_multiple_of(2) {

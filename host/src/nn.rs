@@ -377,12 +377,12 @@ impl DraftModel {
 
     /// Bytes of KV cache one position costs (keys and values of every layer, f32).
     pub fn kv_bytes_per_position(&self) -> usize {
-        let c = match self {
-            DraftModel::Cpu(m) => m.config(),
+        let (c, layers) = match self {
+            DraftModel::Cpu(m) => (m.config(), m.cache_layers()),
             #[cfg(feature = "gpu")]
-            DraftModel::Gpu(m) => m.config(),
+            DraftModel::Gpu(m) => (m.config(), m.config().n_layer),
         };
-        c.n_layer * c.kv_dim() * 2 * std::mem::size_of::<f32>()
+        layers * c.kv_dim() * 2 * std::mem::size_of::<f32>()
     }
 
     /// `cpu`, or the adapter's name.

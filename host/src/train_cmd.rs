@@ -15,6 +15,12 @@ pub enum TrainCommand {
         /// Exit layer: blocks computed before the adapter (1..n_layer-1).
         #[arg(long)]
         layer: usize,
+        /// The adapter: `mlp`, the low-rank residual MLP (per position, no state), or
+        /// `block`, one transformer block over the context whose keys and values the
+        /// engine keeps in the sequence's KV cache (an exit block; `tandem models split
+        /// --layers K` of the written model is then the block-head drafter).
+        #[arg(long, value_enum, default_value_t = HeadArg::Mlp)]
+        head: HeadArg,
         #[command(flatten)]
         common: Common,
     },
@@ -98,7 +104,7 @@ pub struct TargetArgs {
     report_json: Option<PathBuf>,
 }
 
-/// The form of a drafter's head (`--head`).
+/// The form of a trained head (`--head`).
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HeadArg {
     /// Low-rank residual MLP adapter.
@@ -169,19 +175,21 @@ pub struct Common {
 
 /// Runs a `train` subcommand.
 pub fn run(cmd: TrainCommand) -> Result<()> {
+    let form = |h: HeadArg| match h {
+        HeadArg::Mlp => HeadForm::Mlp,
+        HeadArg::Block => HeadForm::Block,
+    };
     let (kind, layer, head, c) = match cmd {
-        TrainCommand::ExitHead { layer, common } => (Kind::ExitHead, layer, HeadForm::Mlp, common),
+        TrainCommand::ExitHead {
+            layer,
+            head,
+            common,
+        } => (Kind::ExitHead, layer, form(head), common),
         TrainCommand::Drafter {
             layers,
             head,
             common,
-        } => {
-            let head = match head {
-                HeadArg::Mlp => HeadForm::Mlp,
-                HeadArg::Block => HeadForm::Block,
-            };
-            (Kind::Drafter, layers, head, common)
-        }
+        } => (Kind::Drafter, layers, form(head), common),
         TrainCommand::Target(args) => return run_target(args),
     };
     let model =
@@ -213,9 +221,13 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
         return paused(r.step, r.steps, &o.checkpoint_path());
     };
     let what = match (r.kind, r.head) {
-        (Kind::ExitHead, _) => format!(
+        (Kind::ExitHead, HeadForm::Mlp) => format!(
             "model with exit adapter at layer {} of {}, rank {}",
             r.layer, r.n_layer, r.rank
+        ),
+        (Kind::ExitHead, HeadForm::Block) => format!(
+            "model with an exit block at layer {} of {}",
+            r.layer, r.n_layer
         ),
         (Kind::Drafter, HeadForm::Mlp) => format!(
             "shared-backbone drafter: {} blocks and an adapter of rank {}",

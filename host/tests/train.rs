@@ -463,23 +463,19 @@ fn a_new_target_version_keeps_the_backbone_serves_the_same_drafter_and_a_drifted
     );
 }
 
-#[test]
-fn a_block_head_drafter_keeps_the_backbone_learns_and_rolls_back_like_any_model() {
-    use tandem_models::backbone::{declared_split, fingerprints};
-
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let out = d.join("block.gguf");
+/// A block head trained for 8 steps on 768 positions of text continued by generated tokens:
+/// `what` is `drafter --layers` or `exit-head --layer`.
+fn train_block(what: [&str; 2], out: &Path, d: &Path, report: &Path) -> Output {
     let model = smol();
-    let o = tandem(
+    tandem(
         &[
             "train",
-            "drafter",
+            what[0],
             "--head",
             "block",
             "--model",
             model.to_str().unwrap(),
-            "--layers",
+            what[1],
             "15",
             "--out",
             out.to_str().unwrap(),
@@ -500,10 +496,21 @@ fn a_block_head_drafter_keeps_the_backbone_learns_and_rolls_back_like_any_model(
             "--seed",
             "1",
             "--report-json",
-            d.join("r.json").to_str().unwrap(),
+            report.to_str().unwrap(),
         ],
         d,
-    );
+    )
+}
+
+#[test]
+fn a_block_head_keeps_the_backbone_learns_rolls_back_and_serves_as_drafter_and_as_exit() {
+    use tandem_models::backbone::{declared_split, fingerprints};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("block.gguf");
+    let model = smol();
+    let o = train_block(["drafter", "--layers"], &out, d, &d.join("r.json"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("a trained block"), "{}", text(&o));
     let r = report(&d.join("r.json"));
@@ -543,4 +550,73 @@ fn a_block_head_drafter_keeps_the_backbone_learns_and_rolls_back_like_any_model(
         .forward(&prompt[n - 3..], n - 3, &mut cache)
         .unwrap();
     assert_eq!(again.data, all[(n - 3) * vocab..]);
+
+    // The same head as an exit block inside the model (same data, seed and steps: the same
+    // weights). The model's own output is untouched, its exit at 15 is the drafter's output
+    // bit for bit, also after a rollback and after forwards that did not ask for the exit
+    // (its keys and values are kept at every forward), and a split there is the drafter.
+    let with_exit = d.join("exit.gguf");
+    let o = train_block(["exit-head", "--layer"], &with_exit, d, &d.join("e.json"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("exit block at layer 15"), "{}", text(&o));
+    let target = Model::load(&with_exit).unwrap();
+    assert!(
+        target
+            .exit_adapters()
+            .any(|(k, what)| k == 15 && what.contains("exit block")),
+        "{:?}",
+        target.exit_adapters().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        fingerprints(&with_exit, None).unwrap(),
+        fingerprints(&model, None).unwrap()
+    );
+    let plain = Model::load(&model).unwrap();
+    let (_, fin_plain) = hidden_and_final(&plain, &prompt, 15);
+    let mut cache = target.new_cache();
+    let mut exit = Vec::new();
+    let fin = target
+        .forward_with_exits(
+            &prompt[..n - 3],
+            0,
+            &mut cache,
+            Rows::All,
+            &[15],
+            &mut |e| {
+                exit = e.logits().unwrap().data;
+            },
+        )
+        .unwrap();
+    assert_eq!(fin.data, fin_plain[..(n - 3) * vocab]);
+    assert_eq!(exit, all[..(n - 3) * vocab]);
+    // Drafted tokens fed without the exit, rolled back, the last tokens fed again with it.
+    target.forward(&[1, 2, 3, 4], n - 3, &mut cache).unwrap();
+    cache.truncate(n - 3);
+    target
+        .forward(&prompt[n - 3..n - 1], n - 3, &mut cache)
+        .unwrap();
+    let fin = target
+        .forward_with_exits(
+            &prompt[n - 1..],
+            n - 1,
+            &mut cache,
+            Rows::All,
+            &[15],
+            &mut |e| {
+                exit = e.logits().unwrap().data;
+            },
+        )
+        .unwrap();
+    assert_eq!(fin.data, fin_plain[(n - 1) * vocab..]);
+    assert_eq!(exit, all[(n - 1) * vocab..]);
+    let split = d.join("split.gguf");
+    tandem_models::backbone::split_backbone(&with_exit, 15, &split).unwrap();
+    let from_split = Model::load(&split).unwrap();
+    assert_eq!(from_split.config().n_layer, 16);
+    assert_eq!(declared_split(&split).unwrap(), Some(15));
+    let mut cache = from_split.new_cache();
+    assert_eq!(
+        from_split.forward(&prompt, 0, &mut cache).unwrap().data,
+        all
+    );
 }

@@ -62,9 +62,12 @@ pub(crate) fn load_adapters(
     n_layer: usize,
     eps: f32,
 ) -> Result<BTreeMap<usize, Box<dyn ExitAdapter>>> {
+    // Exit blocks (`exit.{k}.blk.*`) are the model's to load: they keep KV state.
+    let blocks = crate::model::exit_block_layers(tensors.keys());
     let layers: std::collections::BTreeSet<usize> = tensors
         .keys()
         .filter_map(|name| name.strip_prefix("exit.")?.split('.').next()?.parse().ok())
+        .filter(|k| !blocks.contains(k))
         .collect();
     let mut out: BTreeMap<usize, Box<dyn ExitAdapter>> = BTreeMap::new();
     for k in layers {

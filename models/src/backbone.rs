@@ -204,13 +204,16 @@ pub fn fingerprints(path: impl AsRef<Path>, layers: Option<usize>) -> Result<Fin
 
 /// Writes a drafter GGUF holding the token embedding, the first `layers` blocks, the final
 /// norm and the output head of the model at `src` (plus any exit adapters at or below
-/// `layers`). The result loads as a model of its own.
+/// `layers`). The result loads as a model of its own. An exit block at `layers` becomes the
+/// drafter's last block, read through its own final norm: a drafter of `layers + 1` blocks
+/// declaring a backbone of `layers`, whose logits are that exit's.
 pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path>) -> Result<()> {
     write_model(src, out, Some(layers), Vec::new(), Vec::new())
 }
 
 /// Writes a copy of the model at `src` to `out` with `extra` tensors added (replacing
-/// tensors of the same name) and `metadata` entries added or replaced. With `layers` the
+/// tensors of the same name, and an extra `exit.{k}.*` tensor every `exit.{k}.*` tensor of
+/// the source: an exit is replaced whole) and `metadata` entries added or replaced. With `layers` the
 /// copy is the backbone split at that depth, as [`split_backbone`] writes it (extra
 /// `exit.{k}.*` tensors are kept whatever `k`); a `tandem.backbone.layers` entry in
 /// `metadata` then declares a shorter backbone than the blocks kept. The file is written beside `out` and renamed
@@ -234,8 +237,31 @@ pub fn write_model(
             src.display()
         )));
     }
+    let exit_of = |name: &str| -> Option<usize> {
+        name.strip_prefix("exit.")?.split('.').next()?.parse().ok()
+    };
+    // A split at an exit block turns that block into the drafter's last one.
+    let head_block =
+        layers.filter(|l| crate::model::exit_block_layers(content.tensor_infos.keys()).contains(l));
+    let renamed = |name: &str| -> String {
+        let Some(l) = head_block else {
+            return name.to_string();
+        };
+        let prefix = format!("exit.{l}.");
+        match name.strip_prefix(&prefix) {
+            Some("output_norm.weight") => "output_norm.weight".to_string(),
+            Some(rest) => match rest.strip_prefix("blk.") {
+                Some(t) => format!("blk.{l}.{t}"),
+                None => name.to_string(),
+            },
+            None => name.to_string(),
+        }
+    };
     let keep = |name: &str| {
         let Some(layers) = layers else { return true };
+        if head_block.is_some() && name == "output_norm.weight" {
+            return false;
+        }
         if is_backbone_tensor(name, layers)
             || name == "output_norm.weight"
             || name == "output.weight"
@@ -247,7 +273,11 @@ pub fn write_model(
             .and_then(|k| k.parse::<usize>().ok())
             .is_some_and(|k| k <= layers)
     };
-    let replaced = |name: &str| extra.iter().any(|(n, _)| n == name);
+    let replaced = |name: &str| {
+        extra
+            .iter()
+            .any(|(n, _)| n == name || exit_of(n).is_some_and(|k| exit_of(name) == Some(k)))
+    };
     let mut names: Vec<&String> = content
         .tensor_infos
         .keys()
@@ -262,7 +292,7 @@ pub fn write_model(
                 path: src.to_owned(),
                 reason: format!("tensor `{name}`: {e}"),
             })?;
-        tensors.push((name.to_string(), t));
+        tensors.push((renamed(name), t));
     }
     tensors.extend(extra);
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -279,9 +309,10 @@ pub fn write_model(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(layers) = layers {
+        let blocks = layers + usize::from(head_block.is_some());
         for (k, v) in md.iter_mut() {
             if *k == block_key {
-                *v = Value::U32(layers as u32);
+                *v = Value::U32(blocks as u32);
             }
         }
         // A drafter with blocks of its own after the backbone declares fewer (`metadata`).

@@ -36,6 +36,15 @@ struct Block {
     down: Linear,
 }
 
+/// An exit whose head is a transformer block of its own (`exit.{k}.blk` tensors, see
+/// `docs/gguf-extensions.md`): it runs on the hidden state after block `k` with attention
+/// over the context, keeping keys and values in the sequence's KV cache after the model's
+/// own layers, and is read through its own final norm.
+struct ExitBlock {
+    block: Block,
+    output_norm: Vec<f32>,
+}
+
 /// A loaded model. `Send + Sync`: share it between sessions behind an `Arc`.
 pub struct Model {
     config: Config,
@@ -45,6 +54,7 @@ pub struct Model {
     output_norm: Vec<f32>,
     output: Linear,
     adapters: BTreeMap<usize, Box<dyn ExitAdapter>>,
+    exit_blocks: BTreeMap<usize, ExitBlock>,
 }
 
 /// Logits of consecutive positions: `rows` rows of `vocab` values.
@@ -79,6 +89,8 @@ pub struct ExitLogits<'a> {
     pub layer: usize,
     /// Hidden states of the selected positions (after the exit adapter, if any).
     hidden: Vec<f32>,
+    /// The final norm the output head reads them through (an exit block's own).
+    norm: &'a [f32],
     model: &'a Model,
 }
 
@@ -96,7 +108,7 @@ impl ExitLogits<'_> {
 
     /// Logits of every position.
     pub fn logits(&self) -> Result<Logits> {
-        self.model.head(&self.hidden)
+        self.model.head_with(self.norm, &self.hidden)
     }
 
     /// Logits of position `i` alone: bitwise the same as row `i` of [`ExitLogits::logits`]
@@ -109,7 +121,10 @@ impl ExitLogits<'_> {
                 self.rows()
             )));
         }
-        Ok(self.model.head(&self.hidden[i * d..(i + 1) * d])?.data)
+        Ok(self
+            .model
+            .head_with(self.norm, &self.hidden[i * d..(i + 1) * d])?
+            .data)
     }
 }
 
@@ -334,10 +349,8 @@ impl Model {
         }
         let output_norm = vector(&*get("output_norm.weight")?)?;
         check_len("output_norm.weight", &output_norm, c.n_embd)?;
-        let mut blocks = Vec::with_capacity(c.n_layer);
         let kv = c.kv_dim();
-        for i in 0..c.n_layer {
-            let p = format!("blk.{i}");
+        let block = |p: &str| -> Result<Block> {
             let bias = |name: &str, want: usize| -> Result<Option<Vec<f32>>> {
                 match tensors.get(&format!("{p}.{name}")) {
                     Some(t) => {
@@ -352,7 +365,7 @@ impl Model {
             check_len("attn_norm.weight", &attn_norm, c.n_embd)?;
             let ffn_norm = vector(&*get(&format!("{p}.ffn_norm.weight"))?)?;
             check_len("ffn_norm.weight", &ffn_norm, c.n_embd)?;
-            blocks.push(Block {
+            Ok(Block {
                 attn_norm,
                 wq: linear(&format!("{p}.attn_q.weight"), c.n_embd, c.n_embd)?,
                 wk: linear(&format!("{p}.attn_k.weight"), kv, c.n_embd)?,
@@ -365,7 +378,34 @@ impl Model {
                 gate: linear(&format!("{p}.ffn_gate.weight"), c.n_ff, c.n_embd)?,
                 up: linear(&format!("{p}.ffn_up.weight"), c.n_ff, c.n_embd)?,
                 down: linear(&format!("{p}.ffn_down.weight"), c.n_embd, c.n_ff)?,
-            });
+            })
+        };
+        let blocks = (0..c.n_layer)
+            .map(|i| block(&format!("blk.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut exit_blocks = BTreeMap::new();
+        for k in exit_block_layers(tensors.keys()) {
+            if k == 0 || k >= c.n_layer {
+                return Err(Error::MissingOrMalformed {
+                    path: path.to_owned(),
+                    what: format!(
+                        "exit block at layer {k}: an exit block must follow one of blocks \
+                         1..{} (below the last)",
+                        c.n_layer
+                    ),
+                });
+            }
+            let p = format!("exit.{k}.blk");
+            let name = format!("exit.{k}.output_norm.weight");
+            let output_norm = vector(&*get(&name)?)?;
+            check_len(&name, &output_norm, c.n_embd)?;
+            exit_blocks.insert(
+                k,
+                ExitBlock {
+                    block: block(&p)?,
+                    output_norm,
+                },
+            );
         }
         let adapters = load_adapters(&tensors, c.n_embd, c.n_layer, c.rms_eps)?;
         Ok(Model {
@@ -376,6 +416,7 @@ impl Model {
             output_norm,
             output,
             adapters,
+            exit_blocks,
         })
     }
 
@@ -391,13 +432,28 @@ impl Model {
 
     /// Layers that carry a trained exit adapter, with a description of each.
     pub fn exit_adapters(&self) -> impl Iterator<Item = (usize, String)> + '_ {
-        self.adapters.iter().map(|(k, a)| (*k, a.describe()))
+        let blocks = self.exit_blocks.keys().map(|&k| {
+            (
+                k,
+                "transformer block with its own KV cache (exit block)".to_string(),
+            )
+        });
+        let mut all: Vec<(usize, String)> = self
+            .adapters
+            .iter()
+            .map(|(k, a)| (*k, a.describe()))
+            .chain(blocks)
+            .collect();
+        all.sort_by_key(|e| e.0);
+        all.into_iter()
     }
 
     /// Removes the exit adapter at `layer`, if any, so that exit is the plain logit lens
     /// (training reads the raw hidden states there). Returns whether there was one.
+    /// Caches made before the removal of an exit block no longer fit the model.
     pub fn remove_exit_adapter(&mut self, layer: usize) -> bool {
-        self.adapters.remove(&layer).is_some()
+        let adapter = self.adapters.remove(&layer).is_some();
+        adapter | self.exit_blocks.remove(&layer).is_some()
     }
 
     /// The final norm's weight and the output head as an f32 matrix `[vocab, hidden]`
@@ -432,8 +488,14 @@ impl Model {
     }
 
     /// An empty KV cache sized for this model, storing keys and values at `precision`.
+    /// Exit blocks keep their keys and values in layers after the model's own.
     pub fn new_cache_with(&self, precision: KvPrecision) -> KvCache {
-        KvCache::with_precision(self.config.n_layer, self.config.kv_dim(), precision)
+        KvCache::with_precision(self.cache_layers(), self.config.kv_dim(), precision)
+    }
+
+    /// Layers of a KV cache for this model: its blocks, then one per exit block.
+    pub fn cache_layers(&self) -> usize {
+        self.config.n_layer + self.exit_blocks.len()
     }
 
     /// Runs `tokens` at positions `pos..` and returns the logits of every input position.
@@ -563,7 +625,7 @@ impl Model {
                 c.n_layer
             )));
         }
-        if s.cache.keys.layers() != c.n_layer || s.cache.kv_dim != c.kv_dim() {
+        if s.cache.keys.layers() != self.cache_layers() || s.cache.kv_dim != c.kv_dim() {
             return Err(Error::InvalidArgument(
                 "this KV cache was made for a different model".into(),
             ));
@@ -576,7 +638,6 @@ impl Model {
     fn run_blocks(&self, steps: &mut [&mut Step]) -> Result<Vec<Logits>> {
         let c = &self.config;
         let d = c.n_embd;
-        let (qd, kvd) = (c.n_head * c.head_dim, c.kv_dim());
         let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
         let mut spans = Vec::with_capacity(steps.len());
         let mut h = Vec::with_capacity(total * d);
@@ -598,46 +659,47 @@ impl Model {
             .map(|s| RopeTable::new(s.pos, s.tokens.len(), c.rope_dim, c.rope_base))
             .collect();
         let mut x = vec![0f32; total * d];
+        let run = Run {
+            spans: &spans,
+            ropes: &ropes,
+            shape: &shape,
+            neox,
+            total,
+        };
         for (i, b) in self.blocks.iter().enumerate() {
-            rms_norm(&h, &b.attn_norm, c.rms_eps, &mut x);
-            let [mut q, mut k, mut v] = Linear::forward_many([&b.wq, &b.wk, &b.wv], &x, total)?;
-            add_bias(&mut q, b.bq.as_deref());
-            add_bias(&mut k, b.bk.as_deref());
-            add_bias(&mut v, b.bv.as_deref());
-            let mut att = vec![0f32; total * qd];
-            for ((s, r), rope) in steps.iter_mut().zip(&spans).zip(&ropes) {
-                let (qs, ks) = (
-                    &mut q[r.start * qd..r.end * qd],
-                    &mut k[r.start * kvd..r.end * kvd],
-                );
-                rope.apply(qs, c.n_head, c.head_dim, neox);
-                rope.apply(ks, c.n_head_kv, c.head_dim, neox);
-                s.cache.keys.push(i, ks);
-                s.cache.values.push(i, &v[r.start * kvd..r.end * kvd]);
-                let (keys, values) = (s.cache.keys.view(i), s.cache.values.view(i));
-                attention(
-                    qs,
-                    keys,
-                    values,
-                    s.pos,
-                    &shape,
-                    &mut att[r.start * qd..r.end * qd],
-                );
-            }
-            add_assign(&mut h, &b.wo.forward(&att, total)?);
-
-            rms_norm(&h, &b.ffn_norm, c.rms_eps, &mut x);
-            let [mut g, u] = Linear::forward_many([&b.gate, &b.up], &x, total)?;
-            swiglu(&mut g, &u);
-            add_assign(&mut h, &b.down.forward(&g, total)?);
-
+            self.run_block(b, i, &mut h, &mut x, steps, &run)?;
             let layer = i + 1;
+            // An exit block runs at every forward, asked for or not, so that its part of the
+            // cache always covers the same positions as the rest.
+            let exit_block = self
+                .exit_blocks
+                .iter()
+                .enumerate()
+                .find(|(_, (k, _))| **k == layer);
+            let exit_h = match exit_block {
+                Some((j, (_, e))) => {
+                    let mut he = h.clone();
+                    self.run_block(&e.block, c.n_layer + j, &mut he, &mut x, steps, &run)?;
+                    Some((he, e.output_norm.as_slice()))
+                }
+                None => None,
+            };
             for (s, r) in steps.iter_mut().zip(&spans) {
                 if s.exits.contains(&layer) {
-                    let hidden = select_rows(&h[r.start * d..r.end * d], d, s.rows);
+                    let (hidden, norm) = match &exit_h {
+                        Some((he, norm)) => (
+                            select_rows(&he[r.start * d..r.end * d], d, s.rows).to_vec(),
+                            *norm,
+                        ),
+                        None => {
+                            let rows = select_rows(&h[r.start * d..r.end * d], d, s.rows);
+                            (self.adapted(layer, rows)?, self.output_norm.as_slice())
+                        }
+                    };
                     (s.on_exit)(ExitLogits {
                         layer,
-                        hidden: self.adapted(layer, hidden)?,
+                        hidden,
+                        norm,
                         model: self,
                     });
                 }
@@ -670,6 +732,54 @@ impl Model {
             .collect())
     }
 
+    /// One block over the rows of every step, in place on `h` (`x` is scratch), its keys
+    /// and values in cache layer `slot`.
+    fn run_block(
+        &self,
+        b: &Block,
+        slot: usize,
+        h: &mut [f32],
+        x: &mut [f32],
+        steps: &mut [&mut Step],
+        run: &Run,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (qd, kvd) = (c.n_head * c.head_dim, c.kv_dim());
+        let total = run.total;
+        rms_norm(h, &b.attn_norm, c.rms_eps, x);
+        let [mut q, mut k, mut v] = Linear::forward_many([&b.wq, &b.wk, &b.wv], x, total)?;
+        add_bias(&mut q, b.bq.as_deref());
+        add_bias(&mut k, b.bk.as_deref());
+        add_bias(&mut v, b.bv.as_deref());
+        let mut att = vec![0f32; total * qd];
+        for ((s, r), rope) in steps.iter_mut().zip(run.spans).zip(run.ropes) {
+            let (qs, ks) = (
+                &mut q[r.start * qd..r.end * qd],
+                &mut k[r.start * kvd..r.end * kvd],
+            );
+            rope.apply(qs, c.n_head, c.head_dim, run.neox);
+            rope.apply(ks, c.n_head_kv, c.head_dim, run.neox);
+            s.cache.keys.push(slot, ks);
+            s.cache.values.push(slot, &v[r.start * kvd..r.end * kvd]);
+            let (keys, values) = (s.cache.keys.view(slot), s.cache.values.view(slot));
+            attention(
+                qs,
+                keys,
+                values,
+                s.pos,
+                run.shape,
+                &mut att[r.start * qd..r.end * qd],
+            );
+        }
+        add_assign(h, &b.wo.forward(&att, total)?);
+
+        rms_norm(h, &b.ffn_norm, c.rms_eps, x);
+        let [mut g, u] = Linear::forward_many([&b.gate, &b.up], x, total)?;
+        swiglu(&mut g, &u);
+        add_assign(h, &b.down.forward(&g, total)?);
+        Ok(())
+    }
+
     /// Hidden states after block `layer` as the output head should read them: through the
     /// layer's exit adapter when the file has one.
     fn adapted(&self, layer: usize, hidden: &[f32]) -> Result<Vec<f32>> {
@@ -681,9 +791,14 @@ impl Model {
 
     /// Final norm and output head over rows of hidden states.
     fn head(&self, hidden: &[f32]) -> Result<Logits> {
+        self.head_with(&self.output_norm, hidden)
+    }
+
+    /// The output head over rows of hidden states read through the final norm `norm`.
+    fn head_with(&self, norm: &[f32], hidden: &[f32]) -> Result<Logits> {
         let n = hidden.len() / self.config.n_embd;
         let mut x = vec![0f32; hidden.len()];
-        rms_norm(hidden, &self.output_norm, self.config.rms_eps, &mut x);
+        rms_norm(hidden, norm, self.config.rms_eps, &mut x);
         Ok(Logits {
             vocab: self.config.vocab_size,
             data: self.output.forward(&x, n)?,
@@ -721,6 +836,30 @@ fn is_layer_matrix(name: &str) -> bool {
             .is_some_and(|t| BLOCK_MATRICES.contains(&t)),
         None => name == "token_embd.weight" || name == "output.weight",
     }
+}
+
+/// What every block of one forward shares: each step's rows and RoPE table, the attention
+/// shape and the rotation style.
+struct Run<'a> {
+    spans: &'a [std::ops::Range<usize>],
+    ropes: &'a [RopeTable],
+    shape: &'a AttnShape,
+    neox: bool,
+    total: usize,
+}
+
+/// Layers with an exit block among tensor names (`exit.{k}.blk.attn_q.weight`).
+pub(crate) fn exit_block_layers<'a>(
+    names: impl Iterator<Item = &'a String>,
+) -> std::collections::BTreeSet<usize> {
+    names
+        .filter_map(|n| {
+            let rest = n
+                .strip_prefix("exit.")?
+                .strip_suffix(".blk.attn_q.weight")?;
+            rest.parse().ok()
+        })
+        .collect()
 }
 
 fn select_rows(h: &[f32], d: usize, rows: Rows) -> &[f32] {

@@ -17,14 +17,16 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Value;
 use tandem_models::backbone::{BACKBONE_LAYERS_KEY, fingerprints, write_model};
 use tandem_models::{Model, Tokenizer};
 
 use crate::corpus::{self, CorpusFile};
 use crate::data::{Dataset, Sequences, build_sequences};
+use crate::head::Metrics;
 use crate::upper::{Fit, SeqData, Targets, Upper, evaluate, fit};
-use crate::{Options, Report};
+use crate::{Kind, Options, Report};
 
 /// Windows of `opts.seq_len` tokens of `files`, each continued by `generate` greedy tokens,
 /// with the hidden states at `opts.layer` and the final layer's top-K at every position
@@ -161,33 +163,7 @@ pub fn train(opts: &Options) -> Result<Report> {
     let out = if fitted.paused {
         None
     } else {
-        let k = opts.layer;
-        let metadata = vec![
-            (BACKBONE_LAYERS_KEY.to_string(), Value::U32(k as u32)),
-            (
-                "tandem.drafter.head".into(),
-                Value::String("transformer block".into()),
-            ),
-            ("tandem.drafter.steps".into(), Value::U32(opts.steps as u32)),
-            (
-                "tandem.drafter.heldout_top1".into(),
-                Value::F32(fitted.last.top1 as f32),
-            ),
-            (
-                "tandem.drafter.lens_heldout_top1".into(),
-                Value::F32(lens.top1 as f32),
-            ),
-        ];
-        write_model(&opts.model, &opts.out, Some(k + 1), tensors, metadata)?;
-        Model::load(&opts.out)
-            .with_context(|| format!("the written file {} does not load", opts.out.display()))?;
-        if fingerprints(&opts.out, None)? != fingerprints(&opts.model, Some(k))? {
-            bail!(
-                "internal: {} does not carry the backbone fingerprint of {} at {k}",
-                opts.out.display(),
-                opts.model.display()
-            );
-        }
+        write(opts, tensors, &fitted.last, &lens)?;
         Some(opts.out.clone())
     };
     Ok(Report {
@@ -218,4 +194,67 @@ pub fn train(opts: &Options) -> Result<Report> {
         out,
         step: fitted.step,
     })
+}
+
+/// Writes the trained block: as the last block of a drafter of `K + 1` blocks declaring a
+/// backbone of `K` ([`Kind::Drafter`]), or as an exit block at `K` added to the model
+/// ([`Kind::ExitHead`]: `exit.K.blk.*` and `exit.K.output_norm.weight`). Reloads the file
+/// and checks its backbone fingerprint against the source's.
+fn write(
+    opts: &Options,
+    tensors: Vec<(String, QTensor)>,
+    trained: &Metrics,
+    lens: &Metrics,
+) -> Result<()> {
+    let k = opts.layer;
+    let (form_key, layers, backbone, tensors) = match opts.kind {
+        Kind::Drafter => (
+            "tandem.drafter.head".to_string(),
+            Some(k + 1),
+            Some(k),
+            tensors,
+        ),
+        Kind::ExitHead => {
+            let block = format!("blk.{k}.");
+            let renamed = tensors
+                .into_iter()
+                .map(|(name, t)| match name.strip_prefix(&block) {
+                    Some(rest) => (format!("exit.{k}.blk.{rest}"), t),
+                    None => (format!("exit.{k}.{name}"), t),
+                })
+                .collect();
+            (format!("tandem.exit.{k}.form"), None, None, renamed)
+        }
+    };
+    let prefix = form_key.rsplit_once('.').map_or("", |p| p.0).to_string();
+    let mut metadata = vec![
+        (form_key, Value::String("transformer block".into())),
+        (format!("{prefix}.steps"), Value::U32(opts.steps as u32)),
+        (
+            format!("{prefix}.heldout_top1"),
+            Value::F32(trained.top1 as f32),
+        ),
+        (
+            format!("{prefix}.lens_heldout_top1"),
+            Value::F32(lens.top1 as f32),
+        ),
+    ];
+    if let Some(k) = backbone {
+        metadata.push((BACKBONE_LAYERS_KEY.to_string(), Value::U32(k as u32)));
+    }
+    write_model(&opts.model, &opts.out, layers, tensors, metadata)?;
+    Model::load(&opts.out)
+        .with_context(|| format!("the written file {} does not load", opts.out.display()))?;
+    // A drafter's backbone is the source's first K blocks; an exit leaves the model's
+    // blocks as they were.
+    let source = fingerprints(&opts.model, backbone)?;
+    if fingerprints(&opts.out, None)? != source {
+        bail!(
+            "internal: {} does not carry the backbone fingerprint of {}{}",
+            opts.out.display(),
+            opts.model.display(),
+            backbone.map_or(String::new(), |k| format!(" at {k}"))
+        );
+    }
+    Ok(())
 }

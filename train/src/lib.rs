@@ -322,12 +322,6 @@ pub fn train(opts: &Options) -> Result<Report> {
         bail!("--seq-len must be at least 16 tokens");
     }
     if opts.head == HeadForm::Block {
-        if opts.kind != Kind::Drafter {
-            bail!(
-                "a block head is for drafters (`tandem train drafter --head block`): the \
-                 engine's exits inside a model keep no KV cache of their own"
-            );
-        }
         return block::train(opts);
     }
     let mut model =

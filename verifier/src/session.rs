@@ -187,7 +187,7 @@ impl Session {
             KvPrecision::F32 => 4,
             KvPrecision::F16 => 2,
         };
-        2 * c.n_layer * c.kv_dim() * per_value * max_context
+        2 * target.model.cache_layers() * c.kv_dim() * per_value * max_context
     }
 
     /// Brings the metrics' KV memory in use up to date with this session's cache.
