@@ -587,3 +587,49 @@ async fn streams_per_connection_are_capped() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// An exit block — a transformer block with its own KV state; here block 15's weights as
+/// they are, read through the model's final norm — serves hints as an adapter does: every
+/// round with drafts gets one, none is malformed, and the output stays the target's, for
+/// sessions run one at a time and two batched together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_block_serves_hints_and_changes_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("smol-exit-block.gguf");
+    let (_, mut tensors) = tandem_models::load_tensors(&smol()).unwrap();
+    let mut extra = Vec::new();
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    for name in names {
+        let renamed = match name.strip_prefix("blk.15.") {
+            Some(rest) => format!("exit.15.blk.{rest}"),
+            None if name == "output_norm.weight" => "exit.15.output_norm.weight".into(),
+            None => continue,
+        };
+        let t = std::sync::Arc::into_inner(tensors.remove(&name).unwrap()).unwrap();
+        extra.push((renamed, t));
+    }
+    tandem_models::backbone::write_model(smol(), &file, None, extra, Vec::new()).unwrap();
+    let spec = format!("smol-exit={}", file.display());
+    let srv = server(config_with_exit(15), &[&spec]).await;
+    let ep = Endpoint::plain(srv.addr.to_string());
+    let hello_exit = || hello(greedy(), 64);
+    for prompt in PROMPTS {
+        let ids = tokenizer().encode(prompt).unwrap();
+        let run = speculative(&ep, hello_exit(), &ids, 24, 4, None)
+            .await
+            .unwrap();
+        assert_eq!(run.tokens, target_only(&ids, 24), "output changed");
+        assert_eq!(run.bad_hints, 0);
+        assert_eq!(run.hints, run.rounds, "a round with drafts got no hint");
+    }
+    let a = tokenizer().encode(PROMPTS[0]).unwrap();
+    let b = tokenizer().encode(PROMPTS[1]).unwrap();
+    let (ra, rb) = tokio::join!(
+        speculative(&ep, hello_exit(), &a, 24, 4, None),
+        speculative(&ep, hello_exit(), &b, 24, 4, None)
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.tokens, target_only(&a, 24));
+    assert_eq!(rb.tokens, target_only(&b, 24));
+    assert_eq!(ra.bad_hints + rb.bad_hints, 0);
+}
