@@ -573,21 +573,19 @@ fn a_block_head_keeps_the_backbone_learns_rolls_back_and_serves_as_drafter_and_a
     );
     let plain = Model::load(&model).unwrap();
     let (_, fin_plain) = hidden_and_final(&plain, &prompt, 15);
-    let mut cache = target.new_cache();
-    let mut exit = Vec::new();
-    let fin = target
-        .forward_with_exits(
-            &prompt[..n - 3],
-            0,
-            &mut cache,
-            Rows::All,
-            &[15],
-            &mut |e| {
+    // The model's own logits and its exit's, for `tokens` at `pos`.
+    let run = |tokens: &[u32], pos: usize, cache: &mut tandem_models::KvCache| {
+        let mut exit = Vec::new();
+        let fin = target
+            .forward_with_exits(tokens, pos, cache, Rows::All, &[15], &mut |e| {
                 exit = e.logits().unwrap().data;
-            },
-        )
-        .unwrap();
-    assert_eq!(fin.data, fin_plain[..(n - 3) * vocab]);
+            })
+            .unwrap();
+        (fin.data, exit)
+    };
+    let mut cache = target.new_cache();
+    let (fin, exit) = run(&prompt[..n - 3], 0, &mut cache);
+    assert_eq!(fin, fin_plain[..(n - 3) * vocab]);
     assert_eq!(exit, all[..(n - 3) * vocab]);
     // Drafted tokens fed without the exit, rolled back, the last tokens fed again with it.
     target.forward(&[1, 2, 3, 4], n - 3, &mut cache).unwrap();
@@ -595,19 +593,8 @@ fn a_block_head_keeps_the_backbone_learns_rolls_back_and_serves_as_drafter_and_a
     target
         .forward(&prompt[n - 3..n - 1], n - 3, &mut cache)
         .unwrap();
-    let fin = target
-        .forward_with_exits(
-            &prompt[n - 1..],
-            n - 1,
-            &mut cache,
-            Rows::All,
-            &[15],
-            &mut |e| {
-                exit = e.logits().unwrap().data;
-            },
-        )
-        .unwrap();
-    assert_eq!(fin.data, fin_plain[(n - 1) * vocab..]);
+    let (fin, exit) = run(&prompt[n - 1..], n - 1, &mut cache);
+    assert_eq!(fin, fin_plain[(n - 1) * vocab..]);
     assert_eq!(exit, all[(n - 1) * vocab..]);
     let split = d.join("split.gguf");
     tandem_models::backbone::split_backbone(&with_exit, 15, &split).unwrap();
