@@ -213,11 +213,13 @@ pub fn split_backbone(src: impl AsRef<Path>, layers: usize, out: impl AsRef<Path
 
 /// Writes a copy of the model at `src` to `out` with `extra` tensors added (replacing
 /// tensors of the same name, and an extra `exit.{k}.*` tensor every `exit.{k}.*` tensor of
-/// the source: an exit is replaced whole) and `metadata` entries added or replaced. With `layers` the
-/// copy is the backbone split at that depth, as [`split_backbone`] writes it (extra
-/// `exit.{k}.*` tensors are kept whatever `k`); a `tandem.backbone.layers` entry in
-/// `metadata` then declares a shorter backbone than the blocks kept. The file is written beside `out` and renamed
-/// into place, so an interrupted write leaves no half file under the final name.
+/// the source: an exit is replaced whole) and `metadata` entries added or replaced.
+///
+/// With `layers` the copy is the backbone split at that depth, as [`split_backbone`] writes
+/// it (extra `exit.{k}.*` tensors are kept whatever `k`); a `tandem.backbone.layers` entry
+/// in `metadata` then declares a shorter backbone than the blocks kept. The file is written
+/// beside `out` and renamed into place, so an interrupted write leaves no half file under
+/// the final name.
 pub fn write_model(
     src: impl AsRef<Path>,
     out: impl AsRef<Path>,

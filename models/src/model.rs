@@ -430,7 +430,8 @@ impl Model {
         &self.path
     }
 
-    /// Layers that carry a trained exit adapter, with a description of each.
+    /// Layers that carry a trained exit (an adapter or an exit block), with a description of
+    /// each, in layer order.
     pub fn exit_adapters(&self) -> impl Iterator<Item = (usize, String)> + '_ {
         let blocks = self.exit_blocks.keys().map(|&k| {
             (
@@ -448,9 +449,9 @@ impl Model {
         all.into_iter()
     }
 
-    /// Removes the exit adapter at `layer`, if any, so that exit is the plain logit lens
-    /// (training reads the raw hidden states there). Returns whether there was one.
-    /// Caches made before the removal of an exit block no longer fit the model.
+    /// Removes the exit adapter or exit block at `layer`, if any, so that exit is the plain
+    /// logit lens (training reads the raw hidden states there). Returns whether there was
+    /// one. Caches made before an exit block is removed no longer fit the model.
     pub fn remove_exit_adapter(&mut self, layer: usize) -> bool {
         let adapter = self.adapters.remove(&layer).is_some();
         adapter | self.exit_blocks.remove(&layer).is_some()
