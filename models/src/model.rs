@@ -670,18 +670,24 @@ impl Model {
         for (i, b) in self.blocks.iter().enumerate() {
             self.run_block(b, i, &mut h, &mut x, steps, &run)?;
             let layer = i + 1;
-            // An exit block runs at every forward, asked for or not, so that its part of the
-            // cache always covers the same positions as the rest.
+            // An exit block's keys and values are added at every forward, so that its part
+            // of the cache always covers the same positions as the rest; the whole block
+            // runs only when a step asks for the exit.
             let exit_block = self
                 .exit_blocks
                 .iter()
                 .enumerate()
                 .find(|(_, (k, _))| **k == layer);
+            let asked = steps.iter().any(|s| s.exits.contains(&layer));
             let exit_h = match exit_block {
-                Some((j, (_, e))) => {
+                Some((j, (_, e))) if asked => {
                     let mut he = h.clone();
                     self.run_block(&e.block, c.n_layer + j, &mut he, &mut x, steps, &run)?;
                     Some((he, e.output_norm.as_slice()))
+                }
+                Some((j, (_, e))) => {
+                    self.push_kv(&e.block, c.n_layer + j, &h, &mut x, steps, &run)?;
+                    None
                 }
                 None => None,
             };
@@ -731,6 +737,32 @@ impl Model {
                 }
             })
             .collect())
+    }
+
+    /// Only the keys and values `block` would add to cache layer `slot` for the rows `h`
+    /// (bitwise those [`Model::run_block`] adds; `x` is scratch).
+    fn push_kv(
+        &self,
+        b: &Block,
+        slot: usize,
+        h: &[f32],
+        x: &mut [f32],
+        steps: &mut [&mut Step],
+        run: &Run,
+    ) -> Result<()> {
+        let c = &self.config;
+        let kvd = c.kv_dim();
+        rms_norm(h, &b.attn_norm, c.rms_eps, x);
+        let [mut k, mut v] = Linear::forward_many([&b.wk, &b.wv], x, run.total)?;
+        add_bias(&mut k, b.bk.as_deref());
+        add_bias(&mut v, b.bv.as_deref());
+        for ((s, r), rope) in steps.iter_mut().zip(run.spans).zip(run.ropes) {
+            let ks = &mut k[r.start * kvd..r.end * kvd];
+            rope.apply(ks, c.n_head_kv, c.head_dim, run.neox);
+            s.cache.keys.push(slot, ks);
+            s.cache.values.push(slot, &v[r.start * kvd..r.end * kvd]);
+        }
+        Ok(())
     }
 
     /// One block over the rows of every step, in place on `h` (`x` is scratch), its keys

@@ -1,18 +1,21 @@
-//! `tandem train drafter --head block`: a drafter whose head is one transformer block with
-//! attention over the context (Kangaroo's adapter, Liu et al. 2024), on top of the frozen
-//! backbone's hidden state at block `K`.
+//! `tandem train drafter --head block` and `tandem train exit-head --head block`: a head of
+//! one transformer block with attention over the context (Kangaroo's adapter, Liu et al.
+//! 2024) on the frozen model's hidden state after block `K`, written as a drafter or as an
+//! exit block inside the model.
 //!
 //! The written drafter is an ordinary model of `K + 1` blocks: the embedding and blocks
 //! `0..K` of the source, bit for bit, then the trained block, the output norm (trained) and
 //! the output head (frozen; tied to the embedding in SmolLM2). It declares a backbone of `K`
 //! blocks, so its fingerprint is the source's at `K` and it fits every target version that
 //! keeps those blocks. Its head keeps a KV cache like any block: truncating and rolling back
-//! the drafter's cache covers it, with no engine change.
+//! the drafter's cache covers it, with no engine change. The exit form is the same block
+//! and norm stored as `exit.K.blk.*` and `exit.K.output_norm.weight` in a copy of the model;
+//! the engine keeps its keys and values in the sequence's cache (`docs/gguf-extensions.md`).
 //!
 //! The block starts as the source's block `K` with its attention-output and down projections
-//! zeroed, so that step 0 is the identity (the plain logit lens at `K`), and is trained in full, with the output norm, by distillation from the model's
-//! final layer (its top-K, as the MLP heads) on windows of the corpus continued by the model's
-//! own greedy tokens.
+//! zeroed, so that step 0 is the identity (the plain logit lens at `K`), and is trained in
+//! full, with the output norm, by distillation from the model's final layer (its top-K, as
+//! the MLP heads) on windows of the corpus continued by the model's own greedy tokens.
 
 use std::time::Instant;
 
@@ -66,14 +69,19 @@ fn build(
     })
 }
 
-/// Trains the block head as `opts` says and writes the drafter; returns the report.
+/// Trains the block head as `opts` says and writes the drafter or the model with the exit
+/// block (`opts.kind`); returns the report.
 pub fn train(opts: &Options) -> Result<Report> {
     let mut model =
         Model::load(&opts.model).with_context(|| format!("loading {}", opts.model.display()))?;
     let n_layer = model.config().n_layer;
     if opts.layer == 0 || opts.layer >= n_layer {
+        let flag = match opts.kind {
+            Kind::Drafter => "--layers",
+            Kind::ExitHead => "--layer",
+        };
         bail!(
-            "--layers {} is outside 1..{n_layer} for {} ({n_layer} blocks; the block head \
+            "{flag} {} is outside 1..{n_layer} for {} ({n_layer} blocks; the block head \
              starts from block {} of the model, so the backbone must leave one)",
             opts.layer,
             opts.model.display(),
@@ -207,9 +215,12 @@ fn write(
     lens: &Metrics,
 ) -> Result<()> {
     let k = opts.layer;
-    let (form_key, layers, backbone, tensors) = match opts.kind {
+    // Metadata prefix and the key naming the head's form, the blocks kept (a split), the
+    // declared backbone, the tensors.
+    let (prefix, form, layers, backbone, tensors) = match opts.kind {
         Kind::Drafter => (
-            "tandem.drafter.head".to_string(),
+            "tandem.drafter".to_string(),
+            "head",
             Some(k + 1),
             Some(k),
             tensors,
@@ -223,12 +234,14 @@ fn write(
                     None => (format!("exit.{k}.{name}"), t),
                 })
                 .collect();
-            (format!("tandem.exit.{k}.form"), None, None, renamed)
+            (format!("tandem.exit.{k}"), "form", None, None, renamed)
         }
     };
-    let prefix = form_key.rsplit_once('.').map_or("", |p| p.0).to_string();
     let mut metadata = vec![
-        (form_key, Value::String("transformer block".into())),
+        (
+            format!("{prefix}.{form}"),
+            Value::String("transformer block".into()),
+        ),
         (format!("{prefix}.steps"), Value::U32(opts.steps as u32)),
         (
             format!("{prefix}.heldout_top1"),
